@@ -1,0 +1,81 @@
+// THE per-element AdamW update of fused_adamw. Every other copy mirrors this file:
+//   - kernels/adamw_kernel.cu includes it (CUDA),
+//   - csrc/cpu_adamw.cpp includes it (the CPU loop CI uses to check this exact arithmetic),
+//   - python/fused_adamw/backends/triton_adamw.py mirrors it line for line,
+//   - python/fused_adamw/reference.py mirrors it with whole-tensor torch operations.
+// tests/test_math.py holds every copy to each other and to torch.optim.AdamW.
+//
+// The order of operations is torch's fused CUDA AdamW (aten/src/ATen/native/cuda/
+// fused_adam_utils.cuh after pytorch PRs #172505 and #173224): hyperparameters in float,
+// per-tensor bias corrections from the float step count, decoupled decay first, fma-form
+// moments, sqrt(v) / sqrt(bc2) + eps, then the addcdiv.
+//
+// NOTE on explicit fmaf: nvcc contracts `p - (lr*wd)*p` into an fma by default (--fmad=true)
+// while gcc on x86-64 without -mfma cannot. Writing the fma out makes the CUDA kernel and the
+// CPU loop agree bit for bit instead of "usually".
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define FUSED_ADAMW_HD __host__ __device__ __forceinline__
+#else
+#define FUSED_ADAMW_HD inline
+#endif
+
+namespace fused_adamw {
+
+// What one param needs for its update in this step: its group's hyperparameters (as float,
+// like torch's fused kernel) and its own bias corrections (each param has its own step).
+struct AdamWScalars {
+  float lr;
+  float beta1;
+  float beta2;
+  float eps;
+  float weight_decay;
+  float bias_correction1;       // 1 - beta1^step
+  float bias_correction2_sqrt;  // sqrt(1 - beta2^step)
+  bool maximize;
+  bool amsgrad;
+};
+
+FUSED_ADAMW_HD AdamWScalars adamw_scalars(float lr, float beta1, float beta2, float eps,
+                                          float weight_decay, float step, bool maximize,
+                                          bool amsgrad) {
+  AdamWScalars s;
+  s.lr = lr;
+  s.beta1 = beta1;
+  s.beta2 = beta2;
+  s.eps = eps;
+  s.weight_decay = weight_decay;
+  s.bias_correction1 = 1.0f - powf(beta1, step);
+  s.bias_correction2_sqrt = sqrtf(1.0f - powf(beta2, step));
+  s.maximize = maximize;
+  s.amsgrad = amsgrad;
+  return s;
+}
+
+// One element, in float whatever the storage dtype. max_exp_avg_sq is read and written only
+// when s.amsgrad.
+FUSED_ADAMW_HD void adamw_update(float& param, float grad, float& exp_avg, float& exp_avg_sq,
+                                 float& max_exp_avg_sq, const AdamWScalars& s) {
+  if (s.maximize) {
+    grad = -grad;
+  }
+  if (s.weight_decay != 0.0f) {
+    param = fmaf(-(s.lr * s.weight_decay), param, param);  // p - (lr*wd)*p
+  }
+  exp_avg = fmaf(s.beta1, exp_avg, fmaf(-s.beta1, grad, grad));  // b1*m + (1-b1)*g
+  const float grad_sq = grad * grad;
+  exp_avg_sq = fmaf(s.beta2, exp_avg_sq, fmaf(-s.beta2, grad_sq, grad_sq));
+  float second_moment = exp_avg_sq;
+  if (s.amsgrad) {
+    // std::max's order, as torch: a NaN already in max_exp_avg_sq stays there.
+    max_exp_avg_sq = (max_exp_avg_sq < exp_avg_sq) ? exp_avg_sq : max_exp_avg_sq;
+    second_moment = max_exp_avg_sq;
+  }
+  const float denom = sqrtf(second_moment) / s.bias_correction2_sqrt + s.eps;
+  param = param - ((s.lr / s.bias_correction1) * exp_avg) / denom;
+}
+
+}  // namespace fused_adamw

@@ -1,0 +1,87 @@
+"""The one place that probes hardware and imports optional backends.
+
+``backend="auto"`` walks :data:`AUTO_ORDER` for the device type and takes the first backend
+that can run, quietly. A backend asked for by name that cannot run raises
+:class:`BackendUnavailableError` with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+
+# Fastest first. "cpu" is the C++ loop over kernels/adamw_math.cuh; it leads on CPU only if
+# it beats the torch backend (see backends/cpu.py for the measurement).
+AUTO_ORDER = {
+    "cuda": ("cuda", "triton", "torch"),
+    "cpu": ("cpu", "torch"),
+}
+_DEFAULT_ORDER = ("torch",)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for by name cannot run here; the message says why."""
+
+
+# Backend name -> module under fused_adamw.backends.
+_MODULES = {"cuda": "cuda", "triton": "triton_adamw", "cpu": "cpu", "torch": "torch"}
+
+_loaded: dict[str, Any] = {}
+_import_errors: dict[str, str] = {}
+
+
+def _load(name: str):
+    """The backend module's BACKEND object, or None (with the reason kept) when it won't import."""
+    if name not in _loaded and name not in _import_errors:
+        try:
+            _loaded[name] = importlib.import_module(f"fused_adamw.backends.{_MODULES[name]}").BACKEND
+        except ImportError as e:
+            _import_errors[name] = f"it could not be imported ({e})"
+    return _loaded.get(name)
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when backend ``name`` can step (device, dtype) here, else why not."""
+    backend = _load(name)
+    if backend is None:
+        return _import_errors[name]
+    return backend.unavailable_reason(device, dtype)
+
+
+def check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"Invalid backend: {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def choose(name: str, device: torch.device, dtype: torch.dtype):
+    """The backend object that will step a bucket of (device, dtype)."""
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(device.type, _DEFAULT_ORDER):
+            if unavailable_reason(candidate, device, dtype) is None:
+                return _loaded[candidate]
+        raise BackendUnavailableError(f"no backend can run on {device} with {dtype}")
+    reason = unavailable_reason(name, device, dtype)
+    if reason is not None:
+        raise BackendUnavailableError(
+            f'backend="{name}" cannot run on {device} with {dtype}: {reason}'
+        )
+    return _loaded[name]
+
+
+def report() -> dict[str, dict[str, str | None]]:
+    """For each device type present, each backend's unavailable reason (None = available)."""
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda", torch.cuda.current_device()))
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append(torch.device("mps"))
+    return {
+        str(d): {n: unavailable_reason(n, d, torch.float32) for n in BACKENDS if n != "auto"}
+        for d in devices
+    }
