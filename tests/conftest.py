@@ -36,7 +36,7 @@ def backend_cells() -> list:
     for device in ("cpu", "cuda", "mps"):
         for name in ("torch", "cpu", "triton", "cuda"):
             if (device, name) in {("cpu", "cuda"), ("mps", "cuda"), ("mps", "cpu"),
-                                  ("cuda", "cpu")}:
+                                  ("mps", "triton"), ("cuda", "cpu")}:
                 continue  # not a pairing that exists
             reason = None
             if device == "cuda" and not HAS_CUDA:

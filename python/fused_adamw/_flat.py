@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -139,6 +140,9 @@ class FlatBucket:
     host_steps: list[float] = field(default_factory=list)
     host_active: list[bool] | None = None  # what `active` holds; None when all ones
     torch_runs: list | None = None  # the torch backend's plan; None when it must be redone
+    stated: list[bool] = field(default_factory=list)  # whether optimizer.state has param i
+    all_stated: bool = False
+    backend: Any = None  # the backend object that steps this bucket
 
     @property
     def n_params(self) -> int:

@@ -1,0 +1,370 @@
+"""The torch.optim contract: errors, checkpoints, copies, hooks, state access, flat buffers."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+import fused_adamw
+from _trajectory import describe, make
+from conftest import backend_cells
+from fused_adamw import BackendUnavailableError, FusedAdamW, weight_decay_groups
+
+CELLS = backend_cells()
+
+# Two optimizers on the same data and grads stay within this of each other over the short
+# runs below: their arithmetic differs by rounding (see _trajectory.assert_trajectory_matches),
+# a few tens of ulp of |p| ~ 4 after <= 30 steps. Exactness tests use torch.equal instead.
+CLOSE = dict(rtol=0, atol=64 * 1.2e-7 * 4)
+
+
+def train(opt, params, steps, seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype).to(device)
+        opt.step()
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(lr=-1.0), "Invalid learning rate"),
+    (dict(eps=-1e-8), "Invalid epsilon value"),
+    (dict(weight_decay=-0.1), "Invalid weight_decay value"),
+    (dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0"),
+    (dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1"),
+    (dict(betas=(0.9, torch.tensor(0.999))), "both floats or both Tensors"),
+    (dict(lr=torch.tensor([1e-3, 1e-3])), "Tensor lr must be 1-element"),
+    (dict(backend="cudnn"), "Invalid backend: 'cudnn'"),
+])
+def test_bad_hyperparameters_raise_like_torch(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FusedAdamW(make([3]), **kwargs)
+    if "backend" not in kwargs:  # torch raises the same message
+        with pytest.raises(ValueError, match=message):
+            torch.optim.AdamW(make([3]), **kwargs)
+
+
+def test_bad_group_hyperparameters_raise():
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        FusedAdamW([{"params": make([3]), "lr": -1.0}])
+
+
+def test_differentiable_raises():
+    with pytest.raises(NotImplementedError, match="differentiable"):
+        FusedAdamW(make([3]), differentiable=True)
+
+
+def test_non_floating_param_raises():
+    with pytest.raises(TypeError, match="param 1 of param group 0 has dtype torch.int64"):
+        FusedAdamW([make([3])[0], torch.zeros(3, dtype=torch.long)])
+
+
+def test_param_given_twice_raises():
+    p = make([3])[0]
+    with pytest.raises(ValueError, match="param 1 of param group 0 .* more than once"):
+        FusedAdamW([p, p])
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        FusedAdamW([{"params": [p]}, {"params": [p]}])
+
+
+def test_sparse_grad_raises():
+    p = make([4])[0]
+    opt = FusedAdamW([p])
+    p.grad = torch.eye(4)[0].to_sparse()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+
+
+def test_explicit_backend_that_cannot_run_raises_with_reason():
+    with pytest.raises(BackendUnavailableError, match='backend="cuda" cannot run on cpu'):
+        FusedAdamW(make([3]), backend="cuda")
+
+
+def test_auto_backend_falls_back_quietly(recwarn):
+    opt = FusedAdamW(make([3]))
+    assert opt.backend in ("cpu", "torch")
+    assert not [w for w in recwarn if "fused_adamw" in str(w.filename)]
+
+
+def test_float64_params_use_the_torch_backend_and_match_torch():
+    a, b = make([1025, 7], dtype=torch.float64), make([1025, 7], dtype=torch.float64)
+    opt = FusedAdamW(a)
+    assert opt.backend == "torch"
+    train(opt, a, 20, 0)
+    train(torch.optim.AdamW(b, foreach=False), b, 20, 0)
+    for p, q in zip(a, b):
+        # float64 math in both: within 64 ulp of float64 at |p| ~ 4.
+        assert torch.allclose(p, q, rtol=0, atol=64 * 2.2e-16 * 4), describe(p, q)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("backend,device", CELLS)
+def test_checkpoint_round_trip_mid_training_changes_nothing(backend, device):
+    """Train 10 steps, save, load into a fresh optimizer over fresh params, train 10 more:
+    bit-identical to 20 uninterrupted steps."""
+    shapes = [1025, (7, 3), ("C", (5,))]
+    a = make(shapes, device=device)
+    opt = FusedAdamW(a, lr=1e-2, amsgrad=True, backend=backend)
+    train(opt, a, 10, 0, device)
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in a], "opt": opt.state_dict()}, buf)
+    train(opt, a, 10, 1, device)
+
+    buf.seek(0)
+    ck = torch.load(buf, map_location="cpu", weights_only=True)  # saved on the device
+    b = [torch.nn.Parameter(t.to(device)) for t in ck["params"]]
+    opt2 = FusedAdamW(b, lr=1e-2, amsgrad=True, backend=backend)
+    opt2.load_state_dict(ck["opt"])
+    train(opt2, b, 10, 1, device)
+    for p, q in zip(a, b):
+        assert torch.equal(p.detach(), q.detach()), describe(p, q)
+    sd, sd2 = opt.state_dict(), opt2.state_dict()
+    for i in sd["state"]:
+        for k, v in sd["state"][i].items():
+            assert torch.equal(v, sd2["state"][i][k]), k
+
+
+@pytest.mark.parametrize("backend,device", CELLS)
+def test_torch_checkpoint_loads_into_fused_and_back(backend, device):
+    """torch AdamW -> FusedAdamW -> torch AdamW, training between, on the same trajectory."""
+    shapes = [1025, (7, 3)]
+    ref_params = make(shapes)
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, foreach=False)
+
+    t1 = make(shapes)
+    o1 = torch.optim.AdamW(t1, lr=1e-2, foreach=False)
+    train(o1, t1, 5, 0)
+    train(ref, ref_params, 5, 0)
+
+    f = [torch.nn.Parameter(p.detach().to(device)) for p in t1]
+    of = FusedAdamW(f, lr=1e-2, backend=backend)
+    of.load_state_dict(o1.state_dict())
+    train(of, f, 5, 1, device)
+    train(ref, ref_params, 5, 1)
+    sd = of.state_dict()
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert sd["state"][0]["step"].dtype == torch.float32 and sd["state"][0]["step"].ndim == 0
+    assert sd["param_groups"][0].keys() == ref.state_dict()["param_groups"][0].keys()
+
+    t2 = [torch.nn.Parameter(p.detach().cpu().clone()) for p in f]
+    o2 = torch.optim.AdamW(t2, lr=1e-2, foreach=False)
+    o2.load_state_dict(pickle.loads(pickle.dumps(of.state_dict())))  # plain dicts only
+    train(o2, t2, 5, 2)
+    train(ref, ref_params, 5, 2)
+    for p, q in zip(t2, ref_params):
+        assert torch.allclose(p, q, **CLOSE), describe(p, q)
+    assert float(o2.state[t2[0]]["step"]) == 15
+
+
+def test_state_dict_pickles_without_fused_adamw():
+    a = make([5])
+    opt = FusedAdamW(a)
+    train(opt, a, 1, 0)
+    blob = pickle.dumps(opt.state_dict())
+    assert b"fused_adamw" not in blob
+
+
+# ---------------------------------------------------------------------------- torch plumbing
+
+
+@pytest.mark.parametrize("backend,device", CELLS)
+def test_deepcopy_and_pickle_continue_identically(backend, device):
+    a = make([1025, 3], device=device)
+    opt = FusedAdamW(a, lr=1e-2, backend=backend)
+    train(opt, a, 3, 0, device)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        params = clone.param_groups[0]["params"]
+        assert all(p is not q for p, q in zip(params, a))
+        assert clone.backend == opt.backend
+        train(clone, params, 3, 1, device)
+    train(opt, a, 3, 1, device)
+    for p, q in zip(a, params):
+        assert torch.equal(p.detach(), q.detach()), describe(p, q)
+
+
+@pytest.mark.parametrize("backend,device", CELLS)
+def test_state_read_and_assigned_directly(backend, device):
+    a, b = make([64, 7], device=device), make([64, 7])
+    opt, ref = FusedAdamW(a, lr=1e-2, backend=backend), torch.optim.AdamW(b, lr=1e-2,
+                                                                          foreach=False)
+    train(opt, a, 3, 0, device)
+    train(ref, b, 3, 0)
+    assert set(opt.state[a[0]]) == {"step", "exp_avg", "exp_avg_sq"}
+    for o, p in ((opt, a[0]), (ref, b[0])):
+        o.state[p]["exp_avg"] = torch.zeros_like(p)  # code that resets a moment
+        o.state[p]["step"] = torch.tensor(100.0)
+    for o, p in ((opt, a[1]), (ref, b[1])):
+        o.state[p]["exp_avg_sq"].mul_(4)  # in-place edits go straight to the buffers
+    train(opt, a, 3, 1, device)
+    train(ref, b, 3, 1)
+    for p, q in zip(a, b):
+        assert torch.allclose(p.detach().cpu(), q, **CLOSE), describe(p, q)
+    assert float(opt.state[a[0]]["step"]) == 103
+
+
+@pytest.mark.parametrize("backend,device", CELLS)
+def test_step_hooks_and_closure(backend, device):
+    p = make([8], device=device)[0]
+    opt = FusedAdamW([p], backend=backend)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kw: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kw: calls.append("post"))
+
+    def closure():
+        opt.zero_grad()
+        loss = (p * p).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and calls == ["pre", "post"]
+    assert float(opt.state[p]["step"]) == 1
+
+
+@pytest.mark.parametrize("backend,device", CELLS)
+def test_params_moved_after_building_are_followed(backend, device):
+    """model.to(...) and p.data = ... after the optimizer was built: the next step updates
+    the live tensors, never a dead buffer."""
+    a, b = make([64, 7], device=device), make([64, 7])
+    opt, ref = FusedAdamW(a, lr=1e-2, backend=backend), torch.optim.AdamW(b, lr=1e-2,
+                                                                          foreach=False)
+    train(opt, a, 2, 0, device)
+    train(ref, b, 2, 0)
+    for p, q in zip(a, b):
+        p.data = p.data.clone()  # what model.to() does to each param
+        q.data = q.data.clone()
+    train(opt, a, 2, 1, device)
+    train(ref, b, 2, 1)
+    for p, q in zip(a, b):
+        assert torch.allclose(p.detach().cpu(), q, **CLOSE), describe(p, q)
+
+
+def test_module_to_dtype_after_building():
+    model = torch.nn.Linear(8, 4)
+    opt = FusedAdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    model.to(torch.float64)
+    opt.zero_grad()
+    model(torch.randn(2, 8, dtype=torch.float64)).sum().backward()
+    before = model.weight.detach().clone()
+    opt.step()
+    assert model.weight.dtype == torch.float64 and not torch.equal(before, model.weight)
+    assert opt.state[model.weight]["exp_avg"].dtype == torch.float64
+
+
+def test_zero_redundancy_optimizer_wraps_fused(tmp_path):
+    """torch's ZeroRedundancyOptimizer builds FusedAdamW on its shard of the params."""
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0,
+                            world_size=1)
+    try:
+        a, b = make([64, 7]), make([64, 7])
+        zero = ZeroRedundancyOptimizer(a, optimizer_class=FusedAdamW, lr=1e-2)
+        ref = torch.optim.AdamW(b, lr=1e-2, foreach=False)
+        train(zero, a, 5, 0)
+        train(ref, b, 5, 0)
+        for p, q in zip(a, b):
+            assert torch.allclose(p, q, **CLOSE), describe(p, q)
+        zero.consolidate_state_dict()
+        assert len(zero.state_dict()["state"]) == 2
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------- flat buffers
+
+
+@pytest.mark.parametrize("backend,device", CELLS)
+def test_params_and_state_are_views_into_aligned_flat_buffers(backend, device):
+    a = make([7, ("T", (5, 3)), ("CL", (2, 3, 4, 4)), ("C", (3,)), ()], device=device)
+    strides = [p.stride() for p in a]
+    opt = FusedAdamW(a, backend=backend)
+    train(opt, a, 1, 0, device)
+    # One bucket for the real params, one for the complex one (torch.save needs one dtype
+    # of view per storage).
+    assert len(opt._buckets) == 2
+    for p, s in zip(a, strides):
+        (bucket,) = [b for b in opt._buckets if any(q is p for q in b.params)]
+        assert p.untyped_storage().data_ptr() == bucket.param.untyped_storage().data_ptr()
+        assert p.data_ptr() % 16 == 0
+        assert p.stride() == s, "flattening keeps each param's memory format"
+        st = opt.state[p]
+        assert st["exp_avg"].untyped_storage().data_ptr() == \
+            bucket.exp_avg.untyped_storage().data_ptr()
+        assert st["exp_avg"].dtype == p.dtype and st["step"].device == p.device
+
+
+@pytest.mark.parametrize("backend,device", CELLS)
+def test_zero_grad_set_to_none_false_is_the_copy_free_fast_path(backend, device, monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(),
+                                torch.nn.Linear(16, 1)).to(device)
+    twin = copy.deepcopy(model).cpu()
+    opt = FusedAdamW(model.parameters(), lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW(twin.parameters(), lr=1e-2, foreach=False)
+    x = torch.randn(4, 8)
+    copies = []
+    real_copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda *a: copies.append(1) or real_copy(*a))
+    for step in range(5):
+        for o, m, xx in ((opt, model, x.to(device)), (ref, twin, x)):
+            o.zero_grad(set_to_none=False)
+            m(xx).pow(2).sum().backward()
+            o.step()
+        if step >= 1:  # from the second step on grads are views into the flat buffer
+            (bucket,) = opt._buckets
+            assert all(p.grad is v for p, v in zip(bucket.params, bucket.grad_views))
+    assert len(copies) == 1, "only the first step (autograd-allocated grads) copies"
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(p.detach().cpu(), q, **CLOSE), describe(p, q)
+
+
+@pytest.mark.parametrize("backend,device", CELLS)
+def test_foreign_grads_are_used(backend, device):
+    """Grads that are not views into our buffer (model.zero_grad(), an assigned grad) count."""
+    a, b = make([16, 8], device=device), make([16, 8])
+    opt, ref = FusedAdamW(a, lr=1e-2, backend=backend), torch.optim.AdamW(b, lr=1e-2,
+                                                                          foreach=False)
+    for o in (opt, ref):
+        o.zero_grad(set_to_none=False)
+    train(opt, a, 2, 0, device)  # assigns fresh grads every step
+    train(ref, b, 2, 0)
+    opt.zero_grad(set_to_none=False)  # grads become views...
+    ref.zero_grad(set_to_none=False)
+    a[0].grad = torch.full_like(a[0], 0.5)  # ...and then one is replaced by the user
+    b[0].grad = torch.full_like(b[0], 0.5)
+    opt.step()
+    ref.step()
+    for p, q in zip(a, b):
+        assert torch.allclose(p.detach().cpu(), q, **CLOSE), describe(p, q)
+
+
+def test_weight_decay_groups():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4),
+                                torch.nn.LayerNorm(4), torch.nn.Linear(4, 10, bias=False))
+    model[3].weight = model[0].weight  # tied: must appear once
+    model[2].bias.requires_grad_(False)  # frozen: left out
+    decay, rest = weight_decay_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
+    assert [p.shape for p in decay["params"]] == [(10, 4), (4, 4)]
+    assert [p.shape for p in rest["params"]] == [(4,), (4,)]  # linear bias, norm weight
+    FusedAdamW([decay, rest])  # builds
+    decay2, _ = weight_decay_groups(model, no_decay=("0.",))
+    assert [p.shape for p in decay2["params"]] == [(4, 4)]
+
+
+def test_public_surface():
+    assert fused_adamw.__version__
+    assert set(fused_adamw.__all__) >= {"FusedAdamW", "weight_decay_groups",
+                                        "BackendUnavailableError"}
