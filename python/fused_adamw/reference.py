@@ -5,8 +5,10 @@ tensor in the opmath dtype (float32, or float64 for float64 params), scalars inc
 same code runs on CPU, CUDA and MPS (which has no float64) and reads a Tensor lr on the device.
 
 NOTE on rounding: torch has no elementwise fma, so where the header writes ``fmaf(a, b, c)``
-this file writes ``a * b + c`` with two roundings. The tests bound the difference (a couple of
-ulp per step, not growing over a trajectory).
+this file writes ``a * b + c`` with two roundings. Params stay within a few ulp of the
+kernels'; a moment element can differ by many of its own ulp where its two terms nearly
+cancel, but never by more than a few ulp of the buffer's scale (tests/test_triton.py and
+tests/test_ext.py measure both).
 """
 
 from __future__ import annotations
