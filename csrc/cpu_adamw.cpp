@@ -1,0 +1,253 @@
+// The CPU loop over kernels/adamw_math.cuh: CI runs the header's exact arithmetic with it, and
+// the "cpu" backend steps CPU buckets with it.
+//
+// Same walk as the CUDA kernel: tiles are spread over threads; per tile the param's scalars
+// are computed once (adamw_scalars), then the element loop calls adamw_update in float.
+// bf16/fp16 are converted with torch's own bit-level routines (c10/util/BFloat16.h
+// round_to_nearest_even, c10/util/Half.h fp16_ieee_{from,to}_fp32_value), so stores round
+// exactly as torch's do, NaN included (bf16 NaN -> 0x7FC0).
+//
+// NOTE on vectorization: the loop is specialized on (dtype, amsgrad, maximize, decay) so that
+// no branch is left in it, and compiled three times (x86-64-v4, x86-64-v3, baseline) with
+// target_clones: a portable wheel that uses AVX-512/AVX2+FMA where the CPU has them. fmaf is
+// a single instruction only with FMA; on the baseline clone it is glibc's correctly rounded
+// fmaf (same result, slower). Built with -ffp-contract=off (the fp16 conversion relies on
+// separate roundings) and -fno-math-errno (lets sqrtf vectorize; results are unchanged).
+
+#include "cpu_adamw.h"
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#else
+#include <algorithm>
+#include <thread>
+#include <vector>
+#endif
+
+#include "adamw_math.cuh"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12 && \
+    !defined(FUSED_ADAMW_NO_CLONES)
+#define FUSED_ADAMW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FUSED_ADAMW_CLONES
+#endif
+
+#if defined(__GNUC__)
+#define FUSED_ADAMW_INLINE inline __attribute__((always_inline))
+#else
+#define FUSED_ADAMW_INLINE inline
+#endif
+
+namespace fused_adamw {
+namespace {
+
+FUSED_ADAMW_INLINE uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+FUSED_ADAMW_INLINE float float_of(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// ------------------------------------------------------------------------------------------
+// storage <-> float, bit-exact with torch
+// ------------------------------------------------------------------------------------------
+
+struct F32 {
+  using Storage = float;
+  static FUSED_ADAMW_INLINE float load(float x) { return x; }
+  static FUSED_ADAMW_INLINE float store(float f) { return f; }
+};
+
+struct BF16 {
+  using Storage = uint16_t;
+  static FUSED_ADAMW_INLINE float load(uint16_t b) { return float_of(uint32_t(b) << 16); }
+  // c10::detail::round_to_nearest_even
+  static FUSED_ADAMW_INLINE uint16_t store(float f) {
+    const uint32_t u = bits_of(f);
+    const uint32_t rounding_bias = ((u >> 16) & 1u) + 0x7FFFu;
+    const uint16_t rounded = static_cast<uint16_t>((u + rounding_bias) >> 16);
+    return f != f ? uint16_t(0x7FC0) : rounded;
+  }
+};
+
+struct F16 {
+  using Storage = uint16_t;
+  // c10::detail::fp16_ieee_to_fp32_value (exact)
+  static FUSED_ADAMW_INLINE float load(uint16_t h) {
+    const uint32_t w = uint32_t(h) << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const uint32_t exp_offset = 0xE0u << 23;
+    const float exp_scale = 0x1.0p-112f;
+    const float normalized = float_of((two_w >> 4) + exp_offset) * exp_scale;
+    const uint32_t magic_mask = 126u << 23;
+    const float magic_bias = 0.5f;
+    const float denormalized = float_of((two_w >> 17) | magic_mask) - magic_bias;
+    const uint32_t denormalized_cutoff = 1u << 27;
+    return float_of(sign | (two_w < denormalized_cutoff ? bits_of(denormalized)
+                                                        : bits_of(normalized)));
+  }
+  // c10::detail::fp16_ieee_from_fp32_value (round to nearest even)
+  static FUSED_ADAMW_INLINE uint16_t store(float f) {
+    const float scale_to_inf = float_of(239u << 23);
+    const float scale_to_zero = float_of(17u << 23);
+    float base = ((f < 0 ? -f : f) * scale_to_inf) * scale_to_zero;
+    const uint32_t w = bits_of(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    bias = bias < 0x71000000u ? 0x71000000u : bias;
+    base = float_of((bias >> 1) + 0x07800000u) + base;
+    const uint32_t b = bits_of(base);
+    const uint32_t exp_bits = (b >> 13) & 0x00007C00u;
+    const uint32_t mantissa_bits = b & 0x00000FFFu;
+    const uint32_t nonsign = exp_bits + mantissa_bits;
+    return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+  }
+};
+
+// ------------------------------------------------------------------------------------------
+// one tile: no branch left in the element loop
+// ------------------------------------------------------------------------------------------
+
+template <typename D, bool AMSGRAD, bool MAXIMIZE, bool DECAY>
+FUSED_ADAMW_INLINE void tile_loop(const AdamWParams& p, int64_t start, int64_t end,
+                                  AdamWScalars s) {
+  using T = typename D::Storage;
+  T* __restrict__ param = static_cast<T*>(p.param) + start;
+  const T* __restrict__ grad = static_cast<const T*>(p.grad) + start;
+  T* __restrict__ exp_avg = static_cast<T*>(p.exp_avg) + start;
+  T* __restrict__ exp_avg_sq = static_cast<T*>(p.exp_avg_sq) + start;
+  T* __restrict__ max_exp_avg_sq = AMSGRAD ? static_cast<T*>(p.max_exp_avg_sq) + start : nullptr;
+  s.amsgrad = AMSGRAD;
+  s.maximize = MAXIMIZE;
+  if (!DECAY) s.weight_decay = 0.0f;  // folds the header's "weight_decay != 0" test away
+  // With DECAY the test is true for the whole tile; gcc unswitches it out of the loop.
+  const int64_t n = end - start;
+  for (int64_t i = 0; i < n; ++i) {
+    float pf = D::load(param[i]);
+    float mf = D::load(exp_avg[i]);
+    float vf = D::load(exp_avg_sq[i]);
+    float xf = AMSGRAD ? D::load(max_exp_avg_sq[i]) : 0.0f;
+    adamw_update(pf, D::load(grad[i]), mf, vf, xf, s);
+    param[i] = D::store(pf);
+    exp_avg[i] = D::store(mf);
+    exp_avg_sq[i] = D::store(vf);
+    if (AMSGRAD) max_exp_avg_sq[i] = D::store(xf);
+  }
+}
+
+template <typename D, bool AMSGRAD>
+FUSED_ADAMW_INLINE void tile_dispatch(const AdamWParams& p, int64_t start, int64_t end,
+                                      const AdamWScalars& s) {
+  const bool decay = s.weight_decay != 0.0f;
+  if (s.maximize) {
+    decay ? tile_loop<D, AMSGRAD, true, true>(p, start, end, s)
+          : tile_loop<D, AMSGRAD, true, false>(p, start, end, s);
+  } else {
+    decay ? tile_loop<D, AMSGRAD, false, true>(p, start, end, s)
+          : tile_loop<D, AMSGRAD, false, false>(p, start, end, s);
+  }
+}
+
+template <typename D>
+FUSED_ADAMW_INLINE void run_tiles_impl(const AdamWParams& p, int64_t t0, int64_t t1) {
+  const bool has_max = p.max_exp_avg_sq != nullptr;
+  for (int64_t t = t0; t < t1; ++t) {
+    // ------------------------ map the tile to its param -----------------------
+    const int64_t start = p.tiles[3 * t + 0];
+    const int64_t end = p.tiles[3 * t + 1];
+    const int64_t param_index = p.tiles[3 * t + 2];
+    if (p.active[param_index] == 0) continue;  // no grad in this step: torch skips it
+    const float* hp = p.hparams + static_cast<int64_t>(p.param_group[param_index]) * kHparamCols;
+    const bool amsgrad = has_max && hp[kHpAmsgrad] != 0.0f;
+    const AdamWScalars s =
+        adamw_scalars(hp[kHpLr], hp[kHpBeta1], hp[kHpBeta2], hp[kHpEps], hp[kHpWeightDecay],
+                      p.steps[param_index], hp[kHpMaximize] != 0.0f, amsgrad);
+    // ------------------------------ the elements ------------------------------
+    amsgrad ? tile_dispatch<D, true>(p, start, end, s) : tile_dispatch<D, false>(p, start, end, s);
+  }
+}
+
+// The three entry points each ISA clone is made of (target_clones wants plain functions).
+FUSED_ADAMW_CLONES void run_tiles_f32(const AdamWParams& p, int64_t t0, int64_t t1) {
+  run_tiles_impl<F32>(p, t0, t1);
+}
+FUSED_ADAMW_CLONES void run_tiles_bf16(const AdamWParams& p, int64_t t0, int64_t t1) {
+  run_tiles_impl<BF16>(p, t0, t1);
+}
+FUSED_ADAMW_CLONES void run_tiles_f16(const AdamWParams& p, int64_t t0, int64_t t1) {
+  run_tiles_impl<F16>(p, t0, t1);
+}
+
+void run_tiles(const AdamWParams& p, int64_t t0, int64_t t1) {
+  switch (p.dtype) {
+    case DType::kFloat32:
+      return run_tiles_f32(p, t0, t1);
+    case DType::kBFloat16:
+      return run_tiles_bf16(p, t0, t1);
+    case DType::kFloat16:
+      return run_tiles_f16(p, t0, t1);
+  }
+}
+
+// Below this many elements one thread does the bucket: waking a pool costs more.
+constexpr int64_t kMinElemsPerThread = 1 << 15;
+
+}  // namespace
+
+void adamw_step_cpu(const AdamWParams& p, int num_threads) {
+  const int64_t n_tiles = p.n_tiles;
+  if (n_tiles <= 0) return;
+  int64_t threads = num_threads > 0 ? num_threads : 1;
+  if (threads > n_tiles) threads = n_tiles;
+  if (threads > 1 && p.numel / threads < kMinElemsPerThread) {
+    threads = p.numel / kMinElemsPerThread > 1 ? p.numel / kMinElemsPerThread : 1;
+  }
+  if (threads <= 1) {
+    run_tiles(p, 0, n_tiles);
+    return;
+  }
+  // Contiguous ranges of tiles, one per thread: tiles are at most kTileElems, so ranges of
+  // equal tile count are close to equal work.
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  {
+    const int64_t nt = omp_get_num_threads();
+    const int64_t id = omp_get_thread_num();
+    run_tiles(p, n_tiles * id / nt, n_tiles * (id + 1) / nt);
+  }
+#else
+  std::vector<std::thread> pool;
+  for (int64_t id = 1; id < threads; ++id) {
+    pool.emplace_back([&p, n_tiles, id, threads] {
+      run_tiles(p, n_tiles * id / threads, n_tiles * (id + 1) / threads);
+    });
+  }
+  run_tiles(p, 0, n_tiles / threads);
+  for (auto& t : pool) t.join();
+#endif
+}
+
+const char* cpu_loop_isa() {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12 && \
+    !defined(FUSED_ADAMW_NO_CLONES)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4";
+  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3";
+  return "x86-64 baseline";
+#else
+  return "compiler default (no multiversioning)";
+#endif
+}
+
+}  // namespace fused_adamw

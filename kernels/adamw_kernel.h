@@ -1,0 +1,26 @@
+// Host-side entry points of kernels/adamw_kernel.cu, callable from code that never sees a
+// CUDA header (csrc/bindings.cpp is compiled by the host compiler alone). Errors come back as
+// a non-empty string; the binding turns them into RuntimeError.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "adamw_params.h"
+
+namespace fused_adamw {
+
+// One AdamW step over a whole bucket: one launch on `stream` (a cudaStream_t as an integer,
+// 0 = the legacy default stream) of the device `device`. Every pointer in `p` is a device
+// pointer of that device. The previous current device is restored. Returns "" on success.
+std::string launch_adamw_cuda(const AdamWParams& p, int device, std::uintptr_t stream);
+
+// "" when the kernel can run on `device` (a driver new enough and a kernel image, SASS or PTX,
+// for its compute capability), else the reason.
+std::string cuda_device_error(int device);
+
+// cudaRuntimeGetVersion / cudaDriverGetVersion (e.g. 13000); 0 for the driver when none.
+int cuda_runtime_version();
+int cuda_driver_version();
+
+}  // namespace fused_adamw

@@ -1,0 +1,37 @@
+"""The C++ CPU loop (csrc/cpu_adamw.cpp over kernels/adamw_math.cuh) as a backend.
+
+One call into ``fused_adamw._C`` per bucket: tiles spread over ``torch.get_num_threads()``
+threads, the element loop vectorized (AVX-512, AVX2+FMA or baseline, chosen at run time).
+It computes in float32, so it takes float32, bfloat16 and float16 buckets; float64 stays on the
+torch backend. Measurements against torch's fused CPU AdamW: kernels/NOTES.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext, _flat
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != "cpu":
+            return f"the C++ loop runs on CPU tensors, not {device.type}"
+        if dtype == torch.float64:
+            return "the C++ loop computes in float32; float64 uses the torch backend"
+        if dtype not in _DTYPES:
+            return f"the C++ loop takes float32, bfloat16 and float16, not {dtype}"
+        return _ext.unavailable_reason()
+
+    def step(self, bucket: _flat.FlatBucket) -> None:
+        if bucket.device.type != "cpu":
+            raise ValueError(f"backend 'cpu' steps CPU buckets; this one is on {bucket.device}")
+        args = _ext.bucket_args(bucket)
+        _ext.C.step_cpu(*args, torch.get_num_threads())
+
+
+BACKEND = CpuBackend()

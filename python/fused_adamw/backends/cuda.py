@@ -1,0 +1,42 @@
+"""The CUDA kernel (kernels/adamw_kernel.cu) as a backend: one launch per bucket.
+
+``fused_adamw._C`` takes raw pointers, the device index and the stream handle, so it links no
+torch and works with any torch 2.x. Host cost per step: a cached argument tuple (rebuilt and
+re-validated only when a buffer changes), the current stream, one call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext, _flat
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != "cuda":
+            return f"the CUDA kernel runs on CUDA tensors, not {device.type}"
+        if dtype not in _DTYPES:
+            return f"the CUDA kernel takes float32, bfloat16 and float16, not {dtype}"
+        reason = _ext.unavailable_reason()
+        if reason is not None:
+            return reason
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _ext.cuda_unavailable_reason(index)
+
+    def step(self, bucket: _flat.FlatBucket) -> None:
+        device = bucket.device
+        if device.type != "cuda":
+            raise ValueError(f"backend 'cuda' steps CUDA buckets; this one is on {device}")
+        args = _ext.bucket_args(bucket)
+        index = bucket.param.device.index
+        _ext.C.step_cuda(*args, index, torch.cuda.current_stream(index).cuda_stream)
+
+
+BACKEND = CudaBackend()
