@@ -368,3 +368,25 @@ def test_public_surface():
     assert fused_adamw.__version__
     assert set(fused_adamw.__all__) >= {"FusedAdamW", "weight_decay_groups",
                                         "BackendUnavailableError"}
+
+
+@pytest.mark.parametrize("backend,device", CELLS)
+def test_amsgrad_switched_on_mid_training(backend, device):
+    """torch raises a KeyError here (no max_exp_avg_sq state); we start the maxima at zero,
+    which is what a fresh amsgrad run does, so the step after the switch equals one from
+    torch AdamW(amsgrad=True) loaded with the same state plus zero maxima."""
+    a, b = make([64], device=device), make([64])
+    opt = FusedAdamW(a, lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW(b, lr=1e-2, amsgrad=True, foreach=False)
+    train(opt, a, 3, 0, device)
+    train(torch.optim.AdamW(b, lr=1e-2, foreach=False), b, 3, 0)
+    sd = torch.optim.AdamW(b, lr=1e-2, foreach=False).state_dict()
+    sd["state"] = {0: {k: v.detach().cpu().clone() for k, v in opt.state[a[0]].items()}}
+    sd["state"][0]["max_exp_avg_sq"] = torch.zeros(64)
+    sd["param_groups"][0]["amsgrad"] = True
+    ref.load_state_dict(sd)
+    opt.param_groups[0]["amsgrad"] = True
+    train(opt, a, 3, 1, device)
+    train(ref, b, 3, 1)
+    assert "max_exp_avg_sq" in opt.state[a[0]]
+    assert torch.allclose(a[0].detach().cpu(), b[0], **CLOSE), describe(a[0], b[0])

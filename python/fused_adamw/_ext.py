@@ -71,7 +71,6 @@ def build_info() -> dict:
 # ------------------------------------------------------------------------------------------
 
 DTYPE_CODES = {}  # torch dtype -> kernels/adamw_params.h DType; filled lazily (torch import)
-_CACHE_ATTR = "_fused_adamw_ext_args"
 
 
 def _dtype_codes() -> dict:
@@ -99,11 +98,11 @@ def bucket_args(bucket) -> tuple:
     uses_amsgrad = any(row[_flat.HP_AMSGRAD] for row in bucket.host_hparams)
     key = (uses_amsgrad,) + tuple((id(t), t.data_ptr()) if t is not None else None
                                   for t in bufs)
-    cached = getattr(bucket, _CACHE_ATTR, None)
+    cached = bucket.ext_args
     if cached is not None and cached[0] == key:
         return cached[1]
     args = _validate(bucket, uses_amsgrad)
-    setattr(bucket, _CACHE_ATTR, (key, args))
+    bucket.ext_args = (key, args)
     return args
 
 

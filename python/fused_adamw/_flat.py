@@ -143,6 +143,15 @@ class FlatBucket:
     stated: list[bool] = field(default_factory=list)  # whether optimizer.state has param i
     all_stated: bool = False
     backend: Any = None  # the backend object that steps this bucket
+    ext_args: tuple | None = None  # fused_adamw._ext's validated kernel arguments (cached)
+    _group_set: frozenset | None = None
+
+    @property
+    def group_set(self) -> frozenset[int]:
+        """The param groups with a param in this bucket."""
+        if self._group_set is None:
+            self._group_set = frozenset(self.groups)
+        return self._group_set
 
     @property
     def n_params(self) -> int:

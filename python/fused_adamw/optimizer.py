@@ -283,6 +283,9 @@ class FusedAdamW(torch.optim.Optimizer):
             if isinstance(value, Tensor)
         ]
         for b in self._buckets:
+            if b.max_exp_avg_sq is None and any(rows[g][_flat.HP_AMSGRAD] for g in b.group_set):
+                self._owner.dirty = True  # amsgrad switched on: the next step rebuilds
+                return self._rebuild_and_refresh()
             key = (b.device, _flat.opmath_dtype(b.dtype))
             cached = self._hparams.get(key)
             if cached is None or cached[0] != rows or tensors:
@@ -299,6 +302,10 @@ class FusedAdamW(torch.optim.Optimizer):
                 self._hparams[key] = cached = (rows, table)
             b.hparams = cached[1]
             b.host_hparams = rows
+
+    def _rebuild_and_refresh(self) -> None:
+        self._rebuild()
+        self._refresh_hparams()
 
     # ------------------------------------------------------------------ step
 
