@@ -378,12 +378,12 @@ def test_validation_names_the_buffer(mutate, match):
 def test_step_keeps_buffers_and_cache():
     b = _bucket(amsgrad=True)
     CPU.step(b)
-    key1 = getattr(b, _ext._CACHE_ATTR)[0]
+    key1 = b.ext_args[0]
     CPU.step(b)
-    assert getattr(b, _ext._CACHE_ATTR)[0] == key1
+    assert b.ext_args[0] == key1
     b.grad = b.grad.clone()  # a new buffer: new pointers
     CPU.step(b)
-    assert getattr(b, _ext._CACHE_ATTR)[0] != key1
+    assert b.ext_args[0] != key1
 
 
 @needs_ext
