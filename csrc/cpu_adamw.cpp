@@ -28,6 +28,7 @@
 #endif
 
 #include "adamw_math.cuh"
+#include "adamw_tile.cuh"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12 && \
     !defined(FUSED_ADAMW_NO_CLONES)
@@ -162,19 +163,11 @@ FUSED_ADAMW_INLINE void tile_dispatch(const AdamWParams& p, int64_t start, int64
 template <typename D>
 FUSED_ADAMW_INLINE void run_tiles_impl(const AdamWParams& p, int64_t t0, int64_t t1) {
   const bool has_max = p.max_exp_avg_sq != nullptr;
+  TileWork w;
   for (int64_t t = t0; t < t1; ++t) {
-    // ------------------------ map the tile to its param -----------------------
-    const int64_t start = p.tiles[3 * t + 0];
-    const int64_t end = p.tiles[3 * t + 1];
-    const int64_t param_index = p.tiles[3 * t + 2];
-    if (p.active[param_index] == 0) continue;  // no grad in this step: torch skips it
-    const float* hp = p.hparams + static_cast<int64_t>(p.param_group[param_index]) * kHparamCols;
-    const bool amsgrad = has_max && hp[kHpAmsgrad] != 0.0f;
-    const AdamWScalars s =
-        adamw_scalars(hp[kHpLr], hp[kHpBeta1], hp[kHpBeta2], hp[kHpEps], hp[kHpWeightDecay],
-                      p.steps[param_index], hp[kHpMaximize] != 0.0f, amsgrad);
-    // ------------------------------ the elements ------------------------------
-    amsgrad ? tile_dispatch<D, true>(p, start, end, s) : tile_dispatch<D, false>(p, start, end, s);
+    if (!tile_work(p, t, has_max, w)) continue;  // no grad in this step: torch skips it
+    w.s.amsgrad ? tile_dispatch<D, true>(p, w.start, w.end, w.s)
+                : tile_dispatch<D, false>(p, w.start, w.end, w.s);
   }
 }
 
