@@ -8,6 +8,7 @@ What is compiled is chosen from the toolkit found, never from a visible GPU:
   runtime statically, plus the CPU loop. No torch headers, no libtorch: one build serves every
   torch 2.x.
 * no nvcc: the CPU loop only, with a warning.
+* ``FUSED_ADAMW_NO_CUDA=1``: the same, on a machine that has nvcc.
 * ``FUSED_ADAMW_NO_EXT=1``, or a compiler error: no compiled module, a warning, and a working
   pure-Python install (the torch and Triton backends).
 
@@ -55,6 +56,8 @@ def _version() -> str:
 
 
 def _find_nvcc() -> str | None:
+    if os.environ.get("FUSED_ADAMW_NO_CUDA") == "1":  # a CPU-only build on a machine with nvcc
+        return None
     cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     candidates = []
     if cuda_home:
