@@ -21,7 +21,7 @@ for need in setup.py pyproject.toml README.md kernels/adamw_math.cuh kernels/ada
 done
 
 auditwheel show "$wheel"
-auditwheel repair --wheel-dir "$out/wheelhouse" "$wheel"
+auditwheel repair --strip --wheel-dir "$out/wheelhouse" "$wheel"  # --strip: no debug symbols
 repaired=$(ls "$out"/wheelhouse/*.whl)
 
 # Contents and size, and nothing stray: no tests, caches or object files.

@@ -436,3 +436,14 @@ def test_demo_prints_matching_loss_columns(capsys):
     for row in rows:  # both optimizers' losses, printed to 6 decimals, agree
         assert abs(float(row[2]) - float(row[3])) < 1e-5, row
     assert diff < 1e-5  # 4 steps of lr <= 3e-3: a few ulp of |p| ~ 1 at most
+
+
+def test_environment_report_names_versions_and_backends():
+    from fused_adamw.__main__ import lines
+
+    text = "\n".join(lines())
+    assert f"fused_adamw {fused_adamw.__version__}" in text
+    assert f"torch {torch.__version__}" in text and "triton" in text
+    assert "cpu: auto picks" in text
+    for name in ("cuda", "triton", "cpu", "torch"):
+        assert f"  {name:<7} " in text  # each backend with 'available' or its reason
