@@ -337,7 +337,10 @@ class FusedAdamW(torch.optim.Optimizer):
             if active is None:
                 b.active.fill_(1)
             else:
-                b.active.copy_(torch.tensor(active, dtype=torch.uint8), non_blocking=True)
+                host = torch.tensor(active, dtype=torch.uint8)
+                if b.device.type == "cuda":
+                    host = host.pin_memory()  # pageable memory would make the copy sync
+                b.active.copy_(host, non_blocking=True)
             b.host_active = active
             b.torch_runs = None
         if active is None:
