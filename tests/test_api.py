@@ -447,3 +447,25 @@ def test_environment_report_names_versions_and_backends():
     assert "cpu: auto picks" in text
     for name in ("cuda", "triton", "cpu", "torch"):
         assert f"  {name:<7} " in text  # each backend with 'available' or its reason
+
+
+def test_grad_scaler_unscales_and_skips_inf_steps():
+    """GradScaler drives FusedAdamW through its ordinary path: grads unscaled before step(),
+    a step with an inf grad skipped (params and step counts unchanged)."""
+    model = torch.nn.Linear(4, 2)
+    twin = copy.deepcopy(model)
+    opt = FusedAdamW(model.parameters(), lr=1e-2)
+    ref = torch.optim.AdamW(twin.parameters(), lr=1e-2, foreach=False)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0) for _ in range(2)]
+    x = torch.randn(3, 4)
+    for step in range(4):
+        for m, o, sc in ((model, opt, scalers[0]), (twin, ref, scalers[1])):
+            o.zero_grad()
+            sc.scale(m(x).sum()).backward()
+            if step == 2:
+                m.weight.grad[0, 0] = float("inf")
+            sc.step(o)
+            sc.update()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(p, q, **CLOSE), describe(p, q)
+    assert float(opt.state[model.weight]["step"]) == 3  # the inf step was skipped
