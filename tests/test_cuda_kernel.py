@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ODD_SIZES, fill_grads, make_bucket, make_params
+from conftest import (ODD_SIZES, check_untouched_where_it_must_be, fill_grads, make_bucket,
+                      make_params)
 from test_ext import DTYPE_IDS, DTYPES, GROUPS, OPTIONS, diff_report
 
-from fused_adamw import _ext
 from fused_adamw.backends.cpu import BACKEND as CPU
 from fused_adamw.backends.cuda import BACKEND as CUDA
 
@@ -74,29 +74,8 @@ def test_cuda_matches_cpu_loop(dtype, options):
 
 def test_poison_unwritten():
     """Inactive params and non-amsgrad groups' max_exp_avg_sq are never written."""
-    groups = [dict(amsgrad=True), dict()]
-    params = make_params([1025, 4097, 7, 33], device="cuda")
-    b = make_bucket(params, groups, group_of=[0, 1, 0, 1])
-    fill_grads(b)
-    nan = float("nan")
-    b.max_exp_avg_sq.fill_(nan)
-    for i in (0, 2):
-        s = b.segments[i]
-        b.max_exp_avg_sq[s.offset:s.offset + s.padded].zero_()
-    active = [True, True, False, True]
-    b.active.copy_(torch.tensor(active, dtype=torch.uint8))
-    s2 = b.segments[2]
-    sl = slice(s2.offset, s2.offset + s2.padded)
-    for name in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-        getattr(b, name)[sl].fill_(nan)
-    CUDA.step(b)
-    torch.cuda.synchronize()
-    for name in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-        assert getattr(b, name)[sl].isnan().all(), f"{name}: the inactive param was written"
-    for i in (1, 3):
-        s = b.segments[i]
-        assert b.max_exp_avg_sq[s.offset:s.offset + s.padded].isnan().all()
-        assert not b.param[s.offset:s.offset + s.padded].isnan().any()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        check_untouched_where_it_must_be(CUDA, dtype, "cuda")
 
 
 def test_runs_on_a_side_stream_and_current_device():

@@ -9,7 +9,8 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import ODD_SIZES, fill_grads, make_bucket, make_params
+from conftest import (ODD_SIZES, check_untouched_where_it_must_be, fill_grads, make_bucket,
+                      make_params)
 
 from fused_adamw import __version__, _ext, _flat
 from fused_adamw.backends.cpu import BACKEND as CPU
@@ -275,38 +276,7 @@ def test_cpu_loop_vs_torch_adamw_against_fp64(dtype, options):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_inactive_params_and_other_groups_untouched(dtype):
     """An inactive param is not read or written; max_exp_avg_sq only for amsgrad groups."""
-    groups = [dict(amsgrad=True), dict(amsgrad=False)]
-    params = make_params([1025, 4097, 7, 33], dtype)
-    b = make_bucket(params, groups, group_of=[0, 1, 0, 1])
-    fill_grads(b)
-    poison = float("nan")
-    b.max_exp_avg_sq.fill_(poison)
-    for s in (b.segments[0], b.segments[2]):  # the amsgrad group's rows are real state
-        b.max_exp_avg_sq[s.offset:s.offset + s.padded].zero_()
-    active = [True, True, False, True]
-    b.active.copy_(torch.tensor(active, dtype=torch.uint8))
-    s2 = b.segments[2]
-    sl = slice(s2.offset, s2.offset + s2.padded)
-    for name in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-        getattr(b, name)[sl].fill_(poison)
-    before = {n: getattr(b, n).clone() for n in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
-    CPU.step(b)
-    for name, t0 in before.items():
-        t = getattr(b, name)
-        assert t[sl].isnan().all(), f"{name}: the inactive param was written"
-    for i in (1, 3):  # non-amsgrad group: its max_exp_avg_sq rows keep the poison
-        s = b.segments[i]
-        assert b.max_exp_avg_sq[s.offset:s.offset + s.padded].isnan().all()
-        assert not b.param[s.offset:s.offset + s.padded].isnan().any()
-    for i in (0, 1, 3):
-        s = b.segments[i]
-        assert not torch.equal(b.param[s.offset:s.offset + s.numel],
-                               before["param"][s.offset:s.offset + s.numel])
-    # Padding stays zero.
-    for s in b.segments:
-        for name in ("param", "exp_avg", "exp_avg_sq"):
-            pad = getattr(b, name)[s.offset + s.numel:s.offset + s.padded]
-            assert (pad == 0).all() or s is s2, f"{name}: padding changed"
+    check_untouched_where_it_must_be(CPU, dtype)
 
 
 @needs_ext

@@ -10,7 +10,6 @@ bf16: 2**-7, fp16: 2**-10) at a stated scale.
 from __future__ import annotations
 
 import ast
-import math
 import re
 from pathlib import Path
 
