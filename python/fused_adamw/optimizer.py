@@ -235,12 +235,19 @@ class FusedAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ layout
 
-    def _layout_is_stale(self) -> bool:
+    def _layout_is_stale(self, rows: list[list[float]] | None = None) -> bool:
+        """Whether the buffers must be rebuilt before the next step; ``rows`` (this step's
+        hyperparameter rows) also catch a group that switched amsgrad on."""
         if self._buckets is None or self._owner.dirty:
             return True
         # A param whose storage was replaced (model.to(...), p.data = ...) moved out of its
         # buffer: one C-level pass over the params, no device access.
-        return any(list(map(_data_ptr, b.params)) != b.data_ptrs for b in self._buckets)
+        if any(list(map(_data_ptr, b.params)) != b.data_ptrs for b in self._buckets):
+            return True
+        return rows is not None and any(
+            b.max_exp_avg_sq is None and any(rows[g][_flat.HP_AMSGRAD] for g in b.group_set)
+            for b in self._buckets
+        )
 
     @torch.no_grad()
     def _rebuild(self) -> None:
@@ -271,10 +278,9 @@ class FusedAdamW(torch.optim.Optimizer):
         self._hparams = {}
         self._owner.dirty = False
 
-    def _refresh_hparams(self) -> None:
-        """Uploads this step's hyperparameters: one small copy per device, skipped when
+    def _refresh_hparams(self, rows: list[list[float]]) -> None:
+        """Uploads this step's hyperparameter rows: one small copy per device, skipped when
         nothing changed, and a device-side copy for each Tensor hyperparameter."""
-        rows = [_flat.hparam_row(g) for g in self.param_groups]
         tensors = [
             (gi, col, value)
             for gi, g in enumerate(self.param_groups)
@@ -283,9 +289,6 @@ class FusedAdamW(torch.optim.Optimizer):
             if isinstance(value, Tensor)
         ]
         for b in self._buckets:
-            if b.max_exp_avg_sq is None and any(rows[g][_flat.HP_AMSGRAD] for g in b.group_set):
-                self._owner.dirty = True  # amsgrad switched on: the next step rebuilds
-                return self._rebuild_and_refresh()
             key = (b.device, _flat.opmath_dtype(b.dtype))
             cached = self._hparams.get(key)
             if cached is None or cached[0] != rows or tensors:
@@ -303,16 +306,18 @@ class FusedAdamW(torch.optim.Optimizer):
             b.hparams = cached[1]
             b.host_hparams = rows
 
-    def _rebuild_and_refresh(self) -> None:
-        self._rebuild()
-        self._refresh_hparams()
-
     # ------------------------------------------------------------------ step
+
+    @staticmethod
+    def _grads(b: _flat.FlatBucket) -> tuple[list, bool]:
+        """The params' grads, and whether every one is still its view into b.grad."""
+        grads = list(map(_grad_of, b.params))
+        return grads, bool(b.grad_views) and all(map(operator.is_, grads, b.grad_views))
 
     def _gather_grads(self, b: _flat.FlatBucket) -> bool:
         """Prepares b.grad, b.active and b.steps for this step; False when no param has a grad."""
-        grads = list(map(_grad_of, b.params))
-        if b.grad_views and all(map(operator.is_, grads, b.grad_views)):
+        grads, views = self._grads(b)
+        if views:
             active = None  # fast path: backward accumulated straight into our buffer
         else:
             b.ensure_grad()
@@ -371,9 +376,10 @@ class FusedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._layout_is_stale():
+        rows = [_flat.hparam_row(g) for g in self.param_groups]
+        if self._layout_is_stale(rows):
             self._rebuild()
-        self._refresh_hparams()
+        self._refresh_hparams(rows)
         for b in self._buckets:
             if not self._gather_grads(b):
                 continue
@@ -394,9 +400,9 @@ class FusedAdamW(torch.optim.Optimizer):
             return
         with torch.no_grad():
             for b in self._buckets:
-                grads = list(map(_grad_of, b.params))
                 b.ensure_grad().zero_()
-                if all(map(operator.is_, grads, b.grad_views)):
+                grads, views = self._grads(b)
+                if views:
                     continue
                 for p, g, view in zip(b.params, grads, b.grad_views):
                     if g is not None and g is not view:
