@@ -40,59 +40,35 @@ namespace {
 // validation shared by both entry points (Python validates the tensors; this guards the ABI)
 // ------------------------------------------------------------------------------------------
 
-AdamWParams make_params(std::uintptr_t param, std::uintptr_t grad, std::uintptr_t exp_avg,
-                        std::uintptr_t exp_avg_sq, std::uintptr_t max_exp_avg_sq,
-                        std::uintptr_t tiles, std::uintptr_t param_group, std::uintptr_t steps,
-                        std::uintptr_t active, std::uintptr_t hparams, int64_t numel,
-                        int64_t n_tiles, int64_t n_params, int64_t n_groups, int dtype) {
+AdamWParams make_params(std::uintptr_t rows, std::uintptr_t tile_starts, std::uintptr_t hparams,
+                        int64_t n_rows, int64_t n_tiles, int64_t n_groups, int dtype) {
   if (dtype < 0 || dtype > 2) {
     throw py::value_error("dtype code must be 0 (float32), 1 (bfloat16) or 2 (float16), got " +
                           std::to_string(dtype));
   }
-  if (numel < 0 || n_tiles < 0 || n_params < 0 || n_groups < 0) {
-    throw py::value_error("numel, n_tiles, n_params and n_groups must be >= 0");
+  if (n_rows < 0 || n_tiles < 0 || n_groups < 0) {
+    throw py::value_error("n_rows, n_tiles and n_groups must be >= 0");
   }
-  if (n_tiles > 0) {
-    const char* names[] = {"param", "grad", "exp_avg", "exp_avg_sq"};
-    const std::uintptr_t ptrs[] = {param, grad, exp_avg, exp_avg_sq};
-    for (int i = 0; i < 4; ++i) {
-      if (ptrs[i] == 0) throw py::value_error(std::string(names[i]) + " is a null pointer");
-      if (ptrs[i] % 16 != 0) {
-        throw py::value_error(std::string(names[i]) + " is not 16-byte aligned");
-      }
-    }
-    if (max_exp_avg_sq % 16 != 0) throw py::value_error("max_exp_avg_sq is not 16-byte aligned");
-    if (tiles == 0 || param_group == 0 || steps == 0 || active == 0 || hparams == 0) {
-      throw py::value_error("tiles, param_group, steps, active and hparams must be non-null");
-    }
+  if (n_rows > 0 && (rows == 0 || tile_starts == 0 || hparams == 0)) {
+    throw py::value_error("rows, tile_starts and hparams must be non-null");
+  }
+  if (rows % 8 != 0 || tile_starts % 8 != 0 || hparams % 4 != 0) {
+    throw py::value_error("rows and tile_starts must be 8-byte aligned, hparams 4-byte aligned");
   }
   AdamWParams p;
-  p.param = reinterpret_cast<void*>(param);
-  p.grad = reinterpret_cast<const void*>(grad);
-  p.exp_avg = reinterpret_cast<void*>(exp_avg);
-  p.exp_avg_sq = reinterpret_cast<void*>(exp_avg_sq);
-  p.max_exp_avg_sq = reinterpret_cast<void*>(max_exp_avg_sq);
-  p.tiles = reinterpret_cast<const int64_t*>(tiles);
-  p.param_group = reinterpret_cast<const int32_t*>(param_group);
-  p.steps = reinterpret_cast<const float*>(steps);
-  p.active = reinterpret_cast<const uint8_t*>(active);
+  p.rows = reinterpret_cast<const int64_t*>(rows);
+  p.tile_starts = reinterpret_cast<const int64_t*>(tile_starts);
   p.hparams = reinterpret_cast<const float*>(hparams);
-  p.numel = numel;
+  p.n_rows = n_rows;
   p.n_tiles = n_tiles;
-  p.n_params = n_params;
   p.n_groups = n_groups;
   p.dtype = static_cast<DType>(dtype);
   return p;
 }
 
-void step_cpu(std::uintptr_t param, std::uintptr_t grad, std::uintptr_t exp_avg,
-              std::uintptr_t exp_avg_sq, std::uintptr_t max_exp_avg_sq, std::uintptr_t tiles,
-              std::uintptr_t param_group, std::uintptr_t steps, std::uintptr_t active,
-              std::uintptr_t hparams, int64_t numel, int64_t n_tiles, int64_t n_params,
-              int64_t n_groups, int dtype, int num_threads) {
-  const AdamWParams p = make_params(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, tiles,
-                                    param_group, steps, active, hparams, numel, n_tiles,
-                                    n_params, n_groups, dtype);
+void step_cpu(std::uintptr_t rows, std::uintptr_t tile_starts, std::uintptr_t hparams,
+              int64_t n_rows, int64_t n_tiles, int64_t n_groups, int dtype, int num_threads) {
+  const AdamWParams p = make_params(rows, tile_starts, hparams, n_rows, n_tiles, n_groups, dtype);
   py::gil_scoped_release release;
   fused_adamw::adamw_step_cpu(p, num_threads);
 }
@@ -114,21 +90,19 @@ std::vector<std::string> split_archs(const std::string& s) {
 #if defined(FUSED_ADAMW_WITH_CUDA)
 constexpr bool kHasCuda = true;
 
-void step_cuda(std::uintptr_t param, std::uintptr_t grad, std::uintptr_t exp_avg,
-               std::uintptr_t exp_avg_sq, std::uintptr_t max_exp_avg_sq, std::uintptr_t tiles,
-               std::uintptr_t param_group, std::uintptr_t steps, std::uintptr_t active,
-               std::uintptr_t hparams, int64_t numel, int64_t n_tiles, int64_t n_params,
-               int64_t n_groups, int dtype, int device, std::uintptr_t stream) {
-  const AdamWParams p = make_params(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, tiles,
-                                    param_group, steps, active, hparams, numel, n_tiles,
-                                    n_params, n_groups, dtype);
+void step_cuda(std::uintptr_t rows, std::uintptr_t tile_starts, std::uintptr_t hparams,
+               int64_t n_rows, int64_t n_tiles, int64_t n_groups, int dtype, bool has_max,
+               int device, std::uintptr_t stream) {
+  const AdamWParams p = make_params(rows, tile_starts, hparams, n_rows, n_tiles, n_groups, dtype);
   std::string err;
   {
     py::gil_scoped_release release;
-    err = fused_adamw::launch_adamw_cuda(p, device, stream);
+    err = fused_adamw::launch_adamw_cuda(p, has_max, device, stream);
   }
   if (!err.empty()) throw std::runtime_error("fused_adamw CUDA step failed: " + err);
 }
+
+void set_grid_cap(int64_t cap) { fused_adamw::set_grid_cap_for_testing(cap); }
 
 std::string device_error(int device) {
   py::gil_scoped_release release;
@@ -140,11 +114,11 @@ int driver_version() { return fused_adamw::cuda_driver_version(); }
 constexpr bool kHasCuda = false;
 constexpr const char* kNoCuda = "fused_adamw._C was built without CUDA (no nvcc at build time)";
 
-void step_cuda(std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t,
-               std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t, std::uintptr_t,
-               int64_t, int64_t, int64_t, int64_t, int, int, std::uintptr_t) {
+void step_cuda(std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t, int64_t, int,
+               bool, int, std::uintptr_t) {
   throw std::runtime_error(kNoCuda);
 }
+void set_grid_cap(int64_t) {}
 std::string device_error(int) { return kNoCuda; }
 int runtime_version() { return 0; }
 int driver_version() { return 0; }
@@ -155,40 +129,44 @@ int driver_version() { return 0; }
 PYBIND11_MODULE(_C, m) {
   m.doc() =
       "fused_adamw's compiled loops: the CUDA kernel (kernels/adamw_kernel.cu) and the CPU loop "
-      "(csrc/cpu_adamw.cpp) over one flat bucket. No torch inside: pointers are ints.";
+      "(csrc/cpu_adamw.cpp) over one param table. No torch inside: pointers are ints.";
   m.attr("__version__") = FUSED_ADAMW_VERSION;
   m.attr("has_cuda") = kHasCuda;
   m.attr("cuda_archs") = split_archs(FUSED_ADAMW_CUDA_ARCHS);
   m.attr("cpu_loop_isa") = std::string(fused_adamw::cpu_loop_isa());
 
+  m.attr("tile_elems") = fused_adamw::kTileElems;
+  m.attr("row_cols") = fused_adamw::kRowCols;
+  m.attr("hparam_cols") = fused_adamw::kHparamCols;
+
   const char* args_doc =
-      "Arguments: data pointers (int) of param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq "
-      "(0 when no group uses amsgrad), tiles (int64 [n_tiles, 3]), param_group (int32), steps "
-      "(float32), active (uint8), hparams (float32 [n_groups, 8]); then numel, n_tiles, "
-      "n_params, n_groups, dtype code (0 float32, 1 bfloat16, 2 float16). Layout: "
-      "kernels/adamw_params.h. Nothing is checked beyond nulls and alignment: the caller "
-      "(fused_adamw.backends) validates the tensors.";
+      "Arguments: data pointers (int) of rows (int64 [n_rows, 8]: per param the addresses of "
+      "its param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (0 without amsgrad) and step "
+      "tensors, its numel and its group), tile_starts (int64 [n_rows + 1]) and hparams "
+      "(float32 [n_groups, 8]); n_rows, n_tiles, n_groups, the dtype code (0 float32, "
+      "1 bfloat16, 2 float16). Layout: kernels/adamw_params.h. Nothing is checked beyond "
+      "nulls and alignment: the caller (fused_adamw._table) validates the tensors. Every "
+      "row's step count advances by one, then its elements are updated.";
 
   m.def("step_cpu", &step_cpu,
-        (std::string("One AdamW step over a bucket in host memory, on num_threads threads "
+        (std::string("One AdamW step over a table in host memory, on num_threads threads "
                      "(the GIL released). ") +
          args_doc + " Last: num_threads.")
             .c_str(),
-        py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
-        py::arg("max_exp_avg_sq"), py::arg("tiles"), py::arg("param_group"), py::arg("steps"),
-        py::arg("active"), py::arg("hparams"), py::arg("numel"), py::arg("n_tiles"),
-        py::arg("n_params"), py::arg("n_groups"), py::arg("dtype"), py::arg("num_threads"));
+        py::arg("rows"), py::arg("tile_starts"), py::arg("hparams"), py::arg("n_rows"),
+        py::arg("n_tiles"), py::arg("n_groups"), py::arg("dtype"), py::arg("num_threads"));
   m.def("step_cuda", &step_cuda,
-        (std::string("Launches one AdamW step over a bucket in device memory on `stream` "
+        (std::string("Launches one AdamW step over a table in device memory on `stream` "
                      "(cudaStream_t as int; 0 = legacy default) of `device`; asynchronous, "
                      "the GIL released. Raises RuntimeError with the CUDA error. ") +
-         args_doc + " Last: device, stream.")
+         args_doc + " Then has_max (some row uses amsgrad), device, stream.")
             .c_str(),
-        py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
-        py::arg("max_exp_avg_sq"), py::arg("tiles"), py::arg("param_group"), py::arg("steps"),
-        py::arg("active"), py::arg("hparams"), py::arg("numel"), py::arg("n_tiles"),
-        py::arg("n_params"), py::arg("n_groups"), py::arg("dtype"), py::arg("device"),
-        py::arg("stream"));
+        py::arg("rows"), py::arg("tile_starts"), py::arg("hparams"), py::arg("n_rows"),
+        py::arg("n_tiles"), py::arg("n_groups"), py::arg("dtype"), py::arg("has_max"),
+        py::arg("device"), py::arg("stream"));
+  m.def("_set_grid_cap", &set_grid_cap,
+        "Tests only: caps the CUDA update's grid so that its tile loop strides (<= 0: no cap).",
+        py::arg("cap"));
   m.def("cuda_device_error", &device_error,
         "'' when the kernel can run on CUDA device `device` (driver new enough, a kernel image "
         "for its compute capability), else the reason. Asks the driver; cache the answer.",

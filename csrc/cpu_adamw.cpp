@@ -1,8 +1,9 @@
 // The CPU loop over kernels/adamw_math.cuh: CI runs the header's exact arithmetic with it, and
 // the "cpu" backend steps CPU buckets with it.
 //
-// Same walk as the CUDA kernel: tiles are spread over threads; per tile the param's scalars
-// are computed once (adamw_scalars), then the element loop calls adamw_update in float.
+// Same table and tiles as the CUDA kernel (params and grads where they live, pointers in the
+// rows): tiles are spread over threads; per tile the param's scalars are computed once
+// (adamw_scalars), then the element loop calls adamw_update in float.
 // bf16/fp16 are converted with torch's own bit-level routines (c10/util/BFloat16.h
 // round_to_nearest_even, c10/util/Half.h fp16_ieee_{from,to}_fp32_value), so stores round
 // exactly as torch's do, NaN included (bf16 NaN -> 0x7FC0).
@@ -121,19 +122,18 @@ struct F16 {
 // ------------------------------------------------------------------------------------------
 
 template <typename D, bool AMSGRAD, bool MAXIMIZE, bool DECAY>
-FUSED_ADAMW_INLINE void tile_loop(const AdamWParams& p, int64_t start, int64_t end,
-                                  AdamWScalars s) {
+FUSED_ADAMW_INLINE void tile_loop(const int64_t* r, int64_t first, int64_t n, AdamWScalars s) {
   using T = typename D::Storage;
-  T* __restrict__ param = static_cast<T*>(p.param) + start;
-  const T* __restrict__ grad = static_cast<const T*>(p.grad) + start;
-  T* __restrict__ exp_avg = static_cast<T*>(p.exp_avg) + start;
-  T* __restrict__ exp_avg_sq = static_cast<T*>(p.exp_avg_sq) + start;
-  T* __restrict__ max_exp_avg_sq = AMSGRAD ? static_cast<T*>(p.max_exp_avg_sq) + start : nullptr;
+  T* __restrict__ param = reinterpret_cast<T*>(r[kRowParam]) + first;
+  const T* __restrict__ grad = reinterpret_cast<const T*>(r[kRowGrad]) + first;
+  T* __restrict__ exp_avg = reinterpret_cast<T*>(r[kRowExpAvg]) + first;
+  T* __restrict__ exp_avg_sq = reinterpret_cast<T*>(r[kRowExpAvgSq]) + first;
+  T* __restrict__ max_exp_avg_sq =
+      AMSGRAD ? reinterpret_cast<T*>(r[kRowMaxExpAvgSq]) + first : nullptr;
   s.amsgrad = AMSGRAD;
   s.maximize = MAXIMIZE;
   if (!DECAY) s.weight_decay = 0.0f;  // folds the header's "weight_decay != 0" test away
   // With DECAY the test is true for the whole tile; gcc unswitches it out of the loop.
-  const int64_t n = end - start;
   for (int64_t i = 0; i < n; ++i) {
     float pf = D::load(param[i]);
     float mf = D::load(exp_avg[i]);
@@ -148,26 +148,28 @@ FUSED_ADAMW_INLINE void tile_loop(const AdamWParams& p, int64_t start, int64_t e
 }
 
 template <typename D, bool AMSGRAD>
-FUSED_ADAMW_INLINE void tile_dispatch(const AdamWParams& p, int64_t start, int64_t end,
+FUSED_ADAMW_INLINE void tile_dispatch(const int64_t* r, int64_t first, int64_t n,
                                       const AdamWScalars& s) {
   const bool decay = s.weight_decay != 0.0f;
   if (s.maximize) {
-    decay ? tile_loop<D, AMSGRAD, true, true>(p, start, end, s)
-          : tile_loop<D, AMSGRAD, true, false>(p, start, end, s);
+    decay ? tile_loop<D, AMSGRAD, true, true>(r, first, n, s)
+          : tile_loop<D, AMSGRAD, true, false>(r, first, n, s);
   } else {
-    decay ? tile_loop<D, AMSGRAD, false, true>(p, start, end, s)
-          : tile_loop<D, AMSGRAD, false, false>(p, start, end, s);
+    decay ? tile_loop<D, AMSGRAD, false, true>(r, first, n, s)
+          : tile_loop<D, AMSGRAD, false, false>(r, first, n, s);
   }
 }
 
+// Tiles [t0, t1), in the CUDA kernel's tiling (kernels/adamw_tile.cuh). The CPU has no vector
+// phase to respect, so each tile is one loop over its elements.
 template <typename D>
 FUSED_ADAMW_INLINE void run_tiles_impl(const AdamWParams& p, int64_t t0, int64_t t1) {
-  const bool has_max = p.max_exp_avg_sq != nullptr;
-  TileWork w;
   for (int64_t t = t0; t < t1; ++t) {
-    if (!tile_work(p, t, has_max, w)) continue;  // no grad in this step: torch skips it
-    w.s.amsgrad ? tile_dispatch<D, true>(p, w.start, w.end, w.s)
-                : tile_dispatch<D, false>(p, w.start, w.end, w.s);
+    const TileWork w = tile_work(p, t, sizeof(typename D::Storage));
+    const int64_t* r = p.rows + w.row * kRowCols;
+    const int64_t first = w.u_begin - w.phase, n = w.u_end - w.u_begin;
+    w.s.amsgrad ? tile_dispatch<D, true>(r, first, n, w.s)
+                : tile_dispatch<D, false>(r, first, n, w.s);
   }
 }
 
@@ -193,18 +195,25 @@ void run_tiles(const AdamWParams& p, int64_t t0, int64_t t1) {
   }
 }
 
-// Below this many elements one thread does the bucket: waking a pool costs more.
+// Below this many elements one thread does the table: waking a pool costs more.
 constexpr int64_t kMinElemsPerThread = 1 << 15;
 
 }  // namespace
 
 void adamw_step_cpu(const AdamWParams& p, int num_threads) {
+  // The step counts first (as the CUDA launcher's first kernel), then the update reads them.
+  int64_t numel = 0;
+  for (int64_t i = 0; i < p.n_rows; ++i) {
+    float* step = reinterpret_cast<float*>(p.rows[i * kRowCols + kRowStep]);
+    *step = *step + 1.0f;
+    numel += p.rows[i * kRowCols + kRowNumel];
+  }
   const int64_t n_tiles = p.n_tiles;
   if (n_tiles <= 0) return;
   int64_t threads = num_threads > 0 ? num_threads : 1;
   if (threads > n_tiles) threads = n_tiles;
-  if (threads > 1 && p.numel / threads < kMinElemsPerThread) {
-    threads = p.numel / kMinElemsPerThread > 1 ? p.numel / kMinElemsPerThread : 1;
+  if (threads > 1 && numel / threads < kMinElemsPerThread) {
+    threads = numel / kMinElemsPerThread > 1 ? numel / kMinElemsPerThread : 1;
   }
   if (threads <= 1) {
     run_tiles(p, 0, n_tiles);

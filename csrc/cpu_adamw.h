@@ -5,9 +5,10 @@
 
 namespace fused_adamw {
 
-// One AdamW step over a whole bucket of host memory, on `num_threads` threads (<= 0: one).
-// Tiles are independent, so they are spread over the threads; within a tile the scalars are
-// computed once and the element loop is vectorized.
+// One AdamW step over a whole table of host memory, on `num_threads` threads (<= 0: one):
+// every row's step count advances by one, then the tiles are updated. Tiles are independent,
+// so they are spread over the threads; within a tile the scalars are computed once and the
+// element loop is vectorized.
 void adamw_step_cpu(const AdamWParams& p, int num_threads);
 
 // Which instruction set the element loop runs with on this machine ("x86-64-v4", ...).

@@ -10,10 +10,16 @@
 
 namespace fused_adamw {
 
-// One AdamW step over a whole bucket: one launch on `stream` (a cudaStream_t as an integer,
-// 0 = the legacy default stream) of the device `device`. Every pointer in `p` is a device
-// pointer of that device. The previous current device is restored. Returns "" on success.
-std::string launch_adamw_cuda(const AdamWParams& p, int device, std::uintptr_t stream);
+// One AdamW step over a whole table: two launches on `stream` (a cudaStream_t as an integer,
+// 0 = the legacy default stream) of the device `device`: the step counts, then the update.
+// Every pointer in `p` (and in its rows) is a device pointer of that device. has_max: some row
+// uses amsgrad. The previous current device is restored. Returns "" on success.
+std::string launch_adamw_cuda(const AdamWParams& p, bool has_max, int device,
+                              std::uintptr_t stream);
+
+// Caps the update's grid (<= 0: no cap beyond the hardware's), so that tests make the tile
+// loop stride. Process-wide; for tests only.
+void set_grid_cap_for_testing(int64_t cap);
 
 // "" when the kernel can run on `device` (a driver new enough and a kernel image, SASS or PTX,
 // for its compute capability), else the reason.

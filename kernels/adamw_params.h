@@ -1,32 +1,47 @@
-// The flat-buffer layout every fused_adamw backend reads: plain pointers, sizes and the
+// The device table every fused_adamw backend reads: plain pointers, sizes and the
 // hyperparameter table, passed by value to the kernel. No torch, no pybind.
 //
-// A "bucket" holds the params of one (device, dtype) from every param group, each param's
-// segment starting on a 16-byte boundary and zero-padded to the next one, so every tile is a
-// whole number of 16-byte vectors. Python builds it (python/fused_adamw/_flat.py) and this
-// header is the contract:
+// fused_adamw owns its state and nothing else: params and grads are read and written where they
+// live (a user's tensor, a DDP or ZeRO bucket, an FSDP2 shard), through pointers in one table
+// per (device, dtype). Python builds it (python/fused_adamw/_table.py) and this header is the
+// contract:
 //
-//   param, grad, exp_avg, exp_avg_sq   [numel] of the bucket dtype (fp32, bf16, fp16)
-//   max_exp_avg_sq                     [numel], or nullptr when no group of the bucket uses amsgrad
-//   tiles                              int64 [n_tiles][3] = {start, end, param_index}:
-//                                      start and end are multiples of 16 / sizeof(dtype),
-//                                      0 < end - start <= kTileElems; a tile never crosses
-//                                      two params; size-0 params have no tile
-//   param_group                        int32 [n_params]: the row of hparams for each param
-//   steps                              float32 [n_params]: each param's step count, already
-//                                      advanced for this step
-//   active                             uint8 [n_params]: 0 = this param has no grad in this
-//                                      step and must not be touched (torch skips it)
-//   hparams                            float32 [n_groups][kHparamCols], columns below
+//   rows          int64 [n_rows][kRowCols]: one row per param that steps now (it has a grad);
+//                 columns kRow* below. Every pointer addresses numel elements of the table's
+//                 dtype laid out in the same order in memory (the param's storage order), at
+//                 any element offset: a pointer need not be 16-byte aligned.
+//   tile_starts   int64 [n_rows + 1]: the first tile of each row; tile_starts[n_rows] = n_tiles.
+//                 Row r has tiles_of(phase, numel) tiles (below), where phase is the param's
+//                 element offset inside its 16-byte vector.
+//   hparams       float32 [n_groups][kHparamCols]: one row per param group, columns kHp*.
+//
+// Tiles (kernels/adamw_tile.cuh): tile j of a row covers the elements whose position
+// u = phase + i (i the element index) lies in [j * kTileElems, (j + 1) * kTileElems). Tile
+// boundaries therefore fall on the param's 16-byte vector boundaries; a tile's body is whole
+// 16-byte vectors and only the first and last tile of a param have a scalar head or tail.
+// When grad or a state pointer has another 16-byte phase than the param (a fresh grad beside a
+// param placed at an odd offset by vector_to_parameters), the tile runs scalar: each byte is
+// still read and written once.
 #pragma once
 
 #include <cstdint>
 
 namespace fused_adamw {
 
-constexpr int64_t kTileElems = 16384;  // upper bound of one tile; python/_flat.py TILE_ELEMS
+constexpr int64_t kTileElems = 16384;  // python/fused_adamw/_table.py TILE_ELEMS
 
-// Columns of the hparams table (python/fused_adamw/_flat.py mirrors these names).
+// Columns of a row of the param table (python/fused_adamw/_table.py ROW_* mirrors them).
+constexpr int kRowParam = 0;         // T*: the param, updated in place
+constexpr int kRowGrad = 1;          // const T*: this step's grad, read only
+constexpr int kRowExpAvg = 2;        // T*: first moment
+constexpr int kRowExpAvgSq = 3;      // T*: second moment
+constexpr int kRowMaxExpAvgSq = 4;   // T*: amsgrad maxima; 0 when the row's group has no amsgrad
+constexpr int kRowStep = 5;          // float*: the param's step count (0-d float32 tensor)
+constexpr int kRowNumel = 6;         // int64: elements
+constexpr int kRowGroup = 7;         // int64: the row of hparams
+constexpr int kRowCols = 8;          // 64 bytes per row
+
+// Columns of the hparams table (python/fused_adamw/_table.py HP_* mirrors these names).
 constexpr int kHpLr = 0;
 constexpr int kHpBeta1 = 1;
 constexpr int kHpBeta2 = 2;
@@ -38,20 +53,20 @@ constexpr int kHparamCols = 8;  // one spare column keeps rows 32-byte aligned
 
 enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
+inline int dtype_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
+
+// The number of tiles of a param of `numel` elements whose first element sits `phase`
+// elements into its 16-byte vector.
+inline int64_t tiles_of(int64_t phase, int64_t numel) {
+  return numel <= 0 ? 0 : (phase + numel + kTileElems - 1) / kTileElems;
+}
+
 struct AdamWParams {
-  void* param;
-  const void* grad;
-  void* exp_avg;
-  void* exp_avg_sq;
-  void* max_exp_avg_sq;  // nullptr when no group uses amsgrad
-  const int64_t* tiles;
-  const int32_t* param_group;
-  const float* steps;
-  const uint8_t* active;
-  const float* hparams;
-  int64_t numel;
+  const int64_t* rows;         // [n_rows][kRowCols]
+  const int64_t* tile_starts;  // [n_rows + 1]
+  const float* hparams;        // [n_groups][kHparamCols]
+  int64_t n_rows;
   int64_t n_tiles;
-  int64_t n_params;
   int64_t n_groups;
   DType dtype;
 };

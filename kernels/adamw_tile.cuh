@@ -1,5 +1,5 @@
-// Per-tile setup shared by the CUDA kernel and the CPU loop: which range of which param a tile
-// covers, whether that param takes part in this step, and its AdamWScalars.
+// Per-tile setup shared by the CUDA kernel and the CPU loop: which param a tile belongs to,
+// which of its elements it covers, and that param's AdamWScalars for this step.
 #pragma once
 
 #include <cstdint>
@@ -10,23 +10,56 @@
 namespace fused_adamw {
 
 struct TileWork {
-  int64_t start;  // first element (a multiple of 16 / sizeof(dtype))
-  int64_t end;    // one past the last element (likewise)
+  int64_t row;      // the param's row in p.rows
+  int64_t phase;    // the param's element offset inside its 16-byte vector
+  int64_t u_begin;  // covered positions u = phase + i, i the element index: [u_begin, u_end)
+  int64_t u_end;
   AdamWScalars s;
 };
 
-// False when tile's param has no grad in this step (torch skips it: nothing is touched).
-// has_max: the bucket has a max_exp_avg_sq buffer; only then can s.amsgrad be true.
-FUSED_ADAMW_HD bool tile_work(const AdamWParams& p, int64_t tile, bool has_max, TileWork& w) {
-  const int64_t param_index = p.tiles[3 * tile + 2];
-  if (p.active[param_index] == 0) return false;
-  w.start = p.tiles[3 * tile + 0];
-  w.end = p.tiles[3 * tile + 1];
-  const float* hp = p.hparams + static_cast<int64_t>(p.param_group[param_index]) * kHparamCols;
+// The row whose tiles include `tile`: the last r with tile_starts[r] <= tile (rows with no
+// tiles share their tile_starts value with the next row and are skipped by "last").
+FUSED_ADAMW_HD int64_t row_of_tile(const int64_t* tile_starts, int64_t n_rows, int64_t tile) {
+  int64_t lo = 0, hi = n_rows;  // invariant: tile_starts[lo] <= tile < tile_starts[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (tile_starts[mid] <= tile) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// Everything one tile needs. `elem_size` is sizeof the storage type (4 or 2).
+FUSED_ADAMW_HD TileWork tile_work(const AdamWParams& p, int64_t tile, int64_t elem_size) {
+  TileWork w;
+  w.row = row_of_tile(p.tile_starts, p.n_rows, tile);
+  const int64_t* r = p.rows + w.row * kRowCols;
+  const int64_t j = tile - p.tile_starts[w.row];
+  w.phase = static_cast<int64_t>(static_cast<uint64_t>(r[kRowParam]) & 15u) / elem_size;
+  const int64_t numel = r[kRowNumel];
+  const int64_t lo = j * kTileElems, hi = lo + kTileElems;
+  w.u_begin = lo > w.phase ? lo : w.phase;
+  w.u_end = hi < w.phase + numel ? hi : w.phase + numel;
+  const float* hp = p.hparams + r[kRowGroup] * kHparamCols;
+  const float step = *reinterpret_cast<const float*>(r[kRowStep]);
   w.s = adamw_scalars(hp[kHpLr], hp[kHpBeta1], hp[kHpBeta2], hp[kHpEps], hp[kHpWeightDecay],
-                      p.steps[param_index], hp[kHpMaximize] != 0.0f,
-                      has_max && hp[kHpAmsgrad] != 0.0f);
-  return true;
+                      step, hp[kHpMaximize] != 0.0f,
+                      hp[kHpAmsgrad] != 0.0f && r[kRowMaxExpAvgSq] != 0);
+  return w;
+}
+
+// Whether every buffer of a row shares the param's 16-byte phase, so that whole 16-byte
+// vectors of all of them line up (the CUDA kernel's vector path).
+FUSED_ADAMW_HD bool row_vector_aligned(const int64_t* r, bool amsgrad) {
+  const uint64_t a = static_cast<uint64_t>(r[kRowParam]);
+  uint64_t x = (a ^ static_cast<uint64_t>(r[kRowGrad])) |
+               (a ^ static_cast<uint64_t>(r[kRowExpAvg])) |
+               (a ^ static_cast<uint64_t>(r[kRowExpAvgSq]));
+  if (amsgrad) x |= a ^ static_cast<uint64_t>(r[kRowMaxExpAvgSq]);
+  return (x & 15u) == 0;
 }
 
 }  // namespace fused_adamw

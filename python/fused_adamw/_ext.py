@@ -67,100 +67,39 @@ def build_info() -> dict:
 
 
 # ------------------------------------------------------------------------------------------
-# tensors -> the integer arguments of _C.step_cpu / _C.step_cuda
+# a table -> the integer arguments of _C.step_cpu / _C.step_cuda
 # ------------------------------------------------------------------------------------------
 
-DTYPE_CODES = {}  # torch dtype -> kernels/adamw_params.h DType; filled lazily (torch import)
 
+def table_args(table) -> tuple:
+    """The 7 leading arguments of ``_C.step_cpu``/``_C.step_cuda`` for ``table``
+    (a ``fused_adamw._table.Table``): rows, tile_starts and hparams addresses, n_rows, n_tiles,
+    n_groups, dtype code.
 
-def _dtype_codes() -> dict:
-    if not DTYPE_CODES:
-        import torch
-
-        DTYPE_CODES.update({torch.float32: 0, torch.bfloat16: 1, torch.float16: 2})
-    return DTYPE_CODES
-
-
-def bucket_args(bucket) -> tuple:
-    """The 15 leading arguments of ``_C.step_cpu``/``_C.step_cuda`` for ``bucket``, after
-    checking every buffer and table against ``kernels/adamw_params.h``.
-
-    Raises ValueError naming the buffer and what is wrong. The checks read tensor metadata
-    only (no device read, no sync), at a cost independent of the number of params; the result
-    is cached on the bucket and reused while the buffers (identity and data pointer) stay the
-    same. The contents of ``tiles`` and ``param_group`` are trusted: ``_flat.build_bucket``
-    writes them.
+    Raises ValueError naming what is wrong. The checks read metadata of the two small tables
+    only (no device read, no sync); the rows' contents are trusted: ``_table`` builds them from
+    validated tensors.
     """
-    from . import _flat
-
-    bufs = (bucket.param, bucket.grad, bucket.exp_avg, bucket.exp_avg_sq, bucket.max_exp_avg_sq,
-            bucket.tiles, bucket.param_group, bucket.steps, bucket.active, bucket.hparams)
-    uses_amsgrad = any(row[_flat.HP_AMSGRAD] for row in bucket.host_hparams)
-    key = (uses_amsgrad,) + tuple((id(t), t.data_ptr()) if t is not None else None
-                                  for t in bufs)
-    cached = bucket.ext_args
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    args = _validate(bucket, uses_amsgrad)
-    bucket.ext_args = (key, args)
-    return args
-
-
-def _validate(bucket, uses_amsgrad: bool) -> tuple:
     import torch
 
-    from . import _flat
+    from . import _table
 
-    codes = _dtype_codes()
-    device, dtype = bucket.device, bucket.dtype
-    if dtype not in codes:
-        raise ValueError(f"bucket.dtype is {dtype}; the compiled loops take float32, bfloat16 "
-                         "and float16")
-    n_params = bucket.n_params
-
-    def check(name, t, want_dtype, shape=None, aligned=False):
-        if t is None:
-            raise ValueError(f"bucket.{name} is None")
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"bucket.{name} is a {type(t).__name__}, not a Tensor")
-        if t.device != device:
-            raise ValueError(f"bucket.{name} is on {t.device}, the bucket on {device}")
-        if t.dtype != want_dtype:
-            raise ValueError(f"bucket.{name} has dtype {t.dtype}, expected {want_dtype}")
-        if shape is not None and tuple(t.shape) != shape:
-            raise ValueError(f"bucket.{name} has shape {tuple(t.shape)}, expected {shape}")
-        if not t.is_contiguous():
-            raise ValueError(f"bucket.{name} is not contiguous")
-        if aligned and t.data_ptr() % 16 != 0:
-            raise ValueError(f"bucket.{name} is not 16-byte aligned (data_ptr "
-                             f"{t.data_ptr():#x}); the loops use 16-byte vectors")
-
-    # ---------------------------------- the flat buffers ----------------------------------
-    numel = bucket.numel
-    for name in ("param", "grad", "exp_avg", "exp_avg_sq"):
-        check(name, getattr(bucket, name), dtype, (numel,), aligned=True)
-    if uses_amsgrad:
-        if bucket.max_exp_avg_sq is None:
-            raise ValueError("bucket.max_exp_avg_sq is None but a param group uses amsgrad")
-        check("max_exp_avg_sq", bucket.max_exp_avg_sq, dtype, (numel,), aligned=True)
-    # ------------------------------------- the tables -------------------------------------
-    tiles = bucket.tiles
-    check("tiles", tiles, torch.int64)
-    if tiles.dim() != 2 or tiles.shape[1] != 3:
-        raise ValueError(f"bucket.tiles has shape {tuple(tiles.shape)}, expected (n_tiles, 3)")
-    check("param_group", bucket.param_group, torch.int32, (n_params,))
-    check("steps", bucket.steps, torch.float32, (n_params,))
-    check("active", bucket.active, torch.uint8, (n_params,))
-    hparams = bucket.hparams
-    check("hparams", hparams, torch.float32)
-    n_groups = len(bucket.host_hparams)
-    if tuple(hparams.shape) != (n_groups, _flat.HPARAM_COLS):
-        raise ValueError(f"bucket.hparams has shape {tuple(hparams.shape)}, expected "
-                         f"({n_groups}, {_flat.HPARAM_COLS}) (one row per param group)")
-    # The kernel never touches max_exp_avg_sq for a group without amsgrad; without any such
-    # group it gets no pointer at all.
-    max_ptr = bucket.max_exp_avg_sq.data_ptr() if uses_amsgrad else 0
-    return (bucket.param.data_ptr(), bucket.grad.data_ptr(), bucket.exp_avg.data_ptr(),
-            bucket.exp_avg_sq.data_ptr(), max_ptr, tiles.data_ptr(),
-            bucket.param_group.data_ptr(), bucket.steps.data_ptr(), bucket.active.data_ptr(),
-            hparams.data_ptr(), numel, tiles.shape[0], n_params, n_groups, codes[dtype])
+    code = _table.DTYPE_CODES.get(table.dtype)
+    if code is None:
+        raise ValueError(f"table dtype is {table.dtype}; the compiled loops take float32, "
+                         "bfloat16 and float16")
+    packed, hparams = table.packed, table.hparams
+    n_groups = len(table.host_hparams)
+    if packed is None or packed.device != table.device or packed.dtype != torch.int64:
+        raise ValueError("the packed table is missing or not an int64 tensor on the table's "
+                         "device")
+    if packed.numel() != table.n_rows * (_table.ROW_COLS + 1) + 1:
+        raise ValueError(f"the packed table has {packed.numel()} entries for {table.n_rows} rows")
+    if hparams is None or hparams.device != table.device or tuple(hparams.shape) != (
+            n_groups, _table.HPARAM_COLS) or not hparams.is_contiguous():
+        raise ValueError(f"hparams must be a contiguous [{n_groups}, {_table.HPARAM_COLS}] "
+                         f"tensor on {table.device}")
+    if hparams.dtype != torch.float32:
+        raise ValueError(f"hparams has dtype {hparams.dtype}, expected float32")
+    return (table.rows_ptr(), table.tile_starts_ptr(), hparams.data_ptr(), table.n_rows,
+            table.n_tiles, n_groups, code)

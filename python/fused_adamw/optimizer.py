@@ -1,50 +1,33 @@
-"""FusedAdamW: torch.optim.AdamW's signature, state and state_dict over flat buffers."""
+"""FusedAdamW: torch.optim.AdamW's signature, state and state_dict; one fused step per
+(device, dtype) over params and grads where they live."""
 
 from __future__ import annotations
 
 import operator
 from collections import defaultdict
 from collections.abc import Iterable
+from itertools import chain
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import _dispatch, _flat
+from . import _dispatch, _table
 
-_grad_of = operator.attrgetter("grad")
-_data_ptr = Tensor.data_ptr
+_params_of = operator.itemgetter("params")
 
-
-class _ParamState(dict):
-    """``optimizer.state[p]``: a dict that tells its optimizer when an entry is replaced.
-
-    In-place changes to the state tensors need no telling (they are views into the flat
-    buffers); assigning a new tensor does: the next step() copies it into the buffers.
-    """
-
-    __slots__ = ("_owner",)
-
-    def __init__(self, owner: _Owner | None = None, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._owner = owner
-
-    def __setitem__(self, key, value):
-        super().__setitem__(key, value)
-        if self._owner is not None:
-            self._owner.dirty = True
-
-    def __delitem__(self, key):
-        super().__delitem__(key)
-        if self._owner is not None:
-            self._owner.dirty = True
-
-    def __reduce__(self):  # pickles as a plain dict: checkpoints never need fused_adamw
-        return (dict, (dict(self),))
+# Keys torch.optim.AdamW's param groups have (torch 2.13), with the values a checkpoint from an
+# older torch, apex or another AdamW lacks: filled in on load, as torch's __setstate__ does.
+_FLAG_DEFAULTS = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
+                      differentiable=False, fused=None)
 
 
 class _Owner:
-    """What the state dicts flag; a separate object so that pickling state needs no optimizer."""
+    """What the state dicts flag; a separate object so that pickling state needs no optimizer.
+
+    ``dirty`` is set by every edit of ``optimizer.state`` or of one ``state[p]``; the next
+    step() then re-reads every state entry (a Python pass, only after an edit).
+    """
 
     __slots__ = ("dirty",)
 
@@ -52,9 +35,38 @@ class _Owner:
         self.dirty = True
 
 
+def _mark(name):
+    def method(self, *args, **kwargs):
+        result = getattr(super(type(self), self), name)(*args, **kwargs)
+        if self._owner is not None:
+            self._owner.dirty = True
+        return result
+
+    method.__name__ = name
+    return method
+
+
+class _ParamState(dict):
+    """``optimizer.state[p]``: a dict that tells its optimizer when it is edited. In-place
+    changes to the state tensors need no telling: the kernels read them where they live."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: _Owner | None = None, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._owner = owner
+
+    for _name in ("__setitem__", "__delitem__", "clear", "pop", "popitem", "update",
+                  "setdefault", "__ior__"):
+        locals()[_name] = _mark(_name)
+
+    def __reduce__(self):  # pickles as a plain dict: checkpoints never need fused_adamw
+        return (dict, (dict(self),))
+
+
 class _State(defaultdict):
     """``optimizer.state``: reading a param with no state creates an empty entry quietly;
-    assigning an entry flags the layout for a resync at the next step."""
+    every edit flags the optimizer to re-read its state at the next step."""
 
     def __init__(self, owner: _Owner, *args):
         super().__init__(None, *args)
@@ -71,9 +83,8 @@ class _State(defaultdict):
         super().__setitem__(key, value)
         self._owner.dirty = True
 
-    def __delitem__(self, key):
-        super().__delitem__(key)
-        self._owner.dirty = True
+    for _name in ("__delitem__", "clear", "pop", "popitem", "update", "setdefault", "__ior__"):
+        locals()[_name] = _mark(_name)
 
     def __reduce__(self):
         return (_plain_state, (dict(self),))
@@ -83,33 +94,34 @@ def _plain_state(d):
     return defaultdict(dict, {k: dict(v) for k, v in d.items()})
 
 
+def _is_plain(t) -> bool:
+    return type(t) is Tensor or issubclass(type(t), torch.nn.Parameter) or _table.is_dtensor(t)
+
+
 class FusedAdamW(torch.optim.Optimizer):
-    r"""AdamW whose step is one fused pass per flat buffer: a drop-in ``torch.optim.AdamW``.
+    r"""AdamW whose step is one fused pass per (device, dtype): a drop-in ``torch.optim.AdamW``.
 
     Same signature, defaults, param groups, ``state[p]`` keys and ``state_dict`` schema as
     ``torch.optim.AdamW``; the per-element arithmetic is torch's fused CUDA AdamW's
-    (``kernels/adamw_math.cuh``).
-
-    On the first ``step()`` every param's data moves into one contiguous buffer per
-    (device, dtype) and ``param.data`` becomes a view into it; ``state[p]`` holds views into
-    the matching state buffers. A step is then one kernel launch per buffer.
+    (``kernels/adamw_math.cuh``). Params and grads are read and written where they live (a
+    user's tensor, a DDP or ZeRO bucket, an FSDP2 shard): the optimizer owns its state and
+    nothing else.
 
     Args:
-        params: params or param groups, as for any torch optimizer.
-        lr: learning rate; a float or a 0-d Tensor (read on the device each step).
+        params: params or param groups, as for any torch optimizer. FSDP2 (DTensor) params
+            are stepped on their local shards.
+        lr: learning rate; a float or a one-element Tensor (read on the device each step).
             Default: 1e-3.
-        betas: coefficients of the running averages of the gradient and its square.
-            Default: (0.9, 0.999).
-        eps: added to the denominator. Default: 1e-8.
+        betas: coefficients of the running averages of the gradient and its square; floats
+            or one-element Tensors. Default: (0.9, 0.999).
+        eps: added to the denominator; a float or a one-element Tensor. Default: 1e-8.
         weight_decay: decoupled weight decay; the step multiplies params by
-            ``1 - lr * weight_decay``. Default: 1e-2.
+            ``1 - lr * weight_decay``. A float or a one-element Tensor. Default: 1e-2.
         amsgrad: use the maximum of past squared-gradient averages. Default: False.
         maximize: maximize the objective instead of minimizing it. Default: False.
         foreach: accepted for compatibility and ignored: every step is fused. Default: None.
         capturable: accepted for compatibility. Step counts always live on the param's
-            device and the cuda and triton backends never synchronize with the host in
-            ``step()``; CUDA-graph capture of ``step()`` is not supported yet.
-            Default: False.
+            device; CUDA-graph capture of ``step()`` is not supported yet. Default: False.
         differentiable: must be False: a fused step cannot be differentiated through.
         fused: accepted for compatibility and ignored: every step is fused. Default: None.
         backend: ``"auto"`` (default) picks, per device and dtype, the first of cuda,
@@ -122,8 +134,8 @@ class FusedAdamW(torch.optim.Optimizer):
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float | Tensor = 1e-3,
         betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
+        eps: float | Tensor = 1e-8,
+        weight_decay: float | Tensor = 1e-2,
         amsgrad: bool = False,
         *,
         maximize: bool = False,
@@ -141,8 +153,7 @@ class FusedAdamW(torch.optim.Optimizer):
         _check_hyperparameters(lr, betas, eps, weight_decay)
         self._owner = _Owner()
         self._backend_request = _dispatch.check_name(backend)
-        self._buckets: list[_flat.FlatBucket] | None = None
-        self._hparams: dict = {}
+        self._reset_caches()
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, foreach=foreach, capturable=capturable,
@@ -150,11 +161,19 @@ class FusedAdamW(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)  # add_param_group checks each group's backend
         self.state = _State(self._owner)
+        self._state_obj = self.state
+
+    def _reset_caches(self) -> None:
+        self._tables: dict | None = None  # (device, dtype) -> _table.Table
+        self._layout: tuple | None = None  # what the tables were built from
+        self._hparams: dict = {}  # (device, opmath dtype) -> (host rows, device tensor)
 
     # ------------------------------------------------------------------ torch plumbing
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
+        state = {k: v for k, v in state.items()
+                 if k not in ("_tables", "_layout", "_hparams", "_owner", "_state_obj")}
         state["_backend_request"] = self._backend_request
         return state
 
@@ -162,14 +181,18 @@ class FusedAdamW(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_backend_request", "auto")
         self._owner = _Owner()
-        self._buckets = None
-        self._hparams = {}
+        self._reset_caches()
         self.state = _State(self._owner, {k: _ParamState(self._owner, v)
                                           for k, v in self.state.items()})
+        self._state_obj = self.state
         for group in self.param_groups:
-            group.setdefault("decoupled_weight_decay", True)
+            for key, value in _FLAG_DEFAULTS.items():
+                group.setdefault(key, value)
+            group["decoupled_weight_decay"] = True  # as torch's AdamW.__setstate__
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``; every check (ours and torch's) runs before the group is
+        added, so a refused group leaves the optimizer unchanged."""
         params = param_group["params"]
         if isinstance(params, Tensor):
             params = [params]
@@ -186,10 +209,10 @@ class FusedAdamW(torch.optim.Optimizer):
                     f"FusedAdamW optimizes floating-point and complex tensors; param {j} of "
                     f"param group {index} has dtype {p.dtype}"
                 )
-            if not (type(p) is Tensor or issubclass(type(p), torch.nn.Parameter)):
+            if not _is_plain(p):
                 raise NotImplementedError(
                     f"param {j} of param group {index} is a {type(p).__name__}; FusedAdamW "
-                    "flattens plain tensors only (DTensor / FSDP2 support is planned)"
+                    "steps plain tensors, Parameters and DTensors (FSDP2) only"
                 )
             if id(p) in seen:
                 raise ValueError(
@@ -203,17 +226,14 @@ class FusedAdamW(torch.optim.Optimizer):
             param_group.get("eps", self.defaults["eps"]),
             param_group.get("weight_decay", self.defaults["weight_decay"]),
         )
+        for p in tensors:
+            if isinstance(p, Tensor):
+                _dispatch.choose(self._backend_request, _table.local(p).device,
+                                 _table.storage_dtype(p))
         super().add_param_group({**param_group, "params": params})
-        owner = getattr(self, "_owner", None)
-        if owner is not None:
-            owner.dirty = True
-            new = [(p.device, _flat.storage_dtype(p)) for p in self.param_groups[-1]["params"]]
-            for key in set(new):
-                _dispatch.choose(self._backend_request, *key)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)  # goes through __setstate__: layout rebuilt
-        self._owner.dirty = True
+        super().load_state_dict(state_dict)  # goes through __setstate__: tables rebuilt
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -222,152 +242,83 @@ class FusedAdamW(torch.optim.Optimizer):
 
     @property
     def backend(self) -> str:
-        """The backend that runs (several joined by '+' when buckets differ)."""
-        if self._buckets is not None and not self._owner.dirty:
-            names = {b.backend.name for b in self._buckets}
-        else:
-            keys = {(p.device, _flat.storage_dtype(p)) for p in self._all_params()}
-            names = {_dispatch.choose(self._backend_request, *k).name for k in keys}
+        """The backend that runs (several joined by '+' when tables differ)."""
+        keys = {(_table.local(p).device, _table.storage_dtype(p))
+                for g in self.param_groups for p in g["params"]}
+        names = {_dispatch.choose(self._backend_request, *k).name for k in keys}
         return "+".join(sorted(names)) if names else "none"
 
-    def _all_params(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
+    # ------------------------------------------------------------------ tables
 
-    # ------------------------------------------------------------------ layout
+    def _layout_key(self) -> tuple:
+        groups = self.param_groups
+        flat = list(chain.from_iterable(map(_params_of, groups)))
+        return (groups, list(groups), list(map(len, map(_params_of, groups))), flat)
 
-    def _layout_is_stale(self, rows: list[list[float]] | None = None) -> bool:
-        """Whether the buffers must be rebuilt before the next step; ``rows`` (this step's
-        hyperparameter rows) also catch a group that switched amsgrad on."""
-        if self._buckets is None or self._owner.dirty:
+    def _layout_changed(self, key: tuple) -> bool:
+        old = self._layout
+        if old is None:
             return True
-        # A param whose storage was replaced (model.to(...), p.data = ...) moved out of its
-        # buffer: one C-level pass over the params, no device access.
-        if any(list(map(_data_ptr, b.params)) != b.data_ptrs for b in self._buckets):
-            return True
-        return rows is not None and any(
-            b.max_exp_avg_sq is None and any(rows[g][_flat.HP_AMSGRAD] for g in b.group_set)
-            for b in self._buckets
-        )
+        return (key[0] is not old[0] or len(key[1]) != len(old[1])
+                or not all(map(operator.is_, key[1], old[1])) or key[2] != old[2]
+                or len(key[3]) != len(old[3]) or not all(map(operator.is_, key[3], old[3])))
 
-    @torch.no_grad()
-    def _rebuild(self) -> None:
-        """Moves every param and its state into fresh flat buffers, one per (device, dtype)."""
-        # NOTE on complex params: they get buckets of their own although they are stored as
-        # real pairs, because torch.save refuses views of one storage with different dtypes
-        # (complex exp_avg views beside float ones would make state_dict() unsaveable).
+    def _build_tables(self, key: tuple) -> None:
         by_key: dict = {}
         for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                by_key.setdefault((p.device, p.dtype), []).append((p, gi))
-        buckets = []
-        for (device, dtype), members in by_key.items():
-            key = (device, _flat.storage_dtype(torch.empty((), dtype=dtype)))
-            params = [p for p, _ in members]
-            groups = [gi for _, gi in members]
-            states = [dict(self.state[p]) if p in self.state else {} for p in params]
-            amsgrad = any(self.param_groups[gi]["amsgrad"] for gi in set(groups))
-            bucket = _flat.build_bucket(params, groups, states, amsgrad)
-            bucket.backend = _dispatch.choose(self._backend_request, *key)
-            bucket.stated = [bool(st) for st in states]
-            for i, p in enumerate(params):
-                if bucket.stated[i]:
-                    dict.__setitem__(self.state, p, _ParamState(self._owner,
-                                                                bucket.state_views(i)))
-            buckets.append(bucket)
-        self._buckets = buckets
+            for j, p in enumerate(group["params"]):
+                k = (_table.local(p).device, _table.storage_dtype(p))
+                entry = by_key.setdefault(k, ([], [], []))
+                entry[0].append(p)
+                entry[1].append(gi)
+                entry[2].append(f"param {j} of param group {gi}")
+        tables = {}
+        for k, (params, groups, names) in by_key.items():
+            t = _table.Table(k[0], k[1], params, groups, names)
+            t.backend = _dispatch.choose(self._backend_request, *k)
+            tables[k] = t
+        self._tables = tables
+        self._layout = key
         self._hparams = {}
-        self._owner.dirty = False
 
-    def _refresh_hparams(self, rows: list[list[float]]) -> None:
-        """Uploads this step's hyperparameter rows: one small copy per device, skipped when
-        nothing changed, and a device-side copy for each Tensor hyperparameter."""
-        tensors = [
-            (gi, col, value)
-            for gi, g in enumerate(self.param_groups)
-            for col, value in ((_flat.HP_LR, g["lr"]), (_flat.HP_BETA1, g["betas"][0]),
-                               (_flat.HP_BETA2, g["betas"][1]))
-            if isinstance(value, Tensor)
-        ]
-        for b in self._buckets:
-            key = (b.device, _flat.opmath_dtype(b.dtype))
+    def _refresh_hparams(self) -> None:
+        """This step's hyperparameter rows on every device: one small upload when a value
+        changed, a device-side copy for each Tensor hyperparameter."""
+        rows, tensors = [], []
+        for gi, g in enumerate(self.param_groups):
+            row, tens = _hparam_row(g)
+            rows.append(row)
+            tensors.extend((gi, col, v) for col, v in tens)
+        for t in self._tables.values():
+            key = (t.device, _table.opmath_dtype(t.dtype))
             cached = self._hparams.get(key)
             if cached is None or cached[0] != rows or tensors:
-                host = torch.tensor(rows, dtype=key[1])
-                if b.device.type == "cuda":
-                    host = host.pin_memory()
-                if cached is None:
-                    table = host.to(b.device, non_blocking=True)
+                if cached is None or cached[0] != rows:
+                    host = torch.tensor(rows, dtype=key[1])
+                    if t.device.type == "cuda":
+                        host = host.pin_memory()
+                    if cached is None or cached[1].shape != host.shape:
+                        table = host.to(t.device, non_blocking=True)
+                    else:
+                        table = cached[1]
+                        table.copy_(host, non_blocking=True)
                 else:
                     table = cached[1]
-                    table.copy_(host, non_blocking=True)
                 for gi, col, value in tensors:
-                    table[gi, col].copy_(value, non_blocking=True)
+                    table[gi, col].copy_(value.reshape(()), non_blocking=True)
                 self._hparams[key] = cached = (rows, table)
-            b.hparams = cached[1]
-            b.host_hparams = rows
+            t.hparams, t.host_hparams = cached[1], rows
 
     # ------------------------------------------------------------------ step
-
-    @staticmethod
-    def _grads(b: _flat.FlatBucket) -> tuple[list, bool]:
-        """The params' grads, and whether every one is still its view into b.grad."""
-        grads = list(map(_grad_of, b.params))
-        return grads, bool(b.grad_views) and all(map(operator.is_, grads, b.grad_views))
-
-    def _gather_grads(self, b: _flat.FlatBucket) -> bool:
-        """Prepares b.grad, b.active and b.steps for this step; False when no param has a grad."""
-        grads, views = self._grads(b)
-        if views:
-            active = None  # fast path: backward accumulated straight into our buffer
-        else:
-            b.ensure_grad()
-            active, dst, src = [], [], []
-            for g, view in zip(grads, b.grad_views):
-                if g is None:
-                    active.append(False)
-                    continue
-                if g.is_sparse:
-                    raise RuntimeError("FusedAdamW does not support sparse gradients")
-                active.append(True)
-                if g is not view:
-                    dst.append(view)
-                    src.append(g)
-            if src:  # grads that live elsewhere: one multi-tensor copy into our buffer
-                torch._foreach_copy_(dst, src)
-            if all(active):
-                active = None
-            elif not any(active):
-                return False
-        if active != b.host_active:
-            if active is None:
-                b.active.fill_(1)
-            else:
-                host = torch.tensor(active, dtype=torch.uint8)
-                if b.device.type == "cuda":
-                    host = host.pin_memory()  # pageable memory would make the copy sync
-                b.active.copy_(host, non_blocking=True)
-            b.host_active = active
-            b.torch_runs = None
-        if active is None:
-            b.steps.add_(1)
-        else:
-            b.steps.add_(b.active)
-            # Only relative values matter on the host: which params share a step count.
-            b.host_steps = [s + a for s, a in zip(b.host_steps, active)]
-            b.torch_runs = None
-        return True
-
-    def _create_state(self, b: _flat.FlatBucket) -> None:
-        """torch creates a param's state at its first step with a grad: so do we."""
-        for i, p in enumerate(b.params):
-            if not b.stated[i] and (b.host_active is None or b.host_active[i]):
-                dict.__setitem__(self.state, p, _ParamState(self._owner, b.state_views(i)))
-                b.stated[i] = True
-        b.all_stated = all(b.stated)
 
     @torch.no_grad()
     def step(self, closure=None):
         """Performs one optimization step.
+
+        Every param with a grad, in every group, is updated in one fused launch per (device,
+        dtype); params whose grad is None are skipped, as torch skips them. Bad input (a
+        sparse grad, state of another dtype, overlapping params) raises before anything is
+        changed.
 
         Args:
             closure: re-evaluates the model and returns the loss (optional).
@@ -376,43 +327,56 @@ class FusedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rows = [_flat.hparam_row(g) for g in self.param_groups]
-        if self._layout_is_stale(rows):
-            self._rebuild()
-        self._refresh_hparams(rows)
-        for b in self._buckets:
-            if not self._gather_grads(b):
-                continue
-            b.backend.step(b)
-            if not b.all_stated:
-                self._create_state(b)
+        key = self._layout_key()
+        if self._tables is None or self._layout_changed(key):
+            self._build_tables(key)
+        if self.state is not self._state_obj:  # optimizer.state was reassigned
+            self.state = _State(self._owner, {k: _ParamState(self._owner, v)
+                                              for k, v in self.state.items()})
+            self._state_obj = self.state
+            self._owner.dirty = True
+        dirty = self._owner.dirty
+        amsgrad_sig = tuple(bool(g["amsgrad"]) for g in self.param_groups)
+        tables = list(self._tables.values())
+        plans = [t.prepare(self, dirty, amsgrad_sig) for t in tables]  # raises before changes
+        self._refresh_hparams()
+        for t, plan in zip(tables, plans):
+            t.commit(plan, self)
+        self._owner.dirty = False
+        for t in tables:
+            if t.n_rows:
+                t.stage_before()
+                t.backend.step(t)
+                t.stage_after()
         return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Resets the grads, as torch.optim.Optimizer.zero_grad.
 
-        With ``set_to_none=False`` (the fast path) every grad that is not None becomes a view
-        into the optimizer's flat grad buffer, zeroed in one operation; backward then
-        accumulates into the buffer in place and step() reads it with no copy.
-        """
-        if set_to_none or self._layout_is_stale():
-            super().zero_grad(set_to_none)
-            return
-        with torch.no_grad():
-            for b in self._buckets:
-                b.ensure_grad().zero_()
-                grads, views = self._grads(b)
-                if views:
-                    continue
-                for p, g, view in zip(b.params, grads, b.grad_views):
-                    if g is not None and g is not view:
-                        p.grad = view
+def _hparam_row(group: dict) -> tuple[list[float], list[tuple[int, Tensor]]]:
+    """One row of the hyperparameter table from a param group, and its Tensor values (written
+    as NaN in the row; the optimizer copies them on the device)."""
+    row = [0.0] * _table.HPARAM_COLS
+    tensors = []
+    beta1, beta2 = group["betas"]
+    for col, value in ((_table.HP_LR, group["lr"]), (_table.HP_BETA1, beta1),
+                       (_table.HP_BETA2, beta2), (_table.HP_EPS, group["eps"]),
+                       (_table.HP_WEIGHT_DECAY, group["weight_decay"])):
+        if isinstance(value, Tensor):
+            row[col] = float("nan")
+            tensors.append((col, value))
+        else:
+            row[col] = float(value)
+    row[_table.HP_MAXIMIZE] = float(bool(group["maximize"]))
+    row[_table.HP_AMSGRAD] = float(bool(group["amsgrad"]))
+    return row, tensors
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:
     """torch.optim.Adam's checks and messages."""
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
+    for name, value in (("eps", eps), ("weight_decay", weight_decay)):
+        if isinstance(value, Tensor) and value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:

@@ -1,14 +1,21 @@
-"""The AdamW update in whole-tensor torch operations: the torch backend and the tests' twin.
+"""The AdamW update in torch operations: the torch backend and the tests' twin.
 
-Mirrors ``kernels/adamw_math.cuh`` line for line (same names, same order). Every value is a
-tensor in the opmath dtype (float32, or float64 for float64 params), scalars included, so the
-same code runs on CPU, CUDA and MPS (which has no float64) and reads a Tensor lr on the device.
+Mirrors ``kernels/adamw_math.cuh`` line for line (same names, same order) over *lists* of
+tensors, one per param (``torch._foreach_*`` ops: one call per line, whatever the number of
+params). Every value is in the opmath dtype (float32, or float64 for float64 params), scalars
+included (0-d tensors, read on the device), so the same code runs on CPU, CUDA and MPS.
 
-NOTE on rounding: torch has no elementwise fma, so where the header writes ``fmaf(a, b, c)``
-this file writes ``a * b + c`` with two roundings. Params stay within a few ulp of the
-kernels'; a moment element can differ by many of its own ulp where its two terms nearly
-cancel, but never by more than a few ulp of the buffer's scale (tests/test_triton.py and
-tests/test_ext.py measure both).
+NOTE on rounding: torch has no elementwise fma. Where the header writes
+``fmaf(b, x, fmaf(-b, g, g))`` (= ``b*x + (1-b)*g``) this file writes ``x*b + g*(1-b)``:
+``1 - b`` is exact in fp32 for b in [0.5, 1], so ``g*(1-b)`` rounds once, like the inner fma,
+and the sum rounds once more than the header. (Writing ``g - b*g`` instead cancels: for
+b2 = 0.999 it kept ~14 significant bits of the new term and made this backend 10x less
+accurate than torch.) Params stay within a few ulp of the kernels'; tests/test_math.py
+measures it.
+
+NOTE on amsgrad and NaN: the header keeps the old maximum when the new second moment is NaN
+(``max < v ? v : max``); ``torch._foreach_maximum_`` (torch's for-loop uses torch.maximum)
+propagates it. They differ only once a NaN grad has already ruined the param.
 """
 
 from __future__ import annotations
@@ -24,49 +31,55 @@ class AdamWScalars(NamedTuple):
     beta2: torch.Tensor
     eps: torch.Tensor
     weight_decay: torch.Tensor
-    bias_correction1: torch.Tensor  # 1 - beta1^step
-    bias_correction2_sqrt: torch.Tensor  # sqrt(1 - beta2^step)
+    bias_correction1: torch.Tensor  # 1 - beta1^step, one entry per param
+    bias_correction2_sqrt: torch.Tensor  # sqrt(1 - beta2^step), one entry per param
 
 
-def adamw_scalars(lr, beta1, beta2, eps, weight_decay, step) -> AdamWScalars:
-    """Mirror of ``adamw_scalars`` in adamw_math.cuh; every argument a 0-d tensor."""
-    bias_correction1 = 1 - torch.pow(beta1, step)
-    bias_correction2_sqrt = torch.sqrt(1 - torch.pow(beta2, step))
+def adamw_scalars(lr, beta1, beta2, eps, weight_decay, steps) -> AdamWScalars:
+    """Mirror of ``adamw_scalars`` in adamw_math.cuh for the params of one group: the
+    hyperparameters are 0-d tensors, ``steps`` a 1-d tensor of the params' step counts."""
+    bias_correction1 = 1 - torch.pow(beta1, steps)
+    bias_correction2_sqrt = torch.sqrt(1 - torch.pow(beta2, steps))
     return AdamWScalars(lr, beta1, beta2, eps, weight_decay, bias_correction1,
                         bias_correction2_sqrt)
 
 
 def adamw_update_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    max_exp_avg_sq: torch.Tensor | None,
+    param: list[torch.Tensor],
+    grad: list[torch.Tensor],
+    exp_avg: list[torch.Tensor],
+    exp_avg_sq: list[torch.Tensor],
+    max_exp_avg_sq: list[torch.Tensor] | None,
     s: AdamWScalars,
     *,
     maximize: bool,
     amsgrad: bool,
     decay: bool,
 ) -> None:
-    """Mirror of ``adamw_update`` in adamw_math.cuh, in place on opmath-dtype tensors.
+    """Mirror of ``adamw_update`` in adamw_math.cuh, in place on lists of opmath tensors.
 
     ``decay`` is ``weight_decay != 0`` (known on the host; the header tests it per element).
     ``grad`` is not modified.
     """
     if maximize:
-        grad = -grad
+        grad = torch._foreach_neg(grad)
     if decay:
-        param.sub_(param * (s.lr * s.weight_decay))  # p - (lr*wd)*p
-    exp_avg.mul_(s.beta1).add_(grad - s.beta1 * grad)  # b1*m + (1-b1)*g
-    grad_sq = grad * grad
-    exp_avg_sq.mul_(s.beta2).add_(grad_sq - s.beta2 * grad_sq)
+        torch._foreach_sub_(param, torch._foreach_mul(param, s.lr * s.weight_decay))  # p-(lr*wd)*p
+    torch._foreach_mul_(exp_avg, s.beta1)  # b1*m + (1-b1)*g
+    torch._foreach_add_(exp_avg, torch._foreach_mul(grad, 1 - s.beta1))
+    grad_sq = torch._foreach_mul(grad, grad)
+    torch._foreach_mul_(exp_avg_sq, s.beta2)
+    torch._foreach_add_(exp_avg_sq, torch._foreach_mul(grad_sq, 1 - s.beta2))
     second_moment = exp_avg_sq
     if amsgrad:
-        # std::max's order, as torch: a NaN already in max_exp_avg_sq stays there.
-        torch.where(max_exp_avg_sq < exp_avg_sq, exp_avg_sq, max_exp_avg_sq, out=max_exp_avg_sq)
+        torch._foreach_maximum_(max_exp_avg_sq, exp_avg_sq)  # NOTE on amsgrad and NaN
         second_moment = max_exp_avg_sq
-    denom = torch.sqrt(second_moment).div_(s.bias_correction2_sqrt).add_(s.eps)
-    param.sub_((s.lr / s.bias_correction1 * exp_avg).div_(denom))
+    denom = torch._foreach_sqrt(second_moment)
+    torch._foreach_div_(denom, list(s.bias_correction2_sqrt.unbind()))
+    torch._foreach_add_(denom, s.eps)
+    numer = torch._foreach_mul(exp_avg, list((s.lr / s.bias_correction1).unbind()))
+    torch._foreach_div_(numer, denom)
+    torch._foreach_sub_(param, numer)
 
 
 def adamw_reference_fp64(params, grads_per_step, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ext, _flat
+from .. import _ext, _table
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -27,11 +27,10 @@ class CpuBackend:
             return f"the C++ loop takes float32, bfloat16 and float16, not {dtype}"
         return _ext.unavailable_reason()
 
-    def step(self, bucket: _flat.FlatBucket) -> None:
-        if bucket.device.type != "cpu":
-            raise ValueError(f"backend 'cpu' steps CPU buckets; this one is on {bucket.device}")
-        args = _ext.bucket_args(bucket)
-        _ext.C.step_cpu(*args, torch.get_num_threads())
+    def step(self, table: _table.Table) -> None:
+        if table.device.type != "cpu":
+            raise ValueError(f"backend 'cpu' steps CPU tables; this one is on {table.device}")
+        _ext.C.step_cpu(*_ext.table_args(table), torch.get_num_threads())
 
 
 BACKEND = CpuBackend()

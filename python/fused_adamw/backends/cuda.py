@@ -1,15 +1,14 @@
 """The CUDA kernel (kernels/adamw_kernel.cu) as a backend: one launch per bucket.
 
 ``fused_adamw._C`` takes raw pointers, the device index and the stream handle, so it links no
-torch and works with any torch 2.x. Host cost per step: a cached argument tuple (rebuilt and
-re-validated only when a buffer changes), the current stream, one call.
+torch and works with any torch 2.x. Host cost per step: a few metadata checks, the current stream, one call.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import _ext, _flat
+from .. import _ext, _table
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -30,13 +29,13 @@ class CudaBackend:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return _ext.cuda_unavailable_reason(index)
 
-    def step(self, bucket: _flat.FlatBucket) -> None:
-        device = bucket.device
+    def step(self, table: _table.Table) -> None:
+        device = table.device
         if device.type != "cuda":
-            raise ValueError(f"backend 'cuda' steps CUDA buckets; this one is on {device}")
-        args = _ext.bucket_args(bucket)
-        index = bucket.param.device.index
-        _ext.C.step_cuda(*args, index, torch.cuda.current_stream(index).cuda_stream)
+            raise ValueError(f"backend 'cuda' steps CUDA tables; this one is on {device}")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        _ext.C.step_cuda(*_ext.table_args(table), table.has_max, index,
+                         torch.cuda.current_stream(index).cuda_stream)
 
 
 BACKEND = CudaBackend()

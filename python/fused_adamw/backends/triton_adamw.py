@@ -1,4 +1,5 @@
-"""The Triton backend: one launch per bucket of :func:`adamw_kernel`, a grid over tiles.
+"""The Triton backend: one launch per table of :func:`adamw_kernel`, one program per tile, over
+the same param table as the CUDA kernel and the CPU loop (params and grads where they live).
 
 :func:`adamw_scalars` and :func:`adamw_update` mirror ``kernels/adamw_math.cuh`` line for line
 (same names, same order, the same explicit fmas); ``tests/test_triton.py`` holds them to the
@@ -46,7 +47,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError('Triton is not installed: pip install "fused-adamw[triton]"') from e
 
-from .. import _flat
+from .. import _table
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -126,79 +127,86 @@ def to_storage(x, ptr, BF16_BY_HAND: tl.constexpr):
         return x.to(ptr.dtype.element_ty)
 
 
-def _configs() -> list:
-    """Autotuning candidates; a single one under the interpreter, where timing means nothing
-    and every extra config would be a full interpreted run."""
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_SIZE": 1024}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_SIZE": block}, num_warps=warps)
-        for block in (1024, 2048, 4096)
-        for warps in (4, 8)
-    ]
+# NOTE on configuration: one fixed config, no autotuning. The kernel updates the user's tensors
+# in place, so benchmarking configs on them would apply the update many times, and a table of
+# scratch rows per dtype is not worth it for the backend that stands in when the CUDA kernel
+# cannot run. BLOCK_SIZE divides the tile (16384 elements): 16 iterations per tile.
+_BLOCK_SIZE = 1024
+_NUM_WARPS = 4
 
 
-# NOTE on autotuning: the key is AMSGRAD_BUFFER plus, added by triton.autotune itself, the
-# dtype of every tensor argument; never a size, so it tunes once per (dtype, amsgrad) and the
-# choice is cached for the process. Benchmarking runs the kernel many times on its arguments,
-# which would apply the update many times, so the kernel is never tuned on a user's buffers:
-# TritonBackend.step() first launches it on a zero-filled scratch bucket of the same dtypes
-# (zeros are a fixed point of the update, see _flat.py), which also keeps the autotuner from
-# cloning multi-GB buffers for restore_value.
-@triton.autotune(configs=_configs(), key=["AMSGRAD_BUFFER"])
+@triton.jit
+def row_of_tile(tile_starts_ptr, n_rows, tile):
+    """Mirror of ``row_of_tile`` in adamw_tile.cuh: the last row whose first tile <= tile."""
+    lo = tl.zeros((), dtype=tl.int64)
+    hi = n_rows.to(tl.int64)
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        if tl.load(tile_starts_ptr + mid) <= tile:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 @triton.jit
 def adamw_kernel(
-    param_ptr,  # *dtype [numel]: params, updated in place
-    grad_ptr,  # *dtype [numel]: this step's grads
-    exp_avg_ptr,  # *dtype [numel]: first moments, updated in place
-    exp_avg_sq_ptr,  # *dtype [numel]: second moments, updated in place
-    max_exp_avg_sq_ptr,  # *dtype [numel]: amsgrad maxima (any valid pointer if not AMSGRAD_BUFFER)
-    tiles_ptr,  # *int64 [n_tiles, 3]: {start, end, param_index}
-    param_group_ptr,  # *int32 [n_params]: each param's row of hparams
-    steps_ptr,  # *fp32 [n_params]: each param's step, already advanced
-    active_ptr,  # *uint8 [n_params]: 0 = leave this param untouched
+    rows_ptr,  # *int64 [n_rows, ROW_COLS]: addresses of param, grad, exp_avg, exp_avg_sq, max, step; numel; group
+    tile_starts_ptr,  # *int64 [n_rows + 1]: the first tile of each row
     hparams_ptr,  # *fp32 [n_groups, HPARAM_COLS]: lr, beta1, beta2, eps, wd, maximize, amsgrad
-    n_tiles,  # number of tiles (= the grid)
-    AMSGRAD_BUFFER: tl.constexpr,  # whether max_exp_avg_sq_ptr is a real buffer
-    HPARAM_COLS: tl.constexpr,  # row stride of hparams (_flat.HPARAM_COLS)
-    VEC: tl.constexpr,  # elements per 16 bytes: tile bounds are multiples of it
+    n_rows,  # rows in the table
+    DTYPE: tl.constexpr,  # the storage element type of every row (tl.float32, bfloat16, float16)
+    ELEM_BYTES: tl.constexpr,  # its size
+    HAS_MAX: tl.constexpr,  # some row uses amsgrad
+    ROW_COLS: tl.constexpr,  # _table.ROW_COLS
+    HPARAM_COLS: tl.constexpr,  # _table.HPARAM_COLS
+    TILE_ELEMS: tl.constexpr,  # _table.TILE_ELEMS
     LIBDEVICE_POW: tl.constexpr,  # libdevice powf (GPU) or float64 exp2/log2 (interpreter)
     BF16_BY_HAND: tl.constexpr,  # round fp32 -> bf16 with integer ops (interpreter, see to_storage)
-    BLOCK_SIZE: tl.constexpr,  # elements per iteration of the tile loop (autotuned)
+    BLOCK_SIZE: tl.constexpr,  # elements per iteration of the tile loop
 ):
     # ---------------------------------------------------------------- map program id to tile
     tile = tl.program_id(0).to(tl.int64)
-    if tile >= n_tiles:
-        return
-    start = tl.multiple_of(tl.load(tiles_ptr + tile * 3 + 0), VEC)
-    end = tl.multiple_of(tl.load(tiles_ptr + tile * 3 + 1), VEC)
-    param_index = tl.load(tiles_ptr + tile * 3 + 2)
-    if tl.load(active_ptr + param_index) == 0:
-        return
+    r = row_of_tile(tile_starts_ptr, n_rows, tile)
+    row = rows_ptr + r * ROW_COLS
+    param_addr = tl.load(row + 0)  # _table.ROW_PARAM
+    phase = (param_addr % 16) // ELEM_BYTES
+    numel = tl.load(row + 6)  # _table.ROW_NUMEL
+    j = tile - tl.load(tile_starts_ptr + r)
+    begin = tl.maximum(j * TILE_ELEMS, phase) - phase  # element indices [begin, end)
+    end = tl.minimum((j + 1) * TILE_ELEMS, phase + numel) - phase
+    param_ptr = param_addr.to(tl.pointer_type(DTYPE))
+    grad_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))  # _table.ROW_GRAD
+    exp_avg_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))  # _table.ROW_EXP_AVG
+    exp_avg_sq_ptr = tl.load(row + 3).to(tl.pointer_type(DTYPE))  # _table.ROW_EXP_AVG_SQ
+    step_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))  # _table.ROW_STEP
 
     # ---------------------------------------------------------------- load this param's scalars
-    row = hparams_ptr + tl.load(param_group_ptr + param_index).to(tl.int64) * HPARAM_COLS
+    hp = hparams_ptr + tl.load(row + 7) * HPARAM_COLS  # _table.ROW_GROUP
     lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt = adamw_scalars(
-        tl.load(row + 0).to(tl.float32),  # _flat.HP_LR
-        tl.load(row + 1).to(tl.float32),  # _flat.HP_BETA1
-        tl.load(row + 2).to(tl.float32),  # _flat.HP_BETA2
-        tl.load(row + 3).to(tl.float32),  # _flat.HP_EPS
-        tl.load(row + 4).to(tl.float32),  # _flat.HP_WEIGHT_DECAY
-        tl.load(steps_ptr + param_index).to(tl.float32),
+        tl.load(hp + 0).to(tl.float32),  # _table.HP_LR
+        tl.load(hp + 1).to(tl.float32),  # _table.HP_BETA1
+        tl.load(hp + 2).to(tl.float32),  # _table.HP_BETA2
+        tl.load(hp + 3).to(tl.float32),  # _table.HP_EPS
+        tl.load(hp + 4).to(tl.float32),  # _table.HP_WEIGHT_DECAY
+        tl.load(step_ptr),
         LIBDEVICE_POW,
     )
-    maximize = tl.load(row + 5) != 0.0  # _flat.HP_MAXIMIZE
-    if AMSGRAD_BUFFER:
-        amsgrad = tl.load(row + 6) != 0.0  # _flat.HP_AMSGRAD
-        # The max buffer is read and written only for the params of amsgrad groups: masked off
-        # (no memory traffic) elsewhere. NOTE on the integer bound: `mask & amsgrad` with a
-        # scalar bool fails in the interpreter of triton 3.9 (numpy bitwise_and on int1).
-        amsgrad_end = tl.where(amsgrad, end, start)
+    maximize = tl.load(hp + 5) != 0.0  # _table.HP_MAXIMIZE
+    if HAS_MAX:
+        max_addr = tl.load(row + 4)  # _table.ROW_MAX_EXP_AVG_SQ, 0 without amsgrad
+        amsgrad = (tl.load(hp + 6) != 0.0) & (max_addr != 0)  # _table.HP_AMSGRAD
+        # The max buffer is read and written only for amsgrad rows: masked off (no memory
+        # traffic, and the param's address stands in for a null one) elsewhere. NOTE on the
+        # integer bound: `mask & amsgrad` with a scalar bool fails in the interpreter of
+        # triton 3.9 (numpy bitwise_and on int1).
+        max_exp_avg_sq_ptr = tl.where(amsgrad, max_addr, param_addr).to(tl.pointer_type(DTYPE))
+        amsgrad_end = tl.where(amsgrad, end, begin)
     else:
         amsgrad = False
 
     # ---------------------------------------------------------------- loop over the tile
-    for block_start in tl.range(start, end, BLOCK_SIZE):
+    for block_start in tl.range(begin, end, BLOCK_SIZE):
         offsets = block_start + tl.arange(0, BLOCK_SIZE)
         mask = offsets < end
         # ------------------------------------------------------------ load, storage dtype -> fp32
@@ -206,7 +214,7 @@ def adamw_kernel(
         grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
         exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
         exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
-        if AMSGRAD_BUFFER:
+        if HAS_MAX:
             amsgrad_mask = offsets < amsgrad_end
             max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=amsgrad_mask,
                                      other=0.0).to(tl.float32)
@@ -225,50 +233,64 @@ def adamw_kernel(
         tl.store(exp_avg_ptr + offsets, to_storage(exp_avg, exp_avg_ptr, BF16_BY_HAND), mask=mask)
         tl.store(exp_avg_sq_ptr + offsets, to_storage(exp_avg_sq, exp_avg_sq_ptr, BF16_BY_HAND),
                  mask=mask)
-        if AMSGRAD_BUFFER:
+        if HAS_MAX:
             tl.store(max_exp_avg_sq_ptr + offsets,
                      to_storage(max_exp_avg_sq, max_exp_avg_sq_ptr, BF16_BY_HAND),
                      mask=amsgrad_mask)
+
+
+@triton.jit
+def adamw_steps_kernel(
+    rows_ptr,  # *int64 [n_rows, ROW_COLS]
+    n_rows,  # rows in the table
+    ROW_COLS: tl.constexpr,  # _table.ROW_COLS
+    BLOCK_SIZE: tl.constexpr,  # rows per program
+):
+    """Advances every row's step count by one, before adamw_kernel reads it (as the CUDA
+    launcher's first kernel)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = rows < n_rows
+    step_ptrs = tl.load(rows_ptr + rows * ROW_COLS + 5, mask=mask, other=0)  # _table.ROW_STEP
+    step_ptrs = step_ptrs.to(tl.pointer_type(tl.float32))
+    tl.store(step_ptrs, tl.load(step_ptrs, mask=mask) + 1.0, mask=mask)
 
 
 # ------------------------------------------------------------------------------------------
 # Host side.
 # ------------------------------------------------------------------------------------------
 
-_SCRATCH_TILES = 512  # 8M elements: well past L2 on current GPUs, so tuning sees DRAM speed
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_STEPS_BLOCK = 256
 
 
-def launch(bucket: _flat.FlatBucket) -> None:
-    """One launch of :func:`adamw_kernel` over every tile of ``bucket``; no host sync."""
-    n_tiles = bucket.tiles.shape[0]
-    if n_tiles == 0:
+def launch(table: _table.Table) -> None:
+    """The two launches over ``table`` (step counts, then the update); no host sync."""
+    if table.n_rows == 0:
         return
-    amsgrad_buffer = bucket.max_exp_avg_sq is not None
-    adamw_kernel[(n_tiles,)](
-        bucket.param,
-        bucket.grad,
-        bucket.exp_avg,
-        bucket.exp_avg_sq,
-        bucket.max_exp_avg_sq if amsgrad_buffer else bucket.exp_avg_sq,
-        bucket.tiles,
-        bucket.param_group,
-        bucket.steps,
-        bucket.active,
-        bucket.hparams,
-        n_tiles,
-        AMSGRAD_BUFFER=amsgrad_buffer,
-        HPARAM_COLS=_flat.HPARAM_COLS,
-        VEC=_flat.ALIGN_BYTES // bucket.param.element_size(),
+    packed = table.packed
+    rows = packed[: table.n_rows * _table.ROW_COLS]
+    tile_starts = packed[table.n_rows * _table.ROW_COLS:]
+    adamw_steps_kernel[(triton.cdiv(table.n_rows, _STEPS_BLOCK),)](
+        rows, table.n_rows, ROW_COLS=_table.ROW_COLS, BLOCK_SIZE=_STEPS_BLOCK)
+    if table.n_tiles == 0:
+        return
+    adamw_kernel[(table.n_tiles,)](
+        rows, tile_starts, table.hparams, table.n_rows,
+        DTYPE=_TL_DTYPES[table.dtype],
+        ELEM_BYTES=table.itemsize,
+        HAS_MAX=table.has_max,
+        ROW_COLS=_table.ROW_COLS,
+        HPARAM_COLS=_table.HPARAM_COLS,
+        TILE_ELEMS=_table.TILE_ELEMS,
         LIBDEVICE_POW=not _INTERPRET,
-        BF16_BY_HAND=_INTERPRET and bucket.dtype == torch.bfloat16,
+        BF16_BY_HAND=_INTERPRET and table.dtype == torch.bfloat16,
+        BLOCK_SIZE=_BLOCK_SIZE,
+        num_warps=_NUM_WARPS,
     )
 
 
 class TritonBackend:
     name = "triton"
-
-    def __init__(self) -> None:
-        self._tuned: set[tuple] = set()
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if dtype == torch.float64:
@@ -283,57 +305,17 @@ class TritonBackend:
             return "Triton runs on CPU tensors only in its interpreter (TRITON_INTERPRET=1)"
         return f"Triton does not run on {device.type} devices"
 
-    def step(self, bucket: _flat.FlatBucket) -> None:
-        # Validation: a handful of attribute reads, independent of n_params and numel.
-        if bucket.grad is None:
-            raise ValueError("bucket.grad is None: call bucket.ensure_grad() and fill it first")
-        if bucket.hparams is None or bucket.hparams.dtype != torch.float32:
-            raise ValueError("bucket.hparams must be a float32 [n_groups, HPARAM_COLS] tensor")
-        if bucket.hparams.device != bucket.device:
-            raise ValueError(f"bucket.hparams is on {bucket.hparams.device}, the bucket on "
-                             f"{bucket.device}")
-        if bucket.dtype not in _SUPPORTED_DTYPES:
-            raise ValueError(f"bucket.dtype is {bucket.dtype}; the Triton kernel takes "
+    def step(self, table: _table.Table) -> None:
+        if table.dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(f"table dtype is {table.dtype}; the Triton kernel takes "
                              "float32, bfloat16 or float16")
-        self._ensure_tuned(bucket)
-        launch(bucket)
-
-    def _ensure_tuned(self, bucket: _flat.FlatBucket) -> None:
-        """Runs the autotuner for this bucket's key on a zero scratch bucket (once per key)."""
-        if _INTERPRET:
-            return  # a single config: nothing is benchmarked
-        amsgrad_buffer = bucket.max_exp_avg_sq is not None
-        key = (bucket.device, bucket.dtype, amsgrad_buffer)
-        if key in self._tuned:
-            return
-        launch(_scratch_bucket(bucket.device, bucket.dtype, amsgrad_buffer))
-        self._tuned.add(key)
-
-
-def _scratch_bucket(device: torch.device, dtype: torch.dtype, amsgrad: bool):
-    """A zero-filled bucket with the dtypes of a real one: one param, _SCRATCH_TILES tiles."""
-    numel = _SCRATCH_TILES * _flat.TILE_ELEMS
-
-    def zeros():
-        return torch.zeros(numel, dtype=dtype, device=device)
-
-    starts = torch.arange(0, numel, _flat.TILE_ELEMS, dtype=torch.int64)
-    tiles = torch.stack([starts, starts + _flat.TILE_ELEMS, torch.zeros_like(starts)], dim=1)
-    row = [0.0] * _flat.HPARAM_COLS
-    row[_flat.HP_LR], row[_flat.HP_BETA1], row[_flat.HP_BETA2] = 1e-3, 0.9, 0.999
-    row[_flat.HP_EPS], row[_flat.HP_AMSGRAD] = 1e-8, float(amsgrad)
-    scratch = _flat.FlatBucket(
-        device=device, dtype=dtype, params=[], groups=[0], segments=[], numel=numel,
-        param=zeros(), exp_avg=zeros(), exp_avg_sq=zeros(),
-        max_exp_avg_sq=zeros() if amsgrad else None,
-        tiles=tiles.to(device),
-        param_group=torch.zeros(1, dtype=torch.int32, device=device),
-        steps=torch.ones(1, dtype=torch.float32, device=device),
-        active=torch.ones(1, dtype=torch.uint8, device=device),
-        grad=zeros(),
-        hparams=torch.tensor([row], dtype=torch.float32, device=device),
-    )
-    return scratch
+        if table.hparams is None or table.hparams.dtype != torch.float32:
+            raise ValueError("table.hparams must be a float32 [n_groups, HPARAM_COLS] tensor")
+        if table.device.type == "cuda":
+            with torch.cuda.device(table.device):
+                launch(table)
+        else:
+            launch(table)
 
 
 BACKEND = TritonBackend()

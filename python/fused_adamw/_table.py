@@ -1,0 +1,552 @@
+"""The device table the kernels read: pointers to params and grads where they live.
+
+fused_adamw owns its state and nothing else. For every (device, dtype) the optimizer keeps a
+:class:`Table`: the params of that key in every param group, and, uploaded to the device, one
+row per param that steps now (``kernels/adamw_params.h`` is the contract; the names below
+mirror it)::
+
+    rows         int64 [n_rows, ROW_COLS]   param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq and
+                                            step addresses, numel, param group
+    tile_starts  int64 [n_rows + 1]         the first tile of each row
+    hparams      float32 [n_groups, HPARAM_COLS]
+
+Both integer tables travel in one int64 tensor (``packed``: rows then tile_starts), so a change
+is one upload. The table changes only when something in it changed (a param's storage, its
+grad's address, its state tensors, the set of params with a grad); it is rebuilt from the live
+tensors then, never in the steady state.
+
+Memory rules, each applied per param when its row is built (:func:`plan_param`):
+
+* a param of any strides that is dense (contiguous, transposed, channels_last, a slice of a
+  flat buffer) is updated over its storage range, in place, at any element offset; its state
+  is allocated with the same strides at the same 16-byte phase, so that param and state share
+  the vector grid (16-byte vectors over the body, scalar head and tail);
+* a grad with the param's strides is read in place; at another 16-byte phase than the param
+  (a fresh grad beside a param that ``vector_to_parameters`` placed at an odd offset) the
+  kernel runs that param scalar; a grad with other strides is first copied into a scratch
+  tensor with the param's strides (``staged``, rare);
+* a param that is not dense (a column slice, a view with gaps) is updated through a dense
+  scratch copy, written back after the step (``staged``, slower, correct);
+* a state tensor the user assigned is used where it lives when it has the param's layout;
+  otherwise it is staged like a non-dense param;
+* two params whose memory overlaps are refused before anything changes.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from itertools import compress, repeat
+from typing import Any
+
+import torch
+
+TILE_ELEMS = 16384  # kernels/adamw_params.h kTileElems
+ALIGN_BYTES = 16
+
+# Columns of a row (kernels/adamw_params.h kRow*).
+ROW_PARAM = 0
+ROW_GRAD = 1
+ROW_EXP_AVG = 2
+ROW_EXP_AVG_SQ = 3
+ROW_MAX_EXP_AVG_SQ = 4
+ROW_STEP = 5
+ROW_NUMEL = 6
+ROW_GROUP = 7
+ROW_COLS = 8
+
+# Columns of the hyperparameter table (kernels/adamw_params.h kHp*).
+HP_LR = 0
+HP_BETA1 = 1
+HP_BETA2 = 2
+HP_EPS = 3
+HP_WEIGHT_DECAY = 4
+HP_MAXIMIZE = 5
+HP_AMSGRAD = 6
+HPARAM_COLS = 8
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def tiles_of(phase: int, numel: int) -> int:
+    """Tiles of a param of ``numel`` elements whose first element sits ``phase`` elements into
+    its 16-byte vector (kernels/adamw_params.h ``tiles_of``)."""
+    return 0 if numel <= 0 else (phase + numel + TILE_ELEMS - 1) // TILE_ELEMS
+
+
+def pack_table(rows: list[tuple[int, int, int, int, int, int, int, int]],
+               itemsize: int) -> tuple[torch.Tensor, int]:
+    """Packs rows ``(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, numel, group)``
+    (addresses as ints) into one CPU int64 tensor: rows, then tile_starts. Returns it and the
+    number of tiles."""
+    n = len(rows)
+    packed = torch.empty(n * ROW_COLS + n + 1, dtype=torch.int64)
+    if n:
+        packed[: n * ROW_COLS] = torch.tensor(rows, dtype=torch.int64).reshape(-1)
+    starts, total = [], 0
+    for r in rows:
+        starts.append(total)
+        total += tiles_of((r[ROW_PARAM] % ALIGN_BYTES) // itemsize, r[ROW_NUMEL])
+    starts.append(total)
+    packed[n * ROW_COLS:] = torch.tensor(starts, dtype=torch.int64)
+    return packed, total
+
+
+# ------------------------------------------------------------------------------------------
+# tensors and layouts
+# ------------------------------------------------------------------------------------------
+
+_data_ptr = torch.Tensor.data_ptr
+_is_contiguous = torch.Tensor.is_contiguous
+_grad_of = operator.attrgetter("grad")
+_is_sparse = operator.attrgetter("is_sparse")
+
+_COMPLEX_TO_REAL = {
+    torch.complex64: torch.float32,
+    torch.complex128: torch.float64,
+    torch.complex32: torch.float16,
+}
+
+
+def storage_dtype(t: torch.Tensor) -> torch.dtype:
+    """The real dtype a param is stepped as (complex params as real pairs, as torch does)."""
+    return _COMPLEX_TO_REAL.get(t.dtype, t.dtype)
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the update is computed in: float64 for float64, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dtensor_class():
+    """torch's DTensor class, or None when torch.distributed has none."""
+    global _DTENSOR
+    if _DTENSOR is False:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:
+            try:
+                from torch.distributed._tensor import DTensor  # torch < 2.4
+            except ImportError:
+                DTensor = None
+        _DTENSOR = DTensor
+    return _DTENSOR
+
+
+_DTENSOR = False
+
+
+def is_dtensor(t) -> bool:
+    cls = dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose memory holds ``t``'s elements here: a DTensor's local shard, else t."""
+    return t._local_tensor if is_dtensor(t) else t
+
+
+def real(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as real elements (a view): complex tensors as (..., 2) pairs."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill one contiguous range of memory, in any order."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted(zip(t.stride(), t.shape)):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b (same shape) lay their elements out in the same memory order, both dense."""
+    if a.shape != b.shape:
+        return False
+    if any(sa != sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1):
+        return False
+    return is_dense(b)
+
+
+def span(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, one past the last byte] of the memory ``t`` reads."""
+    if t.numel() == 0:
+        return (0, 0)
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    return (start, start + extent * t.element_size())
+
+
+def zeros_at_phase(like: torch.Tensor, phase_bytes: int) -> torch.Tensor:
+    """``torch.zeros_like(like)`` (same strides: ``like`` is dense) whose data sits
+    ``phase_bytes`` into a 16-byte vector, so that it shares the vector grid of a param there.
+
+    NOTE on the extra bytes: at phase 0 (nearly every param: allocators hand out 16-byte
+    aligned memory) this is exactly zeros_like. Otherwise the storage has phase_bytes / itemsize
+    leading elements more than torch's state, which torch.save also writes (under 16 bytes).
+    """
+    itemsize = like.element_size()
+    if phase_bytes == 0 or phase_bytes % itemsize:
+        return torch.zeros_like(like, memory_format=torch.preserve_format)
+    extra = phase_bytes // itemsize
+    base = torch.zeros(extra + like.numel(), dtype=like.dtype, device=like.device)
+    return base.as_strided(like.shape, like.stride(), extra)
+
+
+def describe(name: str, t: torch.Tensor) -> str:
+    return f"{name} (shape {tuple(t.shape)}, {t.dtype})"
+
+
+# ------------------------------------------------------------------------------------------
+# the table of one (device, dtype)
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """What the kernel reads for one param that steps now: real (non-complex) tensors of the
+    same shape and memory order (the param's), and its step count."""
+
+    index: int  # the param's position in Table.params
+    group: int
+    param: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    max_exp_avg_sq: torch.Tensor | None
+    step: torch.Tensor  # 0-d float32 on the param's device
+
+
+@dataclass
+class _RowPlan:
+    """A row to build, validated; nothing allocated yet."""
+
+    index: int
+    group: int
+    param: Any  # the user's param object
+    local: torch.Tensor  # its local tensor (the DTensor's shard, or the param)
+    grad: torch.Tensor  # its grad's local tensor
+    state: dict | None  # None: torch creates state at the first step with a grad: so do we
+    amsgrad: bool
+    fix_step: bool  # the step entry is not a 0-d float32 tensor on the param's device
+
+
+@dataclass
+class Plan:
+    """What one step must do to a table before the launch (see Table.prepare)."""
+
+    kind: str  # "idle" (no grad), "same", "grads" (only grad addresses moved), "rebuild"
+    grads: list = field(default_factory=list)  # every param's grad (local), None for no grad
+    mask: list = field(default_factory=list)
+    active_grads: list = field(default_factory=list)
+    grad_ptrs: list = field(default_factory=list)
+    data_ptrs: list = field(default_factory=list)
+    locals: list = field(default_factory=list)
+    rows: list[_RowPlan] = field(default_factory=list)
+
+
+class Table:
+    """The params of one (device, storage dtype) from every param group, and what the kernels
+    read for them. The optimizer owns one per key; backends read ``packed``, ``rows`` and the
+    optimizer's ``hparams``."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, params: list, groups: list[int],
+                 names: list[str]) -> None:
+        self.device, self.dtype = device, dtype
+        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.params, self.groups, self.names = params, groups, names
+        self.has_dtensor = any(map(is_dtensor, params))
+        self.backend: Any = None
+        # What the rows were built from (compared with the live tensors every step).
+        self.data_ptrs: list[int] | None = None
+        self.locals: list | None = None
+        self.grads_seen: list | None = None
+        self.mask: list[bool] | None = None
+        self.active_grads: list = []
+        self.grad_ptrs: list[int] = []
+        self.amsgrad_sig: tuple | None = None
+        self.fast_grads = False  # fresh grads may be swapped in without a rebuild
+        # What the kernels read.
+        self.rows: list[Row] = []
+        self.kernel_grads: list[torch.Tensor] = []  # row i's grad as the kernel reads it
+        self.host_packed: torch.Tensor | None = None
+        self.packed: torch.Tensor | None = None
+        self.n_rows = self.n_tiles = 0
+        self.has_max = False
+        self.hparams: torch.Tensor | None = None  # the optimizer's table for this device
+        self.host_hparams: list[list[float]] = []
+        # Staged tensors (see the module docstring): copied in before and out after the launch.
+        self.stage_in: list[tuple[torch.Tensor, torch.Tensor]] = []  # (scratch, source)
+        self.stage_out: list[tuple[torch.Tensor, torch.Tensor]] = []  # (destination, scratch)
+        self.torch_lists: dict | None = None  # the torch backend's per-group lists (cached)
+        self.rebuilds = 0  # how many times rows were built (tests and the bench read it)
+
+    # -------------------------------------------------------------------------- per step
+
+    def prepare(self, opt, rebuild: bool, amsgrad_sig: tuple) -> Plan:
+        """Compares the live tensors with what the rows hold and validates whatever changed.
+
+        Raises (naming the param and what is wrong) before anything is modified; the returned
+        plan is carried out by :meth:`commit`. ``rebuild``: the optimizer knows the rows are
+        stale (state or param groups edited). C-level passes only unless something changed.
+        """
+        params = self.params
+        if self.has_dtensor:
+            locals_ = list(map(local, params))
+            grads = [None if g is None else local(g) for g in map(_grad_of, params)]
+        else:
+            locals_ = params
+            grads = list(map(_grad_of, params))
+        data_ptrs = list(map(_data_ptr, locals_))
+        if data_ptrs != self.data_ptrs or (
+                self.has_dtensor and not all(map(operator.is_, locals_, self.locals))):
+            rebuild = True
+        rebuild = rebuild or amsgrad_sig != self.amsgrad_sig
+        seen = self.grads_seen
+        if (not rebuild and seen is not None and len(seen) == len(grads)
+                and all(map(operator.is_, grads, seen))):
+            # The same grad tensors as last step (zero_grad(set_to_none=False), DDP buckets).
+            grad_ptrs = list(map(_data_ptr, self.active_grads))
+            if grad_ptrs == self.grad_ptrs:
+                return Plan("same" if self.rows else "idle")
+            return Plan("grads", grads, self.mask, self.active_grads, grad_ptrs)
+        mask = list(map(operator.is_not, grads, repeat(None)))
+        if not any(mask):
+            return Plan("idle", grads, mask)
+        active_grads = list(compress(grads, mask))
+        if any(map(_is_sparse, active_grads)):
+            i = next(i for i, g in enumerate(grads) if g is not None and g.is_sparse)
+            raise RuntimeError(
+                f"FusedAdamW does not support sparse gradients: {self.names[i]} has a sparse "
+                "grad; use torch.optim.SparseAdam for sparse params")
+        if (not rebuild and mask == self.mask and self.fast_grads
+                and all(map(_is_contiguous, active_grads))):
+            # Fresh grads (the default zero_grad()): dense like their params, new addresses.
+            return Plan("grads", grads, mask, active_grads, list(map(_data_ptr, active_grads)))
+        return self._plan_rebuild(opt, grads, mask, active_grads, data_ptrs, locals_)
+
+    def _plan_rebuild(self, opt, grads, mask, active_grads, data_ptrs, locals_) -> Plan:
+        self._check_overlaps(locals_)
+        state = opt.state
+        groups = opt.param_groups
+        rows = []
+        for i in compress(range(len(grads)), mask):
+            p, lp, g = self.params[i], locals_[i], grads[i]
+            name = self.names[i]
+            if g.dtype != lp.dtype or g.shape != lp.shape or g.device != lp.device:
+                raise RuntimeError(
+                    f"{describe(name, lp)} on {lp.device} has a grad of shape "
+                    f"{tuple(g.shape)}, {g.dtype} on {g.device}; they must match")
+            gi = self.groups[i]
+            amsgrad = bool(groups[gi]["amsgrad"])
+            st = dict.get(state, p)
+            fix_step = False
+            if st:
+                for key in ("step", "exp_avg", "exp_avg_sq"):
+                    if key not in st:
+                        raise KeyError(f"the optimizer state of {name} has no {key!r} (it has "
+                                       f"{sorted(map(str, st))}); torch.optim.AdamW needs it too")
+                keys = ("exp_avg", "exp_avg_sq") + (
+                    ("max_exp_avg_sq",) if amsgrad and "max_exp_avg_sq" in st else ())
+                for key in keys:
+                    self._check_state_tensor(name, lp, key, st[key])
+                step = st["step"]
+                fix_step = not (isinstance(step, torch.Tensor) and step.dtype == torch.float32
+                                and step.dim() == 0 and step.device == lp.device
+                                and not is_dtensor(step))
+            rows.append(_RowPlan(i, gi, p, lp, g, st or None, amsgrad, fix_step))
+        return Plan("rebuild", grads, mask, active_grads, [], data_ptrs, locals_, rows)
+
+    def _check_state_tensor(self, name: str, lp: torch.Tensor, key: str, t) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"the optimizer state {key!r} of {name} is a {type(t).__name__}, "
+                            "not a Tensor")
+        lt = local(t)
+        if lt.dtype != lp.dtype:
+            raise RuntimeError(
+                f"{name} is {lp.dtype} but its optimizer state {key!r} is {lt.dtype} (did the "
+                "model change dtype after the optimizer stepped, e.g. model.half()?). "
+                "FusedAdamW does not convert state silently: to convert it on purpose, call "
+                "opt.load_state_dict(opt.state_dict()), which casts state to the params' dtype "
+                "as torch does")
+        if lt.device != lp.device:
+            raise RuntimeError(
+                f"{name} is on {lp.device} but its optimizer state {key!r} is on {lt.device}; "
+                "opt.load_state_dict(opt.state_dict()) moves state to the params' device")
+        if lt.shape != lp.shape:
+            raise RuntimeError(f"{describe(name, lp)}: its optimizer state {key!r} has shape "
+                               f"{tuple(lt.shape)}")
+
+    def _check_overlaps(self, locals_) -> None:
+        """Two params whose memory overlaps cannot be updated in one launch: refuse, naming both."""
+        spans = []
+        for i, lp in enumerate(locals_):
+            if lp.numel() == 0:
+                continue
+            if torch._debug_has_internal_overlap(lp) == 1:
+                raise RuntimeError(
+                    f"{describe(self.names[i], lp)} has elements that share memory (an expanded "
+                    "view): it cannot be updated in place (torch refuses it too)")
+            start, end = span(lp)
+            spans.append((start, end, i))
+        spans.sort()
+        for (s0, e0, i0), (s1, e1, i1) in zip(spans, spans[1:]):
+            if s1 < e0:
+                a, b = sorted((i0, i1))
+                raise RuntimeError(
+                    f"{describe(self.names[a], locals_[a])} and "
+                    f"{describe(self.names[b], locals_[b])} overlap in memory: one fused step "
+                    "cannot update both (torch's for-loop would update them one after the "
+                    "other). Give the optimizer params that do not share memory.")
+
+    def commit(self, plan: Plan, opt) -> None:
+        """Carries out a plan of :meth:`prepare`: allocates state (torch's keys, at a param's
+        first step with a grad), rebuilds or patches the rows and uploads them."""
+        if plan.kind == "idle":
+            self.grads_seen = plan.grads or None
+            self.mask = plan.mask or None
+            self.active_grads, self.grad_ptrs = [], []
+            self.n_rows = self.n_tiles = 0
+            self.rows, self.kernel_grads = [], []
+            self._rebuild_packed()
+            return
+        if plan.kind == "same":
+            return
+        if plan.kind == "grads":  # only on fast tables: every grad dense, real, unstaged
+            self.kernel_grads = plan.active_grads
+            self.grads_seen, self.mask = plan.grads, plan.mask
+            self.active_grads, self.grad_ptrs = plan.active_grads, plan.grad_ptrs
+            self._patch_grads(plan.grad_ptrs)
+            return
+        self._build_rows(plan, opt)
+
+    def _build_rows(self, plan: Plan, opt) -> None:
+        self.stage_in, self.stage_out = [], []
+        rows = []
+        fast = True
+        for rp in plan.rows:
+            lp = rp.local
+            dense = is_dense(lp)
+            like = lp if dense else torch.empty_like(lp)
+            phase = lp.data_ptr() % ALIGN_BYTES if dense else 0
+            st = rp.state
+            if st is None:
+                st = opt.state[rp.param]  # an entry that tracks edits
+                st["step"] = torch.zeros((), dtype=torch.float32, device=lp.device)
+                st["exp_avg"] = self._wrap(rp.param, zeros_at_phase(like, phase))
+                st["exp_avg_sq"] = self._wrap(rp.param, zeros_at_phase(like, phase))
+            if rp.amsgrad and "max_exp_avg_sq" not in st:
+                # amsgrad switched on after the first steps: the maxima start at zero (torch
+                # raises a KeyError here).
+                st["max_exp_avg_sq"] = self._wrap(rp.param, zeros_at_phase(like, phase))
+            if rp.fix_step:  # a Python number, another dtype or device: torch's fused layout
+                step = st["step"]
+                step = local(step) if is_dtensor(step) else step
+                st["step"] = torch.as_tensor(step, dtype=torch.float32).to(lp.device).reshape(())
+            walk = real(like if dense else self._stage(like, lp, out=True))
+            grad = self._direct_or_staged(walk, real(rp.grad), out=False)
+            fast = fast and dense and grad is not None and lp.is_contiguous()
+            if grad is None:
+                grad = self._stage(walk, real(rp.grad), out=False)
+            tensors = []
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if key == "max_exp_avg_sq" and not rp.amsgrad:
+                    tensors.append(None)
+                    continue
+                t = real(local(st[key]))
+                direct = self._direct_or_staged(walk, t, out=True)
+                fast = fast and direct is not None
+                tensors.append(direct if direct is not None else self._stage(walk, t, out=True))
+            rows.append(Row(rp.index, rp.group, walk, grad, tensors[0], tensors[1], tensors[2],
+                            st["step"]))
+        self.rows = rows
+        self.kernel_grads = [r.grad for r in rows]
+        # A table with staged or complex rows is rebuilt whenever fresh grads arrive.
+        self.fast_grads = fast and not any(p.is_complex() for p in plan.locals)
+        self.data_ptrs, self.locals = plan.data_ptrs, plan.locals
+        self.grads_seen, self.mask = plan.grads, plan.mask
+        self.active_grads = plan.active_grads
+        self.grad_ptrs = list(map(_data_ptr, plan.active_grads))
+        self.amsgrad_sig = tuple(bool(g["amsgrad"]) for g in opt.param_groups)
+        self.torch_lists = None
+        self.rebuilds += 1
+        self._rebuild_packed()
+
+    @staticmethod
+    def _direct_or_staged(walk: torch.Tensor, t: torch.Tensor, out: bool):
+        """``t`` itself when the kernel can walk it beside ``walk``, else None (stage it)."""
+        return t if same_layout(walk, t) else None
+
+    def _stage(self, like: torch.Tensor, source: torch.Tensor, out: bool) -> torch.Tensor:
+        scratch = torch.empty_like(like) if like.shape == source.shape else None
+        if scratch is None:
+            raise RuntimeError(f"cannot stage a tensor of shape {tuple(source.shape)} beside "
+                               f"{tuple(like.shape)}")
+        self.stage_in.append((scratch, source))
+        if out:
+            self.stage_out.append((source, scratch))
+        return scratch
+
+    @staticmethod
+    def _wrap(param, t: torch.Tensor):
+        """State of a DTensor param is a DTensor with its mesh and placements (as torch's)."""
+        if not is_dtensor(param):
+            return t
+        return dtensor_class().from_local(t, param.device_mesh, param.placements,
+                                          run_check=False, shape=param.shape,
+                                          stride=param.stride())
+
+    def _row_tuples(self) -> list[tuple]:
+        return [(r.param.data_ptr(), r.grad.data_ptr(), r.exp_avg.data_ptr(),
+                 r.exp_avg_sq.data_ptr(),
+                 r.max_exp_avg_sq.data_ptr() if r.max_exp_avg_sq is not None else 0,
+                 r.step.data_ptr(), r.param.numel(), r.group) for r in self.rows]
+
+    def _rebuild_packed(self) -> None:
+        host, n_tiles = pack_table(self._row_tuples(), self.itemsize)
+        self.n_rows, self.n_tiles = len(self.rows), n_tiles
+        self.has_max = any(r.max_exp_avg_sq is not None for r in self.rows)
+        self._upload(host)
+
+    def _patch_grads(self, grad_ptrs: list[int]) -> None:
+        host = self.host_packed
+        if self.device.type != "cpu":
+            host = host.clone()  # the previous upload may still read the old host buffer
+        host[ROW_GRAD: self.n_rows * ROW_COLS: ROW_COLS] = torch.tensor(grad_ptrs,
+                                                                       dtype=torch.int64)
+        self._upload(host)
+
+    def _upload(self, host: torch.Tensor) -> None:
+        """The packed table where the kernel reads it: host memory on CPU, else one copy from
+        pinned memory (asynchronous: no host sync)."""
+        if self.device.type == "cpu":
+            self.host_packed = self.packed = host
+            return
+        if self.device.type == "cuda" and not host.is_pinned():
+            host = host.pin_memory()
+        self.host_packed = host
+        if self.packed is None or self.packed.numel() != host.numel():
+            self.packed = torch.empty(host.numel(), dtype=torch.int64, device=self.device)
+        self.packed.copy_(host, non_blocking=True)
+
+    def stage_before(self) -> None:
+        if self.stage_in:
+            torch._foreach_copy_([s for s, _ in self.stage_in], [src for _, src in self.stage_in])
+
+    def stage_after(self) -> None:
+        if self.stage_out:
+            torch._foreach_copy_([d for d, _ in self.stage_out], [s for _, s in self.stage_out])
+
+    # -------------------------------------------------------------------------- kernels' view
+
+    def rows_ptr(self) -> int:
+        return self.packed.data_ptr()
+
+    def tile_starts_ptr(self) -> int:
+        return self.packed.data_ptr() + 8 * ROW_COLS * self.n_rows
