@@ -164,8 +164,12 @@ FUSED_ADAMW_INLINE void tile_dispatch(const int64_t* r, int64_t first, int64_t n
 // phase to respect, so each tile is one loop over its elements.
 template <typename D>
 FUSED_ADAMW_INLINE void run_tiles_impl(const AdamWParams& p, int64_t t0, int64_t t1) {
+  if (t0 >= t1) return;
+  // Tiles in order: the row is searched once, then followed (rows with no tile are skipped).
+  int64_t row = row_of_tile(p.tile_starts, p.n_rows, t0);
   for (int64_t t = t0; t < t1; ++t) {
-    const TileWork w = tile_work(p, t, sizeof(typename D::Storage));
+    while (p.tile_starts[row + 1] <= t) ++row;
+    const TileWork w = tile_work_in_row(p, t, row, sizeof(typename D::Storage));
     const int64_t* r = p.rows + w.row * kRowCols;
     const int64_t first = w.u_begin - w.phase, n = w.u_end - w.u_begin;
     w.s.amsgrad ? tile_dispatch<D, true>(r, first, n, w.s)

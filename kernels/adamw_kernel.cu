@@ -40,6 +40,12 @@
 #define FUSED_ADAMW_LAUNCH(kernel, grid, block, stream, ...) \
   kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
 #endif
+// Called with each tile a thread of the update kernel takes on: the CPU emulation records
+// (block, thread, tile) to check that every tile runs once, on the block the stride assigns.
+// Nothing for nvcc.
+#ifndef FUSED_ADAMW_TILE_HOOK
+#define FUSED_ADAMW_TILE_HOOK(tile)
+#endif
 
 namespace fused_adamw {
 namespace {
@@ -131,6 +137,34 @@ struct Vec<__nv_bfloat16> : Vec16<BF16Bits> {};
 template <>
 struct Vec<__half> : Vec16<F16Bits> {};
 
+// NOTE on global loads and stores: the tensors' addresses come from the int64 table, so nvcc
+// cannot prove they point to global memory and emits generic LD.E.128 / ST.E.128 (an address
+// space check on every access; tests/sass_check.py caught it). These two helpers say so in
+// PTX: LDG.E.128 / STG.E.128 in the SASS. Volatile asm keeps their order: each vector is
+// loaded before it is stored, by the same thread, and no two threads touch the same vector.
+// Host compilations (the CPU emulation of this file) take the plain C++ form.
+__device__ __forceinline__ uint4 load_global(const uint4* p) {
+#if defined(__CUDA_ARCH__)
+  uint4 r;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+#else
+  return *p;
+#endif
+}
+
+__device__ __forceinline__ void store_global(uint4* p, const uint4& r) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(r.x), "r"(r.y),
+               "r"(r.z), "r"(r.w)
+               : "memory");
+#else
+  *p = r;
+#endif
+}
+
 // Word k of a 16-byte vector (k a compile-time constant after unrolling: stays in registers).
 __device__ __forceinline__ unsigned int& word(uint4& r, int k) {
   return k == 0 ? r.x : (k == 1 ? r.y : (k == 2 ? r.z : r.w));
@@ -187,12 +221,12 @@ __device__ __forceinline__ void adamw_vector_range(const int64_t* r, int64_t pha
   uint4* __restrict__ max_exp_avg_sq = reinterpret_cast<uint4*>(r[kRowMaxExpAvgSq] - shift);
   for (int64_t v = v0 + threadIdx.x; v < v1; v += kThreads) {
     // -------------------------------- load --------------------------------
-    uint4 rp = param[v];
+    uint4 rp = load_global(param + v);
     uint4 rg = __ldg(grad + v);
-    uint4 rm = exp_avg[v];
-    uint4 rv = exp_avg_sq[v];
+    uint4 rm = load_global(exp_avg + v);
+    uint4 rv = load_global(exp_avg_sq + v);
     uint4 rx = make_uint4(0, 0, 0, 0);
-    if (AMSGRAD) rx = max_exp_avg_sq[v];
+    if (AMSGRAD) rx = load_global(max_exp_avg_sq + v);
     // ------------------------------- compute ------------------------------
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
@@ -210,10 +244,10 @@ __device__ __forceinline__ void adamw_vector_range(const int64_t* r, int64_t pha
       }
     }
     // -------------------------------- store -------------------------------
-    param[v] = rp;
-    exp_avg[v] = rm;
-    exp_avg_sq[v] = rv;
-    if (AMSGRAD) max_exp_avg_sq[v] = rx;
+    store_global(param + v, rp);
+    store_global(exp_avg + v, rm);
+    store_global(exp_avg_sq + v, rv);
+    if (AMSGRAD) store_global(max_exp_avg_sq + v, rx);
   }
 }
 
@@ -240,6 +274,7 @@ __global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<T, HAS_MAX>()))
     adamw_kernel(const AdamWParams p) {  // every pointer a device pointer; see adamw_params.h
   constexpr int64_t kSize = sizeof(typename Vec<T>::Scalar);
   for (int64_t tile = blockIdx.x; tile < p.n_tiles; tile += gridDim.x) {
+    FUSED_ADAMW_TILE_HOOK(tile);
     const TileWork w = tile_work(p, tile, kSize);
     const int64_t* r = p.rows + w.row * kRowCols;
     if (HAS_MAX && w.s.amsgrad) {

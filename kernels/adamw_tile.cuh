@@ -32,10 +32,11 @@ FUSED_ADAMW_HD int64_t row_of_tile(const int64_t* tile_starts, int64_t n_rows, i
   return lo;
 }
 
-// Everything one tile needs. `elem_size` is sizeof the storage type (4 or 2).
-FUSED_ADAMW_HD TileWork tile_work(const AdamWParams& p, int64_t tile, int64_t elem_size) {
+// Everything one tile of row `row` needs. `elem_size` is sizeof the storage type (4 or 2).
+FUSED_ADAMW_HD TileWork tile_work_in_row(const AdamWParams& p, int64_t tile, int64_t row,
+                                         int64_t elem_size) {
   TileWork w;
-  w.row = row_of_tile(p.tile_starts, p.n_rows, tile);
+  w.row = row;
   const int64_t* r = p.rows + w.row * kRowCols;
   const int64_t j = tile - p.tile_starts[w.row];
   w.phase = static_cast<int64_t>(static_cast<uint64_t>(r[kRowParam]) & 15u) / elem_size;
@@ -49,6 +50,11 @@ FUSED_ADAMW_HD TileWork tile_work(const AdamWParams& p, int64_t tile, int64_t el
                       step, hp[kHpMaximize] != 0.0f,
                       hp[kHpAmsgrad] != 0.0f && r[kRowMaxExpAvgSq] != 0);
   return w;
+}
+
+// The same, finding the row first (the CUDA kernel: one tile per block, in any order).
+FUSED_ADAMW_HD TileWork tile_work(const AdamWParams& p, int64_t tile, int64_t elem_size) {
+  return tile_work_in_row(p, tile, row_of_tile(p.tile_starts, p.n_rows, tile), elem_size);
 }
 
 // Whether every buffer of a row shares the param's 16-byte phase, so that whole 16-byte

@@ -323,8 +323,9 @@ class Table:
         if any(map(_is_sparse, active_grads)):
             i = next(i for i, g in enumerate(grads) if g is not None and g.is_sparse)
             raise RuntimeError(
-                f"FusedAdamW does not support sparse gradients: {self.names[i]} has a sparse "
-                "grad; use torch.optim.SparseAdam for sparse params")
+                f"FusedAdamW does not support sparse gradients: "
+                f"{describe(self.names[i], local(params[i]))} has a sparse grad; use "
+                "torch.optim.SparseAdam for sparse params")
         if (not rebuild and mask == self.mask and self.fast_grads
                 and all(map(_is_contiguous, active_grads))):
             # Fresh grads (the default zero_grad()): dense like their params, new addresses.
