@@ -1,0 +1,291 @@
+"""The CUDA kernel's SASS, checked on every CI run without a GPU (tests/sass_check.py).
+
+For sm_90 and every arch of setup.py's default list, every instantiation: no local memory,
+registers within the launch bound, a 128-bit vector main loop of global loads and stores, and
+the loop's global bytes per element equal to the formula (28 / 14 B per fp32 / 16-bit element,
+36 / 18 with amsgrad). The binary is the built extension (CI installs the wheel, built for the
+default archs) where it holds those archs; archs it lacks are compiled here with setup.py's nvcc
+flags. Two deliberately broken copies of the kernel show that the checker can fail.
+
+Skips with the reason when cuobjdump / nvdisasm (CUDA toolkit, the nvidia-cuda-cuobjdump and
+nvidia-cuda-nvdisasm wheels, or Triton's copies) or nvcc is missing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sass_check as sc  # noqa: E402
+
+CUOBJDUMP, NVDISASM = sc.find_tools()
+NVCC = sc.find_nvcc()
+NO_TOOLS = ("cuobjdump not found" if CUOBJDUMP is None else
+            "nvdisasm not found (cuobjdump -sass needs it)" if NVDISASM is None else None)
+needs_tools = pytest.mark.skipif(NO_TOOLS is not None, reason=NO_TOOLS or "")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+MUTANT_ARCH = "90"
+
+
+def _extension() -> Path | None:
+    """The compiled module fused_adamw._C that `import fused_adamw` would load, else the one in
+    python/fused_adamw/ (an in-place build)."""
+    try:
+        spec = importlib.util.find_spec("fused_adamw._C")
+        if spec is not None and spec.origin and Path(spec.origin).is_file():
+            return Path(spec.origin)
+    except Exception:  # noqa: BLE001 - the package does not import: look in the tree
+        pass
+    found = sorted((sc.ROOT / "python" / "fused_adamw").glob("_C*.so"))
+    return found[0] if found else None
+
+
+def _sass_archs(binary: Path) -> set[str]:
+    """The archs ("90") with SASS in ``binary`` (cuobjdump -lelf)."""
+    r = subprocess.run([CUOBJDUMP, "-lelf", str(binary)], capture_output=True, text=True)
+    return set(re.findall(r"\.sm_(\d+[af]?)\.cubin", r.stdout))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> list[sc.Result]:
+    if NO_TOOLS:
+        pytest.skip(NO_TOOLS)
+    so = _extension()
+    have = _sass_archs(so) if so else set()
+    if NVCC is not None:
+        want = set(sc.default_archs()) | {"90"}
+    elif have:
+        want = have | {"90"}
+    else:
+        pytest.skip("nvcc not found and no built extension with CUDA")
+    out: list[sc.Result] = []
+    from_so = sorted(want & have, key=int)
+    if from_so:
+        out += sc.check_binary(so, CUOBJDUMP, NVDISASM, archs=[f"sm_{a}" for a in from_so])
+    missing = sorted(want - have, key=int)
+    if missing:
+        if NVCC is None:
+            pytest.skip(f"nvcc not found, and {so} lacks sm_{', sm_'.join(missing)}")
+        archs = [(a, a == missing[-1]) for a in missing]  # PTX of one, for the launch bounds
+        obj = sc.compile_kernel(archs, tmp_path_factory.mktemp("sass") / "adamw_kernel.o")
+        out += sc.check_binary(obj, CUOBJDUMP, NVDISASM)
+    print()
+    print(f"SASS of {so if from_so else 'nvcc -c'} for sm_{', sm_'.join(from_so)}"
+          + (f"; compiled here: sm_{', sm_'.join(missing)}" if missing else ""))
+    print(sc.table(out))
+    return out
+
+
+def _failures(results, *prefixes: str) -> list[str]:
+    return [f"{r.arch} {r.kernel}: {f}" for r in results for f in r.failures
+            if f.startswith(prefixes)]
+
+
+def _assert_none(results, *prefixes: str) -> None:
+    fails = _failures(results, *prefixes)
+    assert not fails, f"{len(fails)} failures:\n" + "\n".join(fails)
+
+
+@needs_tools
+def test_every_kernel_of_every_arch(results):
+    archs = {r.arch for r in results}
+    assert "sm_90" in archs
+    if NVCC is not None:
+        assert {f"sm_{a}" for a in sc.default_archs()} <= archs
+    for arch in archs:
+        kernels = sorted(r.kernel for r in results if r.arch == arch and r.regs >= 0)
+        assert kernels == sorted(sc.EXPECTED_KERNELS), arch
+    _assert_none(results, "missing")
+
+
+@needs_tools
+def test_no_local_memory(results):
+    """No spill, no stack frame: no LDL/STL, STACK:0, LOCAL:0."""
+    _assert_none(results, "local memory")
+
+
+@needs_tools
+def test_registers_within_launch_bound(results):
+    """REG <= 65536 / (256 x min blocks per SM), min blocks 4 (3 with a max buffer), and the
+    source declares exactly that bound."""
+    _assert_none(results, "registers", "launch bound")
+
+
+@needs_tools
+def test_vector_loop_is_128_bit(results):
+    """The vector main loop: only 128-bit accesses, 4 loads / 3 stores (5 / 4 with amsgrad)."""
+    _assert_none(results, "vec128")
+
+
+@needs_tools
+def test_vector_loop_bytes_per_element(results):
+    _assert_none(results, "bytes")
+    for r in results:
+        if r.has_max is None:
+            continue
+        size = 4 if r.elems == 4 else 2
+        got = sorted({float(b) for b in r.bytes_text().split(", ")})
+        want = sorted({7.0 * size, 9.0 * size} if r.has_max else {7.0 * size})
+        assert got == want, (r.arch, r.kernel, got)
+
+
+@needs_tools
+def test_vector_loop_is_global_space(results):
+    """LDG/STG (any modifiers), not generic LD/ST: the 128-bit accesses of the vector loop go to
+    global memory by instruction, not through a generic address."""
+    _assert_none(results, "global")
+
+
+# ------------------------------------------------------------------------------------------
+# the checker must be able to fail: two broken copies of the kernel
+# ------------------------------------------------------------------------------------------
+
+_BOUNDS = re.compile(r"__launch_bounds__\(")
+
+
+def _launch_bounds_span(src: str) -> tuple[int, int]:
+    """[start, end) of adamw_kernel's ``__launch_bounds__(...)`` in the source."""
+    for m in _BOUNDS.finditer(src):
+        depth, i = 0, m.end() - 1
+        while True:
+            depth += {"(": 1, ")": -1}.get(src[i], 0)
+            i += 1
+            if depth == 0:
+                break
+        if re.match(r"\s*adamw_kernel\(", src[i:]):
+            return m.start(), i
+    raise AssertionError("tests/test_sass.py: no `__launch_bounds__(...) adamw_kernel(` in "
+                         "kernels/adamw_kernel.cu any more: update the mutations")
+
+
+def mutant_spills(src: str) -> str:
+    """adamw_kernel bounded at 8 blocks of 256 per SM: 32 registers, which must spill."""
+    a, b = _launch_bounds_span(src)
+    return src[:a] + "__launch_bounds__(256, 8)" + src[b:]
+
+
+def mutant_narrow_store(src: str) -> str:
+    """adamw_kernel without launch bounds, and the vector loop's param store done as four 32-bit
+    (volatile, so not merged back) stores."""
+    a, b = _launch_bounds_span(src)
+    src = src[:a] + src[b:]
+    store = re.compile(r"^(\s*)param\[v\] = rp;", re.M)
+    if not store.search(src):
+        raise AssertionError("tests/test_sass.py: no `param[v] = rp;` in kernels/adamw_kernel.cu "
+                             "any more: update the mutation")
+    return store.sub(
+        r"\1{ volatile unsigned int* p32 = reinterpret_cast<volatile unsigned int*>(param + v);"
+        r" p32[0] = rp.x; p32[1] = rp.y; p32[2] = rp.z; p32[3] = rp.w; }", src, count=1)
+
+
+@pytest.fixture(scope="module")
+def mutants(tmp_path_factory) -> dict[str, list[sc.Result]]:
+    if NO_TOOLS:
+        pytest.skip(NO_TOOLS)
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    d = tmp_path_factory.mktemp("mutants")
+    src = sc.KERNEL_SRC.read_text()
+    jobs = {}
+    for name, mutate in (("spills", mutant_spills), ("narrow", mutant_narrow_store)):
+        cu = d / f"{name}.cu"  # its includes resolve through setup.py's -I kernels/
+        cu.write_text(mutate(src))
+        jobs[name] = cu
+
+    def build(name):
+        obj = sc.compile_kernel([(MUTANT_ARCH, True)], d / f"{name}.o", src=jobs[name])
+        return sc.check_binary(obj, CUOBJDUMP, NVDISASM)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two nvcc at once
+        return dict(zip(jobs, pool.map(build, jobs)))
+
+
+@needs_tools
+@needs_nvcc
+def test_checker_reports_spills(mutants):
+    res = mutants["spills"]
+    print("\n" + sc.table(res))
+    for r in res:
+        if r.has_max is None:
+            assert r.ok, r.failures
+            continue
+        assert any(f.startswith("local memory") for f in r.failures), (r.kernel, r.failures)
+        assert any(f.startswith("launch bound") for f in r.failures), (r.kernel, r.failures)
+        assert r.local_insns > 0 and r.stack > 0
+
+
+@needs_tools
+@needs_nvcc
+def test_checker_reports_narrow_stores_and_a_missing_bound(mutants):
+    res = mutants["narrow"]
+    print("\n" + sc.table(res))
+    for r in res:
+        if r.has_max is None:
+            assert r.ok, r.failures
+            continue
+        vec = [f for f in r.failures if f.startswith("vec128")]
+        assert any("non-128-bit" in f for f in vec), (r.kernel, r.failures)
+        assert any("want a multiple of 4/3 or 5/4" in f for f in vec), (r.kernel, r.failures)
+        assert any(f.startswith("launch bound") for f in r.failures), (r.kernel, r.failures)
+
+
+# ------------------------------------------------------------------------------------------
+# the SASS parser on a hand-written listing (runs without any CUDA tool)
+# ------------------------------------------------------------------------------------------
+
+_LISTING = """
+Fatbin elf code:
+================
+arch = sm_90
+
+\t\tFunction : _ZN11fused_adamw12adamw_kernelIfLb0EEEvNS_11AdamWParamsE
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                  /* 0x0 */
+        /*0010*/                   LDG.E.64 R2, desc[UR4][R2.64] ;         /* 0x0 */
+        /*0020*/                   LDG.E.128.CONSTANT R4, desc[UR4][R8.64] ;   /* 0x0 */
+        /*0030*/                   LDG.E.128 R12, desc[UR4][R10.64] ;      /* 0x0 */
+        /*0040*/                   LDG.E.128 R16, desc[UR4][R20.64] ;      /* 0x0 */
+        /*0050*/                   LDG.E.128 R24, desc[UR4][R22.64] ;      /* 0x0 */
+        /*0060*/                   FFMA R4, R4, R5, R6 ;                   /* 0x0 */
+        /*0070*/                   STG.E.128.STRONG.GPU desc[UR4][R10.64], R12 ;  /* 0x0 */
+        /*0080*/                   STG.E.128 desc[UR4][R20.64], R16 ;      /* 0x0 */
+        /*0090*/                   STG.E.128 desc[UR4][R22.64], R24 ;      /* 0x0 */
+        /*00a0*/               @!P0 BRA 0x20 ;                             /* 0x0 */
+        /*00b0*/                   LDG.E R4, desc[UR4][R8.64] ;            /* 0x0 */
+        /*00c0*/                   STG.E desc[UR4][R8.64], R4 ;            /* 0x0 */
+        /*00d0*/               @P1 BRA 0xb0 ;                              /* 0x0 */
+        /*00e0*/                   EXIT ;                                  /* 0x0 */
+"""
+
+
+def test_parser_finds_the_vector_loop():
+    (key, insns), = sc.parse_sass(_LISTING).items()
+    assert key[0] == "sm_90"
+    loops = sc.vector_loops(insns)
+    assert [(lp.start, lp.end) for lp in loops] == [(0x20, 0xa0)]  # not the scalar loop
+    (lp,) = loops
+    assert (lp.load128, lp.store128, lp.generic128, lp.narrow, lp.bytes) == (4, 3, 0, [], 112)
+    assert lp.kind == (False, 1)
+    r = sc.check_function("sm_90", key[1], insns, {"REG": 40, "STACK": 0, "LOCAL": 0}, 64,
+                          (256, 4))
+    assert r.ok, r.failures
+    assert r.bytes_text() == "28"
+    # a generic store, a spill and a narrow access are each reported
+    bad = (_LISTING.replace("STG.E.128 desc[UR4][R20.64]", "ST.E.128 desc[UR4][R20.64]")
+           .replace("FFMA R4, R4, R5, R6", "STL [R1], R4"))
+    (key, insns), = sc.parse_sass(bad).items()
+    r = sc.check_function("sm_90", key[1], insns, {"REG": 70, "STACK": 8, "LOCAL": 0}, 64,
+                          (256, 4))
+    kinds = sorted({f.split(":")[0] for f in r.failures})
+    assert kinds == ["global", "local memory", "registers"], r.failures
+    narrow = _LISTING.replace("STG.E.128 desc[UR4][R22.64], R24", "STG.E.64 desc[UR4][R22.64], R24")
+    (key, insns), = sc.parse_sass(narrow).items()
+    r = sc.check_function("sm_90", key[1], insns, {"REG": 40, "STACK": 0, "LOCAL": 0}, 64,
+                          (256, 4))
+    assert any("non-128-bit" in f for f in r.failures), r.failures
