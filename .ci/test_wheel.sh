@@ -8,7 +8,7 @@ wheel=${1:?usage: test_wheel.sh WHEEL}
 venv=$(mktemp -d)/venv
 python3 -m venv "$venv"
 . "$venv/bin/activate"
-python -m pip install -q -r requirements-dev.txt
+python -m pip install -q -r requirements-test.txt
 python -m pip install -q --no-deps "$wheel"
 python - <<'PY'
 import fused_adamw, fused_adamw._ext as ext

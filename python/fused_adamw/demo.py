@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from fused_adamw import FusedAdamW, weight_decay_groups
+from fused_adamw import BackendUnavailableError, FusedAdamW, weight_decay_groups
 
 
 def build_model(width: int = 256) -> torch.nn.Module:
@@ -36,6 +36,31 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
+def _device_or_exit(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """The device named by --device, or a one-line argparse error (exit status 2) when it is
+    not a device name or torch cannot use it here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        parser.error(f"--device {name}: not a device name ({e})")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            built = (f"torch {torch.__version__} was built without CUDA"
+                     if torch.version.cuda is None else "torch sees no CUDA GPU")
+            parser.error(f"--device {name}: CUDA is not available ({built}); "
+                         "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {name}: there is no CUDA device {device.index} "
+                         f"(torch sees {torch.cuda.device_count()})")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            parser.error(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type != "cpu":
+        parser.error(f"--device {name}: the demo runs on cpu, cuda or mps")
+    return device
+
+
 def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -43,15 +68,18 @@ def main(argv=None) -> float:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = _device_or_exit(parser, args.device)
 
     torch.manual_seed(0)
     models = [build_model().to(device)]
     models.append(copy.deepcopy(models[0]))
-    opts = [
-        torch.optim.AdamW(weight_decay_groups(models[0], 0.1), lr=args.lr),
-        FusedAdamW(weight_decay_groups(models[1], 0.1), lr=args.lr, backend=args.backend),
-    ]
+    try:
+        opts = [
+            torch.optim.AdamW(weight_decay_groups(models[0], 0.1), lr=args.lr),
+            FusedAdamW(weight_decay_groups(models[1], 0.1), lr=args.lr, backend=args.backend),
+        ]
+    except (BackendUnavailableError, ValueError) as e:
+        parser.error(f"--backend {args.backend}: {e}")
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, warmup_cosine(5, args.steps)) for o in opts]
     data = torch.Generator().manual_seed(1)
     w_true = torch.randn(64, 10, generator=data)
