@@ -4,10 +4,10 @@
         python bench/sanitize_step.py [cuda,triton]
 
 Steps the "cuda" backend and then "triton" (or the comma list given; each when it can run)
-over params of odd sizes in fp32 and bf16, with and without amsgrad, with foreign grads (the
-gather copy) and with views into the flat grad buffer, and one param without a grad (masked
-out). Exits 0 after a synchronize; 3 (with the reason) when there is no CUDA device or no
-backend asked for can run.
+over params of odd sizes in fp32 and bf16, with and without amsgrad, with grads assigned as new
+tensors and with the same grads zeroed in place (``zero_grad(set_to_none=False)``), and one
+param without a grad (skipped). Exits 0 after a synchronize; 3 (with the reason) when there is
+no CUDA device or no backend asked for can run.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ def run(backend: str, dtype: torch.dtype, amsgrad: bool) -> None:
     opt = FusedAdamW(params, lr=1e-3, weight_decay=1e-2, amsgrad=amsgrad, backend=backend)
     for p in params[:-1]:
         p.grad = torch.randn_like(p)
-    opt.step()  # foreign grads; the last param has none
+    opt.step()  # new grad tensors; the last param has none
     params[-1].grad = torch.randn_like(params[-1])
     opt.step()
-    opt.zero_grad(set_to_none=False)  # views into the flat grad buffer
+    opt.zero_grad(set_to_none=False)  # the same grad tensors, zeroed in place
     for p in params:
         p.grad.normal_()
     opt.step()

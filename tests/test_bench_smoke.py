@@ -1,11 +1,13 @@
-"""bench/bench_step.py runs end to end at --quick sizes on the CPU: a table, JSON lines with
-every documented key, one line per (case, implementation). No timing assertions."""
+"""bench/bench_step.py runs end to end at --quick sizes on the CPU into a temporary folder: a
+table, JSON lines with every documented key, one line per (case, implementation, grads), the
+host case, and the load warning's logic. No timing assertions."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -28,21 +30,22 @@ def bench():
 
 
 def test_quick_run_writes_table_and_json(bench, tmp_path, capsys):
-    argv = ["--quick", "--no-append", "--device", "cpu", "--out", str(tmp_path),
-            "--cases", "flat,small", "--reps", "2", "--warmup", "1", "--threads", "1"]
+    argv = ["--quick", "--device", "cpu", "--out", str(tmp_path), "--cases", "flat,small,host",
+            "--reps", "2", "--warmup", "1", "--host-reps", "2", "--threads", "1"]
     # One thread: on a shared 2-core machine an OpenMP barrier can wait a whole scheduler
     # time slice (~8 ms) per parallel region, which made this test take 40 s instead of 10.
     records = bench.main(argv)
     out = capsys.readouterr()
 
-    # The table: a header row and one row per (case, implementation).
+    # The table: a header row and one row per (case, implementation, grads).
     assert "| case" in out.out and "GB/s" in out.out and "copy bandwidth" in out.out
-    # flat in float32 and bfloat16, small in float32; four FusedAdamW backends x two kinds of
-    # grads plus three torch variants each.
+    assert "ns/param" in out.out  # the host table
+    main_records = [r for r in records if r["kind"] != "host"]
     cases = {"flat-fp32", "flat-bf16", "small-fp32"}
-    assert {r["case"] for r in records} == cases
-    assert len(records) == len(cases) * (4 * 2 + 3)
-    for r in records:
+    assert {r["case"] for r in main_records} == cases
+    # four FusedAdamW backends and three torch variants, each with both grad modes
+    assert len(main_records) == len(cases) * 7 * 2
+    for r in main_records:
         assert f"| {r['case']}" in out.out
 
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
@@ -54,40 +57,126 @@ def test_quick_run_writes_table_and_json(bench, tmp_path, capsys):
         assert row["device"] == "cpu" and row["quick"] is True
         assert row["status"] in ("ok", "skipped", "error")
         assert row["status"] != "error", row["reason"]
+        assert len(row["copy_gbps_run"]) == 5  # start, beside each of 3 cases, end
+        assert row["load_warning"] is None or "rerun on an idle machine" in row["load_warning"]
         if row["status"] == "ok":
-            assert row["median_ms"] > 0 and row["gbps"] > 0 and row["state_bytes"] > 0
+            assert row["median_ms"] > 0 and row["state_bytes"] > 0
             assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
             assert row["host_us"] is None and row["extra_mem_bytes"] is None  # GPU only
         else:
             assert row["reason"]
+    if rows[0]["load_warning"]:
+        assert f"WARNING: {rows[0]['load_warning']}" in out.out
 
     by = {(r["case"], r["impl"], r["grads"]): r for r in rows}
     # Triton is never benchmarked on a CPU, even with TRITON_INTERPRET=1.
-    assert by[("flat-fp32", "fused_adamw[triton]", "views")]["status"] == "skipped"
+    assert by[("flat-fp32", "fused_adamw[triton]", "fresh")]["status"] == "skipped"
     # torch's three variants always run on CPU in float32; the torch backend always can.
     for impl in ("torch-forloop", "torch-foreach", "torch-fused"):
-        assert by[("flat-fp32", impl, "torch")]["status"] == "ok"
-    for grads in ("views", "foreign"):
+        for grads in ("fresh", "persistent"):
+            row = by[("flat-fp32", impl, grads)]
+            assert row["status"] == "ok" and row["gbps"] > 0 and row["interleaved_with"] >= 4
+    for grads in ("fresh", "persistent"):
         row = by[("small-fp32", "fused_adamw[torch]", grads)]
-        assert row["status"] == "ok"
+        assert row["status"] == "ok" and row["backend_used"] == "torch"
         assert set(row["speedup"]) == {"torch-forloop", "torch-foreach", "torch-fused"}
-    # The bytes formula: 28 B/param fp32, 14 bf16, plus 2 * itemsize for foreign grads.
-    assert by[("flat-fp32", "torch-fused", "torch")]["bytes_per_param"] == 28
-    assert by[("flat-fp32", "fused_adamw[torch]", "foreign")]["bytes_per_param"] == 36
-    assert by[("flat-bf16", "fused_adamw[torch]", "views")]["bytes_per_param"] == 14
-    # The plot: written when matplotlib is installed, else skipped with a message.
+    # The bytes formula: 28 B/param fp32, 14 bf16, whatever the grad mode.
+    assert by[("flat-fp32", "torch-fused", "fresh")]["bytes_per_param"] == 28
+    assert by[("flat-fp32", "fused_adamw[torch]", "fresh")]["bytes_per_param"] == 28
+    assert by[("flat-bf16", "fused_adamw[torch]", "persistent")]["bytes_per_param"] == 14
+    # The host case: 500 one-element params at --quick, ns per param and the ratio to torch.
+    host = [r for r in rows if r["kind"] == "host"]
+    assert {(r["impl"], r["grads"]) for r in host} == {
+        (impl, grads) for impl in ("fused_adamw[cpu]", "torch-fused")
+        for grads in ("fresh", "persistent")}
+    for r in host:
+        assert r["case"] == "host-500x1" and r["n_tensors"] == 500
+        if r["status"] == "ok":
+            assert r["ns_per_param"] > 0 and r["host_ratio"] > 0
+    assert all(r["host_ratio"] == 1 for r in host if r["impl"] == "torch-fused")
+    # The report is saved next to the JSON; the plot when matplotlib is installed.
+    assert any(tmp_path.glob("*.txt"))
     assert any(tmp_path.glob("*.png")) or "matplotlib is not installed" in out.err
 
 
+def test_default_output_is_not_the_committed_results(bench):
+    args = bench.parse_args([])
+    assert Path(args.out) == bench.REPO / "bench" / "out"
+    assert not args.append
+
+
+def test_load_warnings(bench):
+    assert bench.load_warnings([20.0, 21.0, 23.9], [0.5, 1.9], cores=2) == []
+    spread = bench.load_warnings([20.0, 25.0], [None], cores=2)
+    assert len(spread) == 1 and "varied by 25%" in spread[0]
+    loaded = bench.load_warnings([20.0], [1.0, 2.5], cores=2)
+    assert len(loaded) == 1 and "load average reached 2.50 on 2 cores" in loaded[0]
+
+
+def test_round_robin_interleaves_implementations(bench):
+    order = []
+
+    class Fake(bench.Runner):
+        def prepare(self):
+            pass
+
+        def step(self):
+            order.append(self.impl)
+
+    runners = [Fake(name, "fresh", []) for name in ("a", "b", "c")]
+    bench.time_round_robin(runners, warmup=1, reps=3, device=torch.device("cpu"))
+    assert order == list("abc" "bca" "cab" "abc")
+    assert all(len(r.times) == 3 for r in runners)
+
+
+def test_memory_groups(bench):
+    assert [list(g) for g in bench.plan_groups(5, 10, 25)] == [[0, 1], [2, 3], [4]]
+    assert [list(g) for g in bench.plan_groups(2, 10, 5)] == [[0], [1]]
+
+
 def test_bytes_formula(bench):
-    assert bench.bytes_per_param(torch.float32, amsgrad=False, foreign=False) == 28
-    assert bench.bytes_per_param(torch.float32, amsgrad=True, foreign=False) == 36
-    assert bench.bytes_per_param(torch.bfloat16, amsgrad=False, foreign=False) == 14
-    assert bench.bytes_per_param(torch.bfloat16, amsgrad=False, foreign=True) == 18
+    assert bench.bytes_per_param(torch.float32, amsgrad=False) == 28
+    assert bench.bytes_per_param(torch.float32, amsgrad=True) == 36
+    assert bench.bytes_per_param(torch.bfloat16, amsgrad=False) == 14
 
 
-def test_llm_config_counts(bench):
-    """The GPU llm case is the documented 1.21B-param GPT-like list; the CPU one about 54.5M."""
+def test_case_sizes(bench):
+    """The GPU llm case is the documented 1.21B-param GPT-like list; the CPU one about 54.5M;
+    small is 5,000 tensors of 10,000 elements; flat is one 50M-element tensor on the CPU."""
     gpu = bench.llm_shapes(2048, 20, 50257)
     assert sum(math.prod(s) for s in gpu) == 1_212_569_600 and len(gpu) == 163
     assert sum(math.prod(s) for s in bench.llm_shapes(512, 12, 16384)) == 54_538_752
+    cases = {c.name: c for c in bench.build_cases(
+        list(bench.CASE_KINDS), [torch.float32, torch.bfloat16], bench.SIZES["cpu"])}
+    assert set(cases) == {"flat-fp32", "flat-bf16", "llm-fp32", "llm-bf16", "small-fp32",
+                          "flat-amsgrad-fp32"}
+    assert cases["flat-fp32"].shapes == [(50_000_000,)]
+    assert cases["small-fp32"].shapes == [(10_000,)] * 5000
+    assert cases["flat-amsgrad-fp32"].amsgrad and not cases["flat-fp32"].amsgrad
+
+
+def test_bench_readme_cites_only_files_in_the_repository():
+    """Every file path bench/README.md cites exists in the repository; nothing outside it."""
+    repo = BENCH.parents[1]
+    text = (repo / "bench" / "README.md").read_text()
+    assert "../" not in text and "/tmp/" not in text and "shared/" not in text
+    cited = set()
+    for span in re.findall(r"`([^`\n]+)`", text):
+        for token in span.split():
+            token = token.strip("(),;:")
+            if "<" in token or "OUTDIR" in token or token.startswith(("bench/out", "--")):
+                continue
+            if re.fullmatch(r"[\w.-]+(/[\w.-]+)*\.(py|md|sh|txt|png|jsonl|toml|cu|cuh|h|cpp)",
+                            token) or re.fullmatch(r"(bench|tests|python|kernels|csrc)/\S*",
+                                                   token):
+                cited.add(token)
+    # Paths with a folder anywhere in the text (code blocks and prose included).
+    for token in re.findall(r"(?<![\w/.<-])((?:bench|tests|python|kernels|csrc|\.ci)/[\w./-]*\w)",
+                            text):
+        if not token.startswith("bench/out"):
+            cited.add(token)
+    assert {"bench/results", "tests/test_bench_smoke.py"} <= cited  # the check sees the paths
+    missing = [t for t in sorted(cited)
+               if not (repo / t).exists() and not (repo / "bench" / t).exists()
+               and not (repo / "bench" / "results" / t).exists()]
+    assert not missing, f"bench/README.md cites paths that do not exist: {missing}"
