@@ -1,4 +1,4 @@
-"""Shared fixtures: seeds, devices, backends, and small builders for flat buckets."""
+"""Shared fixtures: seeds, devices, backends, and small builders of params."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from fused_adamw import _dispatch, _flat
+from fused_adamw import _dispatch
 
 ODD_SIZES = [0, 1, 7, 1023, 1024, 1025, 4097, 278011]
 HAS_CUDA = torch.cuda.is_available()
@@ -59,68 +59,3 @@ def make_params(sizes, dtype=torch.float32, device="cpu"):
         shape = (s,) if isinstance(s, int) else tuple(s)
         out.append(torch.nn.Parameter(torch.randn(shape, dtype=dtype, device=device)))
     return out
-
-
-def make_bucket(params, groups: list[dict], group_of=None, states=None, amsgrad=None):
-    """A FlatBucket of ``params`` with its hparams table built from torch-style group dicts.
-
-    ``group_of[i]`` is param i's group index (default 0). Grads are drawn fresh by
-    :func:`fill_grads`.
-    """
-    group_of = group_of or [0] * len(params)
-    states = states or [{} for _ in params]
-    if amsgrad is None:
-        amsgrad = any(g.get("amsgrad", False) for g in groups)
-    b = _flat.build_bucket(params, group_of, states, amsgrad)
-    full = [dict(dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, maximize=False,
-                      amsgrad=False, lr=1e-3), **g) for g in groups]
-    b.host_hparams = [_flat.hparam_row(g) for g in full]
-    op = _flat.opmath_dtype(b.dtype)
-    b.hparams = torch.tensor(b.host_hparams, dtype=op).to(b.device)
-    b.ensure_grad()
-    return b
-
-
-def fill_grads(bucket, generator=None):
-    """Random grads in every segment (padding stays zero), then advance every step by one."""
-    for v in bucket.grad_views:
-        v.copy_(torch.randn(v.shape, dtype=v.dtype, generator=generator).to(v.device))
-    bucket.steps.add_(1)
-    bucket.host_steps = [s + 1 for s in bucket.host_steps]
-
-
-def check_untouched_where_it_must_be(backend, dtype=torch.float32, device="cpu"):
-    """Poisons what a step must not touch, steps, and checks it still holds the poison:
-    an inactive param's four buffers, and max_exp_avg_sq of a group without amsgrad. Also
-    checks that the active params moved and the padding stayed zero."""
-    groups = [dict(amsgrad=True), dict(amsgrad=False)]
-    params = make_params([1025, 4097, 7, 33], dtype, device)
-    b = make_bucket(params, groups, group_of=[0, 1, 0, 1])
-    fill_grads(b)
-    nan = float("nan")
-    b.max_exp_avg_sq.fill_(nan)
-    for s in (b.segments[0], b.segments[2]):  # the amsgrad group's rows are real state
-        b.max_exp_avg_sq[s.offset:s.offset + s.padded].zero_()
-    b.active.copy_(torch.tensor([1, 1, 0, 1], dtype=torch.uint8))
-    s2 = b.segments[2]
-    inactive = slice(s2.offset, s2.offset + s2.padded)
-    names = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-    for name in names:
-        getattr(b, name)[inactive].fill_(nan)
-    before = b.param.clone()
-    backend.step(b)
-    for name in names:
-        assert getattr(b, name)[inactive].isnan().all(), f"{name}: the inactive param was written"
-    for i in (1, 3):  # non-amsgrad group: its max_exp_avg_sq rows keep the poison
-        s = b.segments[i]
-        assert b.max_exp_avg_sq[s.offset:s.offset + s.padded].isnan().all()
-        assert not b.param[s.offset:s.offset + s.padded].isnan().any()
-    for i in (0, 1, 3):
-        s = b.segments[i]
-        assert not torch.equal(b.param[s.offset:s.offset + s.numel],
-                               before[s.offset:s.offset + s.numel]), f"param {i} did not move"
-    for s in b.segments:
-        if s is not s2:
-            for name in ("param", "exp_avg", "exp_avg_sq"):
-                pad = getattr(b, name)[s.offset + s.numel:s.offset + s.padded]
-                assert (pad == 0).all(), f"{name}: padding changed"

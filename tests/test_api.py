@@ -1,4 +1,4 @@
-"""The torch.optim contract: errors, checkpoints, copies, hooks, state access, flat buffers."""
+"""The torch.optim contract: errors, checkpoints, copies, hooks, state access, memory layout."""
 
 from __future__ import annotations
 
@@ -248,7 +248,10 @@ def test_params_moved_after_building_are_followed(backend, device):
         assert torch.allclose(p.detach().cpu(), q, **CLOSE), describe(p, q)
 
 
-def test_module_to_dtype_after_building():
+def test_module_to_dtype_after_building_is_refused_then_converted_on_purpose():
+    """Decision: a dtype change after steps (model.to(float64), model.half()) is refused with
+    an error naming the param and both dtypes, before anything changes; torch's own for-loop
+    fails there too (lerp_ of mixed dtypes). Converting the state is one explicit call."""
     model = torch.nn.Linear(8, 4)
     opt = FusedAdamW(model.parameters(), lr=1e-2)
     model(torch.randn(2, 8)).sum().backward()
@@ -257,6 +260,11 @@ def test_module_to_dtype_after_building():
     opt.zero_grad()
     model(torch.randn(2, 8, dtype=torch.float64)).sum().backward()
     before = model.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"param 0 of param group 0 is torch.float64 but its "
+                                           r"optimizer state 'exp_avg' is torch.float32"):
+        opt.step()
+    assert torch.equal(before, model.weight) and opt.state[model.weight]["step"] == 1
+    opt.load_state_dict(opt.state_dict())  # casts state to the params' dtype, as torch does
     opt.step()
     assert model.weight.dtype == torch.float64 and not torch.equal(before, model.weight)
     assert opt.state[model.weight]["exp_avg"].dtype == torch.float64
@@ -283,31 +291,34 @@ def test_zero_redundancy_optimizer_wraps_fused(tmp_path):
         dist.destroy_process_group()
 
 
-# ---------------------------------------------------------------------------- flat buffers
+# ---------------------------------------------------------------------------- memory layout
 
 
 @pytest.mark.parametrize("backend,device", CELLS)
-def test_params_and_state_are_views_into_aligned_flat_buffers(backend, device):
+def test_params_stay_where_they_live_and_state_shares_their_layout(backend, device):
+    """No param moves; each state tensor has its param's shape, strides (transposed,
+    channels_last kept) and 16-byte phase, so that param and state share the vector grid."""
     a = make([7, ("T", (5, 3)), ("CL", (2, 3, 4, 4)), ("C", (3,)), ()], device=device)
-    strides = [p.stride() for p in a]
+    buf = torch.zeros(64, device=device)
+    a[0].data = buf[3:10].copy_(a[0].detach())  # a param at an odd element offset
+    ptrs, strides = [p.data_ptr() for p in a], [p.stride() for p in a]
     opt = FusedAdamW(a, backend=backend)
-    train(opt, a, 1, 0, device)
-    # One bucket for the real params, one for the complex one (torch.save needs one dtype
-    # of view per storage).
-    assert len(opt._buckets) == 2
-    for p, s in zip(a, strides):
-        (bucket,) = [b for b in opt._buckets if any(q is p for q in b.params)]
-        assert p.untyped_storage().data_ptr() == bucket.param.untyped_storage().data_ptr()
-        assert p.data_ptr() % 16 == 0
-        assert p.stride() == s, "flattening keeps each param's memory format"
+    train(opt, a, 2, 0, device)
+    for p, ptr, stride in zip(a, ptrs, strides):
+        assert p.data_ptr() == ptr and p.stride() == stride
         st = opt.state[p]
-        assert st["exp_avg"].untyped_storage().data_ptr() == \
-            bucket.exp_avg.untyped_storage().data_ptr()
-        assert st["exp_avg"].dtype == p.dtype and st["step"].device == p.device
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert st[key].dtype == p.dtype and st[key].stride() == p.stride()
+            assert st[key].data_ptr() % 16 == p.data_ptr() % 16
+        assert st["step"].device == p.device and st["step"].dtype == torch.float32
+    assert torch.equal(buf[3:10], a[0].detach())
 
 
 @pytest.mark.parametrize("backend,device", CELLS)
-def test_zero_grad_set_to_none_false_is_the_copy_free_fast_path(backend, device, monkeypatch):
+def test_no_grad_copy_on_any_zero_grad(backend, device, monkeypatch):
+    """Grads are read where they are: neither the default zero_grad() (fresh grads every step)
+    nor set_to_none=False (the same grads every step) makes step() copy anything, and the
+    table is built once."""
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(),
                                 torch.nn.Linear(16, 1)).to(device)
     twin = copy.deepcopy(model).cpu()
@@ -317,15 +328,18 @@ def test_zero_grad_set_to_none_false_is_the_copy_free_fast_path(backend, device,
     copies = []
     real_copy = torch._foreach_copy_
     monkeypatch.setattr(torch, "_foreach_copy_", lambda *a: copies.append(1) or real_copy(*a))
-    for step in range(5):
+    for step in range(6):
+        set_to_none = step < 3
         for o, m, xx in ((opt, model, x.to(device)), (ref, twin, x)):
-            o.zero_grad(set_to_none=False)
+            o.zero_grad(set_to_none=set_to_none)
             m(xx).pow(2).sum().backward()
             o.step()
-        if step >= 1:  # from the second step on grads are views into the flat buffer
-            (bucket,) = opt._buckets
-            assert all(p.grad is v for p, v in zip(bucket.params, bucket.grad_views))
-    assert len(copies) == 1, "only the first step (autograd-allocated grads) copies"
+        if step == 4:
+            grads = [p.grad for p in model.parameters()]
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads)), "grads kept"
+    assert not copies
+    (table,) = opt._tables.values()
+    assert table.rebuilds == 1
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(p.detach().cpu(), q, **CLOSE), describe(p, q)
 
@@ -416,8 +430,8 @@ def test_zero_grad_defaults_to_set_to_none():
 
 
 def test_tensor_subclass_params_raise_clearly():
-    """DTensor params (FSDP2) cannot be moved into a flat buffer; say so instead of failing
-    somewhere inside step()."""
+    """Tensor subclasses other than Parameter and DTensor (FSDP2) are refused up front with
+    their name, instead of failing somewhere inside step()."""
     class Shard(torch.Tensor):
         pass
 

@@ -30,8 +30,9 @@ def header_writes() -> list[str]:
 
 
 def reference_writes() -> list[str]:
-    """The same from reference.adamw_update_: assignments, in-place method chains (x.op_())
-    and out= arguments, in statement order."""
+    """The same from reference.adamw_update_: assignments, in-place method chains (x.op_()),
+    in-place foreach calls (torch._foreach_op_(x, ...) writes x) and out= arguments, in
+    statement order."""
     tree = ast.parse(inspect.getsource(reference.adamw_update_))
     writes = []
 
@@ -47,7 +48,10 @@ def reference_writes() -> list[str]:
                 f = call.func
                 while isinstance(f, ast.Attribute) and isinstance(f.value, ast.Call):
                     f = f.value.func
-                if isinstance(f, ast.Attribute) and f.attr.endswith("_"):
+                if (isinstance(f, ast.Attribute) and f.attr.startswith("_foreach_")
+                        and f.attr.endswith("_")):
+                    writes.append(call.args[0].id)
+                elif isinstance(f, ast.Attribute) and f.attr.endswith("_"):
                     writes.append(f.value.id)
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.stmt,)):
@@ -61,4 +65,9 @@ def test_reference_mirrors_header_order():
     expected = ["grad", "param", "exp_avg", "grad_sq", "exp_avg_sq", "second_moment",
                 "max_exp_avg_sq", "second_moment", "denom", "param"]
     assert header_writes() == expected  # the parser reads the header as intended
-    assert reference_writes() == expected
+    # A foreach line writes one of the header's values in several in-place calls, and the
+    # torch code has temporaries the header does not name: compare the header's names in
+    # order, consecutive repeats collapsed.
+    ours = [w for w in reference_writes() if w in set(expected)]
+    ours = [w for i, w in enumerate(ours) if i == 0 or w != ours[i - 1]]
+    assert ours == expected
