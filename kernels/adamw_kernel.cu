@@ -357,7 +357,10 @@ std::string launch_adamw_cuda(const AdamWParams& p, bool has_max, int device,
   if (fn == nullptr) return "launch_adamw_cuda: unknown dtype code " +
                             std::to_string(static_cast<int>(p.dtype));
   DeviceGuard guard(device);
-  if (guard.error() != cudaSuccess) return cuda_error("cudaSetDevice", guard.error());
+  if (guard.error() != cudaSuccess) {
+    cudaGetLastError();  // clear it: the next step's launch check would report it as its own
+    return cuda_error("cudaSetDevice", guard.error());
+  }
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   const int64_t step_blocks = (p.n_rows + kThreads - 1) / kThreads;
   const unsigned int step_grid =

@@ -26,6 +26,18 @@ else:
         REASON = (f"fused_adamw._C was built for version {getattr(C, '__version__', '?')} but "
                   f"the package is {__version__}; rebuild it (pip install -e . / pip install .)")
         C = None
+    else:
+        # A build from other sources of the same version (an editable install not rebuilt
+        # after a header change) would read the tables with another layout: refuse it.
+        from . import _table
+
+        layout = {"tile_elems": _table.TILE_ELEMS, "row_cols": _table.ROW_COLS,
+                  "hparam_cols": _table.HPARAM_COLS}
+        built = {k: getattr(C, k, None) for k in layout}
+        if built != layout:
+            REASON = (f"fused_adamw._C was built with table layout {built} but the Python "
+                      f"package expects {layout}; rebuild it (pip install -e . / pip install .)")
+            C = None
 
 _cuda_device_reasons: dict[int, str | None] = {}
 

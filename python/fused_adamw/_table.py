@@ -63,7 +63,9 @@ HP_EPS = 3
 HP_WEIGHT_DECAY = 4
 HP_MAXIMIZE = 5
 HP_AMSGRAD = 6
-HPARAM_COLS = 8
+HP_DECAY_MODE = 7  # 0.0: decoupled decay (AdamW), 1.0: L2 added to the grad (Adam)
+HP_MAX_LR = 8  # decouple_lr: the group's max_lr; 0.0: torch's decay lr * weight_decay
+HPARAM_COLS = 16  # 64-byte rows; columns 9-15 spare
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -100,6 +102,12 @@ _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
 _grad_of = operator.attrgetter("grad")
 _is_sparse = operator.attrgetter("is_sparse")
+_numel = torch.Tensor.numel
+
+
+class Repartition(Exception):
+    """A param no longer belongs to its table (its dtype or device changed): the optimizer
+    rebuilds its tables and prepares again."""
 
 _COMPLEX_TO_REAL = {
     torch.complex64: torch.float32,
@@ -183,6 +191,24 @@ def span(t: torch.Tensor) -> tuple[int, int]:
     return (start, start + extent * t.element_size())
 
 
+def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors whose byte spans overlap share an element. Dense tensors do; strided
+    ones (the two column halves of one matrix) may interleave without sharing: marked on a
+    scratch byte map of the span (only at a table rebuild, only for such a pair)."""
+    a, b = real(a), real(b)
+    if is_dense(a) and is_dense(b):
+        return True
+    size = a.element_size()
+    (sa, ea), (sb, eb) = span(a), span(b)
+    lo, hi = min(sa, sb), max(ea, eb)
+    if b.element_size() != size or (sa - lo) % size or (sb - lo) % size or hi - lo > 1 << 30:
+        return True  # not on one element grid (or too large to map): assume the worst
+    marks = torch.zeros((hi - lo) // size, dtype=torch.uint8)
+    for t, start in ((a, sa), (b, sb)):
+        marks.as_strided(t.shape, t.stride(), (start - lo) // size).add_(1)
+    return bool((marks > 1).any())
+
+
 def zeros_at_phase(like: torch.Tensor, phase_bytes: int) -> torch.Tensor:
     """``torch.zeros_like(like)`` (same strides: ``like`` is dense) whose data sits
     ``phase_bytes`` into a 16-byte vector, so that it shares the vector grid of a param there.
@@ -216,7 +242,7 @@ class Row:
     index: int  # the param's position in Table.params
     group: int
     param: torch.Tensor
-    grad: torch.Tensor
+    grad: torch.Tensor | None  # only on tables that stage or view grads (see Table.release)
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     max_exp_avg_sq: torch.Tensor | None
@@ -266,10 +292,12 @@ class Table:
         # What the rows were built from (compared with the live tensors every step).
         self.data_ptrs: list[int] | None = None
         self.locals: list | None = None
-        self.grads_seen: list | None = None
+        self.grad_ids: list[int] | None = None
         self.mask: list[bool] | None = None
-        self.active_grads: list = []
         self.grad_ptrs: list[int] = []
+        self.numels: list[int] = []  # the rows' element counts (what fresh grads must have)
+        self.state_tensors: list[torch.Tensor] = []  # every state tensor the rows point to
+        self.state_ptrs: list[int] = []
         self.amsgrad_sig: tuple | None = None
         self.fast_grads = False  # fresh grads may be swapped in without a rebuild
         # What the kernels read.
@@ -304,18 +332,27 @@ class Table:
             locals_ = params
             grads = list(map(_grad_of, params))
         data_ptrs = list(map(_data_ptr, locals_))
-        if data_ptrs != self.data_ptrs or (
-                self.has_dtensor and not all(map(operator.is_, locals_, self.locals))):
+        if (data_ptrs != self.data_ptrs
+                or (self.has_dtensor and not all(map(operator.is_, locals_, self.locals)))
+                # A param re-viewed at the same address (p.data = p.data.t()).
+                or (self.fast_grads and not all(map(_is_contiguous, locals_)))
+                # A state tensor whose storage was swapped (state["exp_avg"].data = t).
+                or list(map(_data_ptr, self.state_tensors)) != self.state_ptrs):
             rebuild = True
         rebuild = rebuild or amsgrad_sig != self.amsgrad_sig
-        seen = self.grads_seen
-        if (not rebuild and seen is not None and len(seen) == len(grads)
-                and all(map(operator.is_, grads, seen))):
-            # The same grad tensors as last step (zero_grad(set_to_none=False), DDP buckets).
-            grad_ptrs = list(map(_data_ptr, self.active_grads))
+        # NOTE on ids: the table keeps the ids and addresses of last step's grads, not the
+        # grads (holding them would keep a grad-sized buffer alive through the next forward
+        # and backward). A new grad may get a freed one's id; it is then taken as the same
+        # only if it also has the same address, which makes the row right as it is.
+        grad_ids = list(map(id, grads))
+        if not rebuild and grad_ids == self.grad_ids:
+            # The same grads as last step (zero_grad(set_to_none=False), DDP bucket views).
+            active_grads = list(compress(grads, self.mask))
+            grad_ptrs = list(map(_data_ptr, active_grads))
             if grad_ptrs == self.grad_ptrs:
-                return Plan("same" if self.rows else "idle")
-            return Plan("grads", grads, self.mask, self.active_grads, grad_ptrs)
+                return Plan("same" if self.rows else "idle", grads, self.mask, active_grads,
+                            grad_ptrs)
+            # Same objects, new storage (p.grad.data = t): checked like fresh grads below.
         mask = list(map(operator.is_not, grads, repeat(None)))
         if not any(mask):
             return Plan("idle", grads, mask)
@@ -327,8 +364,9 @@ class Table:
                 f"{describe(self.names[i], local(params[i]))} has a sparse grad; use "
                 "torch.optim.SparseAdam for sparse params")
         if (not rebuild and mask == self.mask and self.fast_grads
-                and all(map(_is_contiguous, active_grads))):
-            # Fresh grads (the default zero_grad()): dense like their params, new addresses.
+                and all(map(_is_contiguous, active_grads))
+                and list(map(_numel, active_grads)) == self.numels):
+            # Fresh grads (the default zero_grad()): contiguous like their params, new addresses.
             return Plan("grads", grads, mask, active_grads, list(map(_data_ptr, active_grads)))
         return self._plan_rebuild(opt, grads, mask, active_grads, data_ptrs, locals_)
 
@@ -340,6 +378,8 @@ class Table:
         for i in compress(range(len(grads)), mask):
             p, lp, g = self.params[i], locals_[i], grads[i]
             name = self.names[i]
+            if storage_dtype(lp) != self.dtype or lp.device != self.device:
+                raise Repartition()
             if g.dtype != lp.dtype or g.shape != lp.shape or g.device != lp.device:
                 raise RuntimeError(
                     f"{describe(name, lp)} on {lp.device} has a grad of shape "
@@ -361,6 +401,16 @@ class Table:
                 fix_step = not (isinstance(step, torch.Tensor) and step.dtype == torch.float32
                                 and step.dim() == 0 and step.device == lp.device
                                 and not is_dtensor(step))
+                if fix_step:
+                    try:
+                        ok = torch.as_tensor(local(step) if is_dtensor(step) else step,
+                                             dtype=torch.float32).numel() == 1
+                    except (TypeError, ValueError, RuntimeError):
+                        ok = False
+                    if not ok:
+                        raise TypeError(
+                            f"the optimizer state 'step' of {name} is {step!r}; it must be a "
+                            "number or a one-element tensor")
             rows.append(_RowPlan(i, gi, p, lp, g, st or None, amsgrad, fix_step))
         return Plan("rebuild", grads, mask, active_grads, [], data_ptrs, locals_, rows)
 
@@ -398,7 +448,7 @@ class Table:
             spans.append((start, end, i))
         spans.sort()
         for (s0, e0, i0), (s1, e1, i1) in zip(spans, spans[1:]):
-            if s1 < e0:
+            if s1 < e0 and _share_elements(locals_[i0], locals_[i1]):
                 a, b = sorted((i0, i1))
                 raise RuntimeError(
                     f"{describe(self.names[a], locals_[a])} and "
@@ -410,22 +460,30 @@ class Table:
         """Carries out a plan of :meth:`prepare`: allocates state (torch's keys, at a param's
         first step with a grad), rebuilds or patches the rows and uploads them."""
         if plan.kind == "idle":
-            self.grads_seen = plan.grads or None
+            self.grad_ids = list(map(id, plan.grads)) if plan.grads else None
             self.mask = plan.mask or None
-            self.active_grads, self.grad_ptrs = [], []
-            self.n_rows = self.n_tiles = 0
+            self.grad_ptrs, self.numels = [], []
+            self.state_tensors, self.state_ptrs = [], []
             self.rows, self.kernel_grads = [], []
             self._rebuild_packed()
             return
         if plan.kind == "same":
+            if self.fast_grads:
+                self.kernel_grads = plan.active_grads
             return
-        if plan.kind == "grads":  # only on fast tables: every grad dense, real, unstaged
+        if plan.kind == "grads":  # only on fast tables: every grad contiguous, real, unstaged
             self.kernel_grads = plan.active_grads
-            self.grads_seen, self.mask = plan.grads, plan.mask
-            self.active_grads, self.grad_ptrs = plan.active_grads, plan.grad_ptrs
+            self.grad_ids, self.mask = list(map(id, plan.grads)), plan.mask
+            self.grad_ptrs = plan.grad_ptrs
             self._patch_grads(plan.grad_ptrs)
             return
         self._build_rows(plan, opt)
+
+    def release(self) -> None:
+        """Drops this step's grads after the launch (the table keeps their ids and addresses):
+        a grad freed by zero_grad() must not stay alive through the next backward."""
+        if self.fast_grads:
+            self.kernel_grads = []
 
     def _build_rows(self, plan: Plan, opt) -> None:
         self.stage_in, self.stage_out = [], []
@@ -438,7 +496,12 @@ class Table:
             phase = lp.data_ptr() % ALIGN_BYTES if dense else 0
             st = rp.state
             if st is None:
-                st = opt.state[rp.param]  # an entry that tracks edits
+                # An entry that tracks edits (unless opt.state was replaced by a dict of the
+                # user's: then the optimizer re-reads state every step).
+                try:
+                    st = opt.state[rp.param]
+                except KeyError:  # a plain dict
+                    st = opt.state[rp.param] = {}
                 st["step"] = torch.zeros((), dtype=torch.float32, device=lp.device)
                 st["exp_avg"] = self._wrap(rp.param, zeros_at_phase(like, phase))
                 st["exp_avg_sq"] = self._wrap(rp.param, zeros_at_phase(like, phase))
@@ -466,13 +529,25 @@ class Table:
                 tensors.append(direct if direct is not None else self._stage(walk, t, out=True))
             rows.append(Row(rp.index, rp.group, walk, grad, tensors[0], tensors[1], tensors[2],
                             st["step"]))
+            if type(dict.get(opt.state, rp.param)) is dict and hasattr(opt.state, "_owner"):
+                opt.state[rp.param] = st  # a plain dict put in by update(): track its edits
         self.rows = rows
         self.kernel_grads = [r.grad for r in rows]
         # A table with staged or complex rows is rebuilt whenever fresh grads arrive.
         self.fast_grads = fast and not any(p.is_complex() for p in plan.locals)
+        if self.fast_grads:
+            for r in rows:
+                r.grad = None  # kept only by kernel_grads, and only until release()
+        state_tensors = []
+        for rp in plan.rows:
+            st = dict.get(opt.state, rp.param)
+            keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if rp.amsgrad else ())
+            state_tensors.extend(local(st[k]) for k in keys)
+        self.state_tensors = state_tensors
+        self.state_ptrs = list(map(_data_ptr, state_tensors))
+        self.numels = [r.param.numel() for r in rows]
         self.data_ptrs, self.locals = plan.data_ptrs, plan.locals
-        self.grads_seen, self.mask = plan.grads, plan.mask
-        self.active_grads = plan.active_grads
+        self.grad_ids, self.mask = list(map(id, plan.grads)), plan.mask
         self.grad_ptrs = list(map(_data_ptr, plan.active_grads))
         self.amsgrad_sig = tuple(bool(g["amsgrad"]) for g in opt.param_groups)
         self.torch_lists = None
@@ -504,10 +579,11 @@ class Table:
                                           stride=param.stride())
 
     def _row_tuples(self) -> list[tuple]:
-        return [(r.param.data_ptr(), r.grad.data_ptr(), r.exp_avg.data_ptr(),
+        return [(r.param.data_ptr(), g.data_ptr(), r.exp_avg.data_ptr(),
                  r.exp_avg_sq.data_ptr(),
                  r.max_exp_avg_sq.data_ptr() if r.max_exp_avg_sq is not None else 0,
-                 r.step.data_ptr(), r.param.numel(), r.group) for r in self.rows]
+                 r.step.data_ptr(), r.param.numel(), r.group)
+                for r, g in zip(self.rows, self.kernel_grads)]
 
     def _rebuild_packed(self) -> None:
         host, n_tiles = pack_table(self._row_tuples(), self.itemsize)

@@ -1,8 +1,9 @@
-"""FusedAdamW: torch.optim.AdamW's signature, state and state_dict; one fused step per
-(device, dtype) over params and grads where they live."""
+"""FusedAdamW and FusedAdam: torch.optim.AdamW's and torch.optim.Adam's signatures, state and
+state_dict; one fused step per (device, dtype) over params and grads where they live."""
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections import defaultdict
 from collections.abc import Iterable
@@ -94,19 +95,19 @@ def _plain_state(d):
     return defaultdict(dict, {k: dict(v) for k, v in d.items()})
 
 
+def _no_dynamo(fn):
+    """Runs ``fn`` eagerly under torch.compile (a graph break at the call), as torch does for
+    Optimizer.zero_grad and state_dict: step() keeps Python state (its tables) that Dynamo must
+    not trace. Registering the kernels as torch operators is what would remove the break."""
+    disable = getattr(torch, "_disable_dynamo", None)
+    return disable(fn) if disable is not None else fn
+
+
 def _is_plain(t) -> bool:
     return type(t) is Tensor or issubclass(type(t), torch.nn.Parameter) or _table.is_dtensor(t)
 
 
-class FusedAdamW(torch.optim.Optimizer):
-    r"""AdamW whose step is one fused pass per (device, dtype): a drop-in ``torch.optim.AdamW``.
-
-    Same signature, defaults, param groups, ``state[p]`` keys and ``state_dict`` schema as
-    ``torch.optim.AdamW``; the per-element arithmetic is torch's fused CUDA AdamW's
-    (``kernels/adamw_math.cuh``). Params and grads are read and written where they live (a
-    user's tensor, a DDP or ZeRO bucket, an FSDP2 shard): the optimizer owns its state and
-    nothing else.
-
+_ARGS_DOC = r"""
     Args:
         params: params or param groups, as for any torch optimizer. FSDP2 (DTensor) params
             are stepped on their local shards.
@@ -115,19 +116,52 @@ class FusedAdamW(torch.optim.Optimizer):
         betas: coefficients of the running averages of the gradient and its square; floats
             or one-element Tensors. Default: (0.9, 0.999).
         eps: added to the denominator; a float or a one-element Tensor. Default: 1e-8.
-        weight_decay: decoupled weight decay; the step multiplies params by
-            ``1 - lr * weight_decay``. A float or a one-element Tensor. Default: 1e-2.
+        weight_decay: {weight_decay}
         amsgrad: use the maximum of past squared-gradient averages. Default: False.
-        maximize: maximize the objective instead of minimizing it. Default: False.
         foreach: accepted for compatibility and ignored: every step is fused. Default: None.
+        maximize: maximize the objective instead of minimizing it. Default: False.
         capturable: accepted for compatibility. Step counts always live on the param's
             device; CUDA-graph capture of ``step()`` is not supported yet. Default: False.
         differentiable: must be False: a fused step cannot be differentiated through.
-        fused: accepted for compatibility and ignored: every step is fused. Default: None.
+        fused: accepted for compatibility and ignored: every step is fused.
+            Default: None.{decoupled}
         backend: ``"auto"`` (default) picks, per device and dtype, the first of cuda,
             triton, cpu and torch that can run, quietly; a named backend that cannot run
             raises :class:`~fused_adamw.BackendUnavailableError` saying why.
+        decouple_lr: the paper's decoupled decay (Loshchilov & Hutter, 2019): the step
+            multiplies params by ``1 - weight_decay * lr / max_lr`` instead of
+            ``1 - lr * weight_decay``, where ``max_lr`` is the group's ``"max_lr"``: a float
+            snapshot of its lr when the group was created (set it yourself, e.g. to the peak
+            of your schedule; ``OneCycleLR`` writes its peak there when built). ``lr / max_lr``
+            is the schedule multiplier, so ``weight_decay`` keeps its meaning when the lr is
+            tuned. For a constant lr, ``weight_decay_paper = lr * weight_decay_torch``.
+            Needs decoupled weight decay. Default: False.
+
+    A group with decouple_lr carries ``"decouple_lr": True`` and ``"max_lr"`` besides torch's
+    keys; other groups have exactly torch's keys (what ``torch.distributed.checkpoint`` needs
+    to load torch's checkpoints into this optimizer and back), and a group without the key
+    (a torch checkpoint's, loaded) uses torch's decay.
     """
+
+
+class FusedAdam(torch.optim.Optimizer):
+    __doc__ = r"""Adam, one fused pass per (device, dtype) a step: a drop-in ``torch.optim.Adam``.
+
+    Same signature, defaults, param groups, ``state[p]`` keys and ``state_dict`` schema as
+    ``torch.optim.Adam`` (checkpoints load into and from it); the per-element arithmetic is
+    torch's fused CUDA Adam's (``kernels/adamw_math.cuh``). Weight decay is L2 by default, as
+    torch's: ``g = -g`` if maximize, then ``g = g + weight_decay * p``, then the adaptive
+    step. ``decoupled_weight_decay=True`` makes it AdamW (:class:`FusedAdamW`), per param
+    group. Params and grads are read and written where they live (a user's tensor, a DDP or
+    ZeRO bucket, an FSDP2 shard): the optimizer owns its state and nothing else.
+    """ + _ARGS_DOC.format(
+        weight_decay="L2 penalty added to the gradient (``g + weight_decay * p``), or with "
+        "decoupled_weight_decay the decoupled decay of FusedAdamW. A float or a one-element "
+        "Tensor. Default: 0.",
+        decoupled="\n        decoupled_weight_decay: AdamW's decoupled decay instead of L2 "
+        "(torch's flag). Default: False.")
+
+    _torch_name = "Adam"  # the torch optimizer this class stands in for (messages)
 
     def __init__(
         self,
@@ -135,29 +169,36 @@ class FusedAdamW(torch.optim.Optimizer):
         lr: float | Tensor = 1e-3,
         betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
         eps: float | Tensor = 1e-8,
-        weight_decay: float | Tensor = 1e-2,
+        weight_decay: float | Tensor = 0,
         amsgrad: bool = False,
         *,
-        maximize: bool = False,
         foreach: bool | None = None,
+        maximize: bool = False,
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
         backend: str = "auto",
+        decouple_lr: bool = False,
     ) -> None:
         if differentiable:
             raise NotImplementedError(
-                "FusedAdamW does not support differentiable=True: its step is a fused kernel "
-                "that autograd cannot differentiate through; use torch.optim.AdamW"
+                f"{type(self).__name__} does not support differentiable=True: its step is a "
+                "fused kernel that autograd cannot differentiate through; use "
+                f"torch.optim.{self._torch_name}"
             )
         _check_hyperparameters(lr, betas, eps, weight_decay)
         self._owner = _Owner()
         self._backend_request = _dispatch.check_name(backend)
+        # Not in defaults: torch's add_param_group would give every group the key (see the
+        # class docstring on group keys).
+        self._decouple_lr = bool(decouple_lr)
         self._reset_caches()
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, foreach=foreach, capturable=capturable,
-            differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
+            differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
         )
         super().__init__(params, defaults)  # add_param_group checks each group's backend
         self.state = _State(self._owner)
@@ -175,6 +216,7 @@ class FusedAdamW(torch.optim.Optimizer):
         state = {k: v for k, v in state.items()
                  if k not in ("_tables", "_layout", "_hparams", "_owner", "_state_obj")}
         state["_backend_request"] = self._backend_request
+        state["_decouple_lr"] = self._decouple_lr
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -185,10 +227,15 @@ class FusedAdamW(torch.optim.Optimizer):
         self.state = _State(self._owner, {k: _ParamState(self._owner, v)
                                           for k, v in self.state.items()})
         self._state_obj = self.state
+        self.__dict__.setdefault("_decouple_lr", False)
         for group in self.param_groups:
             for key, value in _FLAG_DEFAULTS.items():
                 group.setdefault(key, value)
-            group["decoupled_weight_decay"] = True  # as torch's AdamW.__setstate__
+            # as torch's Adam.__setstate__ (FusedAdamW forces True, as torch's AdamW)
+            group.setdefault("decoupled_weight_decay", False)
+            # No decouple_lr key: torch's decay. A group with it and no max_lr: its lr now.
+            if group.get("decouple_lr"):
+                group.setdefault("max_lr", _lr_snapshot(group["lr"]))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group``; every check (ours and torch's) runs before the group is
@@ -230,7 +277,14 @@ class FusedAdamW(torch.optim.Optimizer):
             if isinstance(p, Tensor):
                 _dispatch.choose(self._backend_request, _table.local(p).device,
                                  _table.storage_dtype(p))
-        super().add_param_group({**param_group, "params": params})
+        group = {**param_group, "params": params}
+        if group.get("decouple_lr", self._decouple_lr):
+            group["decouple_lr"] = True
+            # max_lr: a float snapshot of the lr now (a Tensor lr is filled in place by
+            # schedulers: an alias would follow it). decouple_lr divides by it.
+            group.setdefault("max_lr", _lr_snapshot(group.get("lr", self.defaults["lr"])))
+        _decay_form({**self.defaults, **group}, index)
+        super().add_param_group(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)  # goes through __setstate__: tables rebuilt
@@ -286,7 +340,7 @@ class FusedAdamW(torch.optim.Optimizer):
         changed, a device-side copy for each Tensor hyperparameter."""
         rows, tensors = [], []
         for gi, g in enumerate(self.param_groups):
-            row, tens = _hparam_row(g)
+            row, tens = _hparam_row(g, gi)
             rows.append(row)
             tensors.extend((gi, col, v) for col, v in tens)
         for t in self._tables.values():
@@ -311,6 +365,7 @@ class FusedAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
 
+    @_no_dynamo
     @torch.no_grad()
     def step(self, closure=None):
         """Performs one optimization step.
@@ -330,15 +385,17 @@ class FusedAdamW(torch.optim.Optimizer):
         key = self._layout_key()
         if self._tables is None or self._layout_changed(key):
             self._build_tables(key)
-        if self.state is not self._state_obj:  # optimizer.state was reassigned
-            self.state = _State(self._owner, {k: _ParamState(self._owner, v)
-                                              for k, v in self.state.items()})
-            self._state_obj = self.state
-            self._owner.dirty = True
-        dirty = self._owner.dirty
+        # optimizer.state replaced by the user's own dict: it stays theirs (as with torch), and
+        # its edits cannot be tracked, so every step re-reads it.
+        dirty = self._owner.dirty or self.state is not self._state_obj
         amsgrad_sig = tuple(bool(g["amsgrad"]) for g in self.param_groups)
-        tables = list(self._tables.values())
-        plans = [t.prepare(self, dirty, amsgrad_sig) for t in tables]  # raises before changes
+        try:
+            tables = list(self._tables.values())
+            plans = [t.prepare(self, dirty, amsgrad_sig) for t in tables]  # raises before changes
+        except _table.Repartition:  # a param changed dtype or device: new tables
+            self._build_tables(key)
+            tables = list(self._tables.values())
+            plans = [t.prepare(self, True, amsgrad_sig) for t in tables]
         self._refresh_hparams()
         for t, plan in zip(tables, plans):
             t.commit(plan, self)
@@ -348,10 +405,96 @@ class FusedAdamW(torch.optim.Optimizer):
                 t.stage_before()
                 t.backend.step(t)
                 t.stage_after()
+            t.release()
         return loss
 
 
-def _hparam_row(group: dict) -> tuple[list[float], list[tuple[int, Tensor]]]:
+class FusedAdamW(FusedAdam):
+    __doc__ = r"""AdamW, one fused pass per (device, dtype) a step: a drop-in ``torch.optim.AdamW``.
+
+    Same signature, defaults, param groups, ``state[p]`` keys and ``state_dict`` schema as
+    ``torch.optim.AdamW``; the per-element arithmetic is torch's fused CUDA AdamW's
+    (``kernels/adamw_math.cuh``). As torch's ``AdamW`` is an ``Adam`` with
+    ``decoupled_weight_decay=True``, this is :class:`FusedAdam` with it; a checkpoint loaded
+    into it (an Adam one included) steps as AdamW. Params and grads are read and written where
+    they live (a user's tensor, a DDP or ZeRO bucket, an FSDP2 shard): the optimizer owns its
+    state and nothing else.
+    """ + _ARGS_DOC.format(
+        weight_decay="decoupled weight decay; the step multiplies params by "
+        "``1 - lr * weight_decay`` (``1 - weight_decay * lr / max_lr`` with decouple_lr). "
+        "A float or a one-element Tensor. Default: 1e-2.",
+        decoupled="")
+
+    _torch_name = "AdamW"
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float | Tensor = 1e-8,
+        weight_decay: float | Tensor = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str = "auto",
+        decouple_lr: bool = False,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+            capturable=capturable, differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=True, backend=backend, decouple_lr=decouple_lr,
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True  # as torch's AdamW.__setstate__
+
+
+def _lr_snapshot(lr) -> float:
+    """A group's max_lr default: its lr now, as a float (never the Tensor itself)."""
+    return float(lr.detach().reshape(())) if isinstance(lr, Tensor) else float(lr)
+
+
+def _decay_form(group: dict, index: int) -> tuple[float, float]:
+    """The (decay mode, max_lr) columns of a group's hparams row: mode 0.0 decoupled, 1.0 L2;
+    max_lr 0.0 for torch's ``lr * wd``. Raises ValueError for a decouple_lr that cannot
+    work (checked when a group is added and at every step, so edits of a group are caught)."""
+    decoupled = bool(group["decoupled_weight_decay"])
+    if not group.get("decouple_lr", False):
+        return (0.0 if decoupled else 1.0), 0.0
+    where = f"param group {index}"
+    if not decoupled:
+        raise ValueError(
+            f"{where}: decouple_lr=True needs decoupled weight decay, but the group has "
+            "decoupled_weight_decay=False (Adam's L2 adds weight_decay * p to the gradient: "
+            "there is no lr in it to decouple). Use FusedAdamW or "
+            "FusedAdam(..., decoupled_weight_decay=True), or decouple_lr=False")
+    max_lr = group.get("max_lr")
+    if max_lr is None:
+        raise ValueError(
+            f"{where}: decouple_lr=True decays by weight_decay * lr / max_lr, but the group has "
+            "no max_lr; set group['max_lr'] = float(peak_lr)")
+    if isinstance(max_lr, bool) or not isinstance(max_lr, numbers.Real):
+        raise TypeError(
+            f"{where}: max_lr must be a float (the peak lr the decay is relative to), got "
+            f"{type(max_lr).__name__}; set group['max_lr'] = float(peak_lr)")
+    wd = group["weight_decay"]
+    if not max_lr > 0 and (isinstance(wd, Tensor) or wd != 0):
+        raise ValueError(
+            f"{where}: decouple_lr=True decays by weight_decay * lr / max_lr, but max_lr is "
+            f"{max_lr!r} (by default the group's lr when the group was created: a group "
+            "created with lr=0 has max_lr 0). Set group['max_lr'] to the peak lr of your "
+            "schedule (> 0), or weight_decay=0")
+    return 0.0, float(max_lr) if max_lr > 0 else 0.0
+
+
+def _hparam_row(group: dict, index: int = 0) -> tuple[list[float], list[tuple[int, Tensor]]]:
     """One row of the hyperparameter table from a param group, and its Tensor values (written
     as NaN in the row; the optimizer copies them on the device)."""
     row = [0.0] * _table.HPARAM_COLS
@@ -367,6 +510,7 @@ def _hparam_row(group: dict) -> tuple[list[float], list[tuple[int, Tensor]]]:
             row[col] = float(value)
     row[_table.HP_MAXIMIZE] = float(bool(group["maximize"]))
     row[_table.HP_AMSGRAD] = float(bool(group["amsgrad"]))
+    row[_table.HP_DECAY_MODE], row[_table.HP_MAX_LR] = _decay_form(group, index)
     return row, tensors
 
 
