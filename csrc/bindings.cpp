@@ -143,7 +143,7 @@ PYBIND11_MODULE(_C, m) {
       "Arguments: data pointers (int) of rows (int64 [n_rows, 8]: per param the addresses of "
       "its param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (0 without amsgrad) and step "
       "tensors, its numel and its group), tile_starts (int64 [n_rows + 1]) and hparams "
-      "(float32 [n_groups, 8]); n_rows, n_tiles, n_groups, the dtype code (0 float32, "
+      "(float32 [n_groups, 16]); n_rows, n_tiles, n_groups, the dtype code (0 float32, "
       "1 bfloat16, 2 float16). Layout: kernels/adamw_params.h. Nothing is checked beyond "
       "nulls and alignment: the caller (fused_adamw._table) validates the tensors. Every "
       "row's step count advances by one, then its elements are updated.";

@@ -8,8 +8,8 @@
 // round_to_nearest_even, c10/util/Half.h fp16_ieee_{from,to}_fp32_value), so stores round
 // exactly as torch's do, NaN included (bf16 NaN -> 0x7FC0).
 //
-// NOTE on vectorization: the loop is specialized on (dtype, amsgrad, maximize, decay) so that
-// no branch is left in it, and compiled three times (x86-64-v4, x86-64-v3, baseline) with
+// NOTE on vectorization: the loop is specialized on (dtype, amsgrad, maximize, weight decay
+// form: none, decoupled or L2) so that no branch is left in it, and compiled three times (x86-64-v4, x86-64-v3, baseline) with
 // target_clones: a portable wheel that uses AVX-512/AVX2+FMA where the CPU has them. fmaf is
 // a single instruction only with FMA; on the baseline clone it is glibc's correctly rounded
 // fmaf (same result, slower). Built with -ffp-contract=off (the fp16 conversion relies on
@@ -121,7 +121,10 @@ struct F16 {
 // one tile: no branch left in the element loop
 // ------------------------------------------------------------------------------------------
 
-template <typename D, bool AMSGRAD, bool MAXIMIZE, bool DECAY>
+// The weight decay form of a tile (the header's s.l2 and weight_decay != 0, made constant).
+enum class Decay { kNone, kDecoupled, kL2 };
+
+template <typename D, bool AMSGRAD, bool MAXIMIZE, Decay DECAY>
 FUSED_ADAMW_INLINE void tile_loop(const int64_t* r, int64_t first, int64_t n, AdamWScalars s) {
   using T = typename D::Storage;
   T* __restrict__ param = reinterpret_cast<T*>(r[kRowParam]) + first;
@@ -132,8 +135,9 @@ FUSED_ADAMW_INLINE void tile_loop(const int64_t* r, int64_t first, int64_t n, Ad
       AMSGRAD ? reinterpret_cast<T*>(r[kRowMaxExpAvgSq]) + first : nullptr;
   s.amsgrad = AMSGRAD;
   s.maximize = MAXIMIZE;
-  if (!DECAY) s.weight_decay = 0.0f;  // folds the header's "weight_decay != 0" test away
-  // With DECAY the test is true for the whole tile; gcc unswitches it out of the loop.
+  s.l2 = DECAY == Decay::kL2;  // folds the header's "s.l2" test away
+  if (DECAY == Decay::kNone) s.weight_decay = 0.0f;  // and its "weight_decay != 0" test
+  // With kDecoupled the test is true for the whole tile; gcc unswitches it out of the loop.
   for (int64_t i = 0; i < n; ++i) {
     float pf = D::load(param[i]);
     float mf = D::load(exp_avg[i]);
@@ -150,13 +154,22 @@ FUSED_ADAMW_INLINE void tile_loop(const int64_t* r, int64_t first, int64_t n, Ad
 template <typename D, bool AMSGRAD>
 FUSED_ADAMW_INLINE void tile_dispatch(const int64_t* r, int64_t first, int64_t n,
                                       const AdamWScalars& s) {
-  const bool decay = s.weight_decay != 0.0f;
+  const Decay decay = s.l2 ? Decay::kL2
+                            : (s.weight_decay != 0.0f ? Decay::kDecoupled : Decay::kNone);
   if (s.maximize) {
-    decay ? tile_loop<D, AMSGRAD, true, true>(r, first, n, s)
-          : tile_loop<D, AMSGRAD, true, false>(r, first, n, s);
+    switch (decay) {
+      case Decay::kNone: return tile_loop<D, AMSGRAD, true, Decay::kNone>(r, first, n, s);
+      case Decay::kDecoupled:
+        return tile_loop<D, AMSGRAD, true, Decay::kDecoupled>(r, first, n, s);
+      case Decay::kL2: return tile_loop<D, AMSGRAD, true, Decay::kL2>(r, first, n, s);
+    }
   } else {
-    decay ? tile_loop<D, AMSGRAD, false, true>(r, first, n, s)
-          : tile_loop<D, AMSGRAD, false, false>(r, first, n, s);
+    switch (decay) {
+      case Decay::kNone: return tile_loop<D, AMSGRAD, false, Decay::kNone>(r, first, n, s);
+      case Decay::kDecoupled:
+        return tile_loop<D, AMSGRAD, false, Decay::kDecoupled>(r, first, n, s);
+      case Decay::kL2: return tile_loop<D, AMSGRAD, false, Decay::kL2>(r, first, n, s);
+    }
   }
 }
 

@@ -47,9 +47,11 @@ constexpr int kHpBeta1 = 1;
 constexpr int kHpBeta2 = 2;
 constexpr int kHpEps = 3;
 constexpr int kHpWeightDecay = 4;
-constexpr int kHpMaximize = 5;  // 0.0 or 1.0
-constexpr int kHpAmsgrad = 6;   // 0.0 or 1.0
-constexpr int kHparamCols = 8;  // one spare column keeps rows 32-byte aligned
+constexpr int kHpMaximize = 5;    // 0.0 or 1.0
+constexpr int kHpAmsgrad = 6;     // 0.0 or 1.0
+constexpr int kHpDecayMode = 7;   // 0.0: decoupled decay (AdamW), 1.0: L2 added to the grad (Adam)
+constexpr int kHpMaxLr = 8;       // decouple_lr: the group's max_lr (> 0); 0.0: torch's lr * wd
+constexpr int kHparamCols = 16;   // 64-byte rows; columns 9-15 spare (0.0)
 
 enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 

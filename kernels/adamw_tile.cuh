@@ -47,8 +47,9 @@ FUSED_ADAMW_HD TileWork tile_work_in_row(const AdamWParams& p, int64_t tile, int
   const float* hp = p.hparams + r[kRowGroup] * kHparamCols;
   const float step = *reinterpret_cast<const float*>(r[kRowStep]);
   w.s = adamw_scalars(hp[kHpLr], hp[kHpBeta1], hp[kHpBeta2], hp[kHpEps], hp[kHpWeightDecay],
-                      step, hp[kHpMaximize] != 0.0f,
-                      hp[kHpAmsgrad] != 0.0f && r[kRowMaxExpAvgSq] != 0);
+                      hp[kHpMaxLr], step, hp[kHpMaximize] != 0.0f,
+                      hp[kHpAmsgrad] != 0.0f && r[kRowMaxExpAvgSq] != 0,
+                      hp[kHpDecayMode] != 0.0f);
   return w;
 }
 

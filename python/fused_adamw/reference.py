@@ -31,16 +31,27 @@ class AdamWScalars(NamedTuple):
     beta2: torch.Tensor
     eps: torch.Tensor
     weight_decay: torch.Tensor
+    decay: torch.Tensor  # L2: weight_decay; else the decoupled factor lr*wd or (lr/max_lr)*wd
     bias_correction1: torch.Tensor  # 1 - beta1^step, one entry per param
     bias_correction2_sqrt: torch.Tensor  # sqrt(1 - beta2^step), one entry per param
 
 
-def adamw_scalars(lr, beta1, beta2, eps, weight_decay, steps) -> AdamWScalars:
+def adamw_scalars(lr, beta1, beta2, eps, weight_decay, steps, max_lr=None,
+                  l2=False) -> AdamWScalars:
     """Mirror of ``adamw_scalars`` in adamw_math.cuh for the params of one group: the
-    hyperparameters are 0-d tensors, ``steps`` a 1-d tensor of the params' step counts."""
+    hyperparameters are 0-d tensors, ``steps`` a 1-d tensor of the params' step counts.
+    ``max_lr``: None for torch's decay ``lr * wd``, else decouple_lr's max_lr (a 0-d tensor);
+    ``l2``: the group's decay mode (Adam's L2: decay is weight_decay). The header's tests of
+    them are known on the host here."""
+    if l2:
+        decay = weight_decay
+    elif max_lr is None:
+        decay = lr * weight_decay
+    else:
+        decay = (lr / max_lr) * weight_decay
     bias_correction1 = 1 - torch.pow(beta1, steps)
     bias_correction2_sqrt = torch.sqrt(1 - torch.pow(beta2, steps))
-    return AdamWScalars(lr, beta1, beta2, eps, weight_decay, bias_correction1,
+    return AdamWScalars(lr, beta1, beta2, eps, weight_decay, decay, bias_correction1,
                         bias_correction2_sqrt)
 
 
@@ -55,16 +66,23 @@ def adamw_update_(
     maximize: bool,
     amsgrad: bool,
     decay: bool,
+    l2: bool = False,
 ) -> None:
     """Mirror of ``adamw_update`` in adamw_math.cuh, in place on lists of opmath tensors.
 
-    ``decay`` is ``weight_decay != 0`` (known on the host; the header tests it per element).
+    ``decay`` is ``weight_decay != 0`` (known on the host; the header tests it per element);
+    ``l2`` is the group's decay mode (Adam's L2), the header's ``s.l2`` being ``l2 and decay``.
     ``grad`` is not modified.
     """
     if maximize:
         grad = torch._foreach_neg(grad)
-    if decay:
-        torch._foreach_sub_(param, torch._foreach_mul(param, s.lr * s.weight_decay))  # p-(lr*wd)*p
+    if l2 and decay:
+        # Adam's L2 (decay is weight_decay): torch's fused CUDA Adam writes grad += param *
+        # weight_decay (an fma there; here the product rounds once more, see the NOTE on
+        # rounding)
+        grad = torch._foreach_add(grad, torch._foreach_mul(param, s.decay))
+    elif decay:
+        torch._foreach_sub_(param, torch._foreach_mul(param, s.decay))  # p - decay*p
     torch._foreach_mul_(exp_avg, s.beta1)  # b1*m + (1-b1)*g
     torch._foreach_add_(exp_avg, torch._foreach_mul(grad, 1 - s.beta1))
     grad_sq = torch._foreach_mul(grad, grad)

@@ -39,7 +39,9 @@ class TorchBackend:
             steps = torch.stack(lists["steps"]).to(op)
             s = adamw_scalars(hp[group, _table.HP_LR], hp[group, _table.HP_BETA1],
                               hp[group, _table.HP_BETA2], hp[group, _table.HP_EPS],
-                              hp[group, _table.HP_WEIGHT_DECAY], steps)
+                              hp[group, _table.HP_WEIGHT_DECAY], steps,
+                              hp[group, _table.HP_MAX_LR] if row[_table.HP_MAX_LR] else None,
+                              bool(row[_table.HP_DECAY_MODE]))
             amsgrad = lists["max_exp_avg_sq"] is not None
             bufs = [lists["param"], lists["exp_avg"], lists["exp_avg_sq"]]
             if amsgrad:
@@ -51,7 +53,8 @@ class TorchBackend:
                 g = [t.to(op) for t in g]
             adamw_update_(work[0], g, work[1], work[2], work[3] if amsgrad else None, s,
                           maximize=bool(row[_table.HP_MAXIMIZE]), amsgrad=amsgrad,
-                          decay=row[_table.HP_WEIGHT_DECAY] != 0)
+                          decay=row[_table.HP_WEIGHT_DECAY] != 0,
+                          l2=bool(row[_table.HP_DECAY_MODE]))
             if work is not bufs:
                 for b, w in zip(bufs, work):
                     torch._foreach_copy_(b, w)

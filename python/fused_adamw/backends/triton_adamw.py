@@ -14,7 +14,8 @@ NOTE on IEEE division and sqrt: on NVIDIA GPUs Triton lowers ``a / b`` on fp32 t
 NOTE on contraction: Triton lets LLVM/ptxas fuse an fp32 multiply and add into an fma
 (``enable_fp_fusion`` defaults to True). The helpers contain no such pair: every fma of the
 header is an explicit ``tl.fma``, ``grad * grad`` only feeds fmas, and the other products feed
-``tl.div_rn``, which is not contracted. Keep it that way when editing (or launch with
+``tl.div_rn`` or (the decay factor of :func:`adamw_scalars`) the multiplicand of an fma, neither
+of which is contracted. Keep it that way when editing (or launch with
 ``enable_fp_fusion=False``).
 
 NOTE on pow: the header's ``powf(beta, step)`` is, under nvcc, libdevice's ``__nv_powf``. On a
@@ -63,8 +64,18 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def adamw_scalars(lr, beta1, beta2, eps, weight_decay, step, LIBDEVICE_POW: tl.constexpr):
-    """Mirror of ``adamw_scalars`` in adamw_math.cuh (maximize and amsgrad pass through)."""
+def adamw_scalars(lr, beta1, beta2, eps, weight_decay, max_lr, step, l2,
+                  LIBDEVICE_POW: tl.constexpr):
+    """Mirror of ``adamw_scalars`` in adamw_math.cuh (maximize and amsgrad pass through).
+    ``max_lr`` is 0 for torch's decay ``lr * wd``, else decouple_lr's max_lr; ``l2`` the
+    group's decay mode (Adam's L2)."""
+    # NOTE on rounding: lr * weight_decay on the default path, as the header.
+    if l2:
+        decay = weight_decay
+    elif max_lr != 0.0:
+        decay = tl.div_rn(lr, max_lr) * weight_decay
+    else:
+        decay = lr * weight_decay
     if LIBDEVICE_POW:
         bias_correction1 = 1.0 - libdevice.pow(beta1, step)
         bias_correction2_sqrt = tl.sqrt_rn(1.0 - libdevice.pow(beta2, step))
@@ -75,20 +86,25 @@ def adamw_scalars(lr, beta1, beta2, eps, weight_decay, step, LIBDEVICE_POW: tl.c
         pow2 = tl.exp2(step64 * tl.log2(beta2.to(tl.float64))).to(tl.float32)
         bias_correction1 = 1.0 - pow1
         bias_correction2_sqrt = tl.sqrt_rn(1.0 - pow2)
-    return lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt
+    l2 = l2 & (weight_decay != 0.0)  # torch adds wd * p only when wd != 0 (0 * inf = NaN)
+    return (lr, beta1, beta2, eps, weight_decay, decay, bias_correction1, bias_correction2_sqrt,
+            l2)
 
 
 @triton.jit
 def adamw_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
-                 lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt,
-                 maximize, amsgrad):
+                 lr, beta1, beta2, eps, weight_decay, decay, bias_correction1,
+                 bias_correction2_sqrt, maximize, amsgrad, l2):
     """Mirror of ``adamw_update`` in adamw_math.cuh on fp32 blocks; returns the new
     (param, exp_avg, exp_avg_sq, max_exp_avg_sq). ``max_exp_avg_sq`` is meaningful only when
     ``amsgrad``."""
     if maximize:
         grad = -grad
-    if weight_decay != 0.0:
-        param = tl.fma(-(lr * weight_decay), param, param)  # p - (lr*wd)*p
+    # Adam's L2: torch's fused CUDA Adam writes grad += param * weight_decay, an fma (decay is
+    # weight_decay here); a select, as the header (see its NOTE on the select).
+    grad = tl.where(l2, tl.fma(param, decay, grad), grad)
+    if (not l2) and (weight_decay != 0.0):
+        param = tl.fma(-decay, param, param)  # p - decay*p (decay: lr*wd, or wd*lr/max_lr)
     exp_avg = tl.fma(beta1, exp_avg, tl.fma(-beta1, grad, grad))  # b1*m + (1-b1)*g
     grad_sq = grad * grad
     exp_avg_sq = tl.fma(beta2, exp_avg_sq, tl.fma(-beta2, grad_sq, grad_sq))
@@ -153,7 +169,8 @@ def row_of_tile(tile_starts_ptr, n_rows, tile):
 def adamw_kernel(
     rows_ptr,  # *int64 [n_rows, ROW_COLS]: addresses of param, grad, exp_avg, exp_avg_sq, max, step; numel; group
     tile_starts_ptr,  # *int64 [n_rows + 1]: the first tile of each row
-    hparams_ptr,  # *fp32 [n_groups, HPARAM_COLS]: lr, beta1, beta2, eps, wd, maximize, amsgrad
+    hparams_ptr,  # *fp32 [n_groups, HPARAM_COLS]: lr, beta1, beta2, eps, wd, maximize, amsgrad,
+    #               decay mode, max_lr
     n_rows,  # rows in the table
     DTYPE: tl.constexpr,  # the storage element type of every row (tl.float32, bfloat16, float16)
     ELEM_BYTES: tl.constexpr,  # its size
@@ -183,13 +200,16 @@ def adamw_kernel(
 
     # ---------------------------------------------------------------- load this param's scalars
     hp = hparams_ptr + tl.load(row + 7) * HPARAM_COLS  # _table.ROW_GROUP
-    lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt = adamw_scalars(
+    (lr, beta1, beta2, eps, weight_decay, decay, bias_correction1, bias_correction2_sqrt,
+     l2) = adamw_scalars(
         tl.load(hp + 0).to(tl.float32),  # _table.HP_LR
         tl.load(hp + 1).to(tl.float32),  # _table.HP_BETA1
         tl.load(hp + 2).to(tl.float32),  # _table.HP_BETA2
         tl.load(hp + 3).to(tl.float32),  # _table.HP_EPS
         tl.load(hp + 4).to(tl.float32),  # _table.HP_WEIGHT_DECAY
+        tl.load(hp + 8).to(tl.float32),  # _table.HP_MAX_LR
         tl.load(step_ptr),
+        tl.load(hp + 7) != 0.0,  # _table.HP_DECAY_MODE
         LIBDEVICE_POW,
     )
     maximize = tl.load(hp + 5) != 0.0  # _table.HP_MAXIMIZE
@@ -224,8 +244,8 @@ def adamw_kernel(
         # ------------------------------------------------------------ compute in fp32
         param, exp_avg, exp_avg_sq, max_exp_avg_sq = adamw_update(
             param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
-            lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt,
-            maximize, amsgrad,
+            lr, beta1, beta2, eps, weight_decay, decay, bias_correction1, bias_correction2_sqrt,
+            maximize, amsgrad, l2,
         )
 
         # ------------------------------------------------------------ store, fp32 -> storage dtype
