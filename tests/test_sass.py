@@ -176,10 +176,10 @@ def mutant_narrow_store(src: str) -> str:
     (volatile, so not merged back) stores."""
     a, b = _launch_bounds_span(src)
     src = src[:a] + src[b:]
-    store = re.compile(r"^(\s*)param\[v\] = rp;", re.M)
+    store = re.compile(r"^(\s*)store_global\(param \+ v, rp\);", re.M)
     if not store.search(src):
-        raise AssertionError("tests/test_sass.py: no `param[v] = rp;` in kernels/adamw_kernel.cu "
-                             "any more: update the mutation")
+        raise AssertionError("tests/test_sass.py: no `store_global(param + v, rp);` in "
+                             "kernels/adamw_kernel.cu any more: update the mutation")
     return store.sub(
         r"\1{ volatile unsigned int* p32 = reinterpret_cast<volatile unsigned int*>(param + v);"
         r" p32[0] = rp.x; p32[1] = rp.y; p32[2] = rp.z; p32[3] = rp.w; }", src, count=1)
