@@ -112,7 +112,8 @@ int runtime_version() { return fused_adamw::cuda_runtime_version(); }
 int driver_version() { return fused_adamw::cuda_driver_version(); }
 #else
 constexpr bool kHasCuda = false;
-constexpr const char* kNoCuda = "fused_adamw._C was built without CUDA (no nvcc at build time)";
+constexpr const char* kNoCuda =
+    "fused_adamw._C was built without CUDA (no nvcc at build time, or FUSED_ADAMW_NO_CUDA=1)";
 
 void step_cuda(std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t, int64_t, int,
                bool, int, std::uintptr_t) {

@@ -103,3 +103,23 @@ def test_plain_import_on_this_machine_does_not_warn():
     proc = subprocess.run([sys.executable, "-W", "error", "-c", "import fused_adamw"],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_auto_warns_once_per_gpu_when_the_cuda_kernel_cannot_run_there(monkeypatch):
+    """backend='auto' falls back quietly, but a GPU without a usable kernel (a build for other
+    archs, an old driver) is said once per device at the first optimizer that uses it."""
+    from fused_adamw import _dispatch
+    from fused_adamw._install_check import BuildWarning
+
+    _dispatch._load("torch")
+    reasons = {"cuda": "the kernel cannot run on sm_90 (compiled for 80)",
+               "triton": "Triton is not installed"}
+    monkeypatch.setattr(_dispatch, "unavailable_reason", lambda name, d, dt: reasons.get(name))
+    monkeypatch.setattr(_dispatch, "_warned_devices", set())
+    monkeypatch.delenv("FUSED_ADAMW_NO_BUILD_WARNING", raising=False)
+    gpu = torch.device("cuda", 3)
+    with pytest.warns(BuildWarning, match=r"cuda:3 \(the kernel cannot run on sm_90"):
+        assert _dispatch.choose("auto", gpu, torch.float32).name == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _dispatch.choose("auto", gpu, torch.bfloat16).name == "torch"  # once per GPU

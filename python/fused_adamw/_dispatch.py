@@ -8,6 +8,8 @@ that can run, quietly. A backend asked for by name that cannot run raises
 from __future__ import annotations
 
 import importlib
+import os
+import warnings
 from typing import Any
 
 import torch
@@ -62,8 +64,11 @@ def choose(name: str, device: torch.device, dtype: torch.dtype):
     """The backend object that will step a bucket of (device, dtype)."""
     if name == "auto":
         for candidate in AUTO_ORDER.get(device.type, _DEFAULT_ORDER):
-            if unavailable_reason(candidate, device, dtype) is None:
+            reason = unavailable_reason(candidate, device, dtype)
+            if reason is None:
                 return _loaded[candidate]
+            if candidate == "cuda" and device.type == "cuda":
+                _warn_cuda_kernel_missing(device, reason)
         raise BackendUnavailableError(f"no backend can run on {device} with {dtype}")
     reason = unavailable_reason(name, device, dtype)
     if reason is not None:
@@ -71,6 +76,27 @@ def choose(name: str, device: torch.device, dtype: torch.dtype):
             f'backend="{name}" cannot run on {device} with {dtype}: {reason}'
         )
     return _loaded[name]
+
+
+_warned_devices: set = set()
+
+
+def _warn_cuda_kernel_missing(device: torch.device, reason: str) -> None:
+    """Once per GPU, at the first optimizer that uses it: auto falls back quietly, but a user
+    with a GPU should learn that the CUDA kernel cannot run there (a build for other archs, an
+    old driver, no CUDA in the build). The import-time check (``_install_check``) covers
+    builds without CUDA without touching any GPU; this one runs where a context exists."""
+    if "dtype" in reason or os.environ.get("FUSED_ADAMW_NO_BUILD_WARNING") == "1":
+        return  # a dtype the kernel never takes (float64): nothing is missing
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key in _warned_devices:
+        return
+    _warned_devices.add(key)
+    from ._install_check import REBUILD, BuildWarning
+
+    warnings.warn(f"fused_adamw: the CUDA kernel cannot run on cuda:{key} ({reason}); "
+                  f"backend='auto' uses the next backend instead. {REBUILD}", BuildWarning,
+                  stacklevel=4)
 
 
 def report() -> dict[str, dict[str, str | None]]:

@@ -56,7 +56,8 @@ def cuda_unavailable_reason(device_index: int) -> str | None:
     if C is None:
         return REASON
     if not C.has_cuda:
-        return "fused_adamw._C was built without CUDA (no nvcc found at build time)"
+        return ("fused_adamw._C was built without CUDA (no nvcc found at build time, or "
+                "FUSED_ADAMW_NO_CUDA=1; `python -m fused_adamw` says which)")
     if device_index not in _cuda_device_reasons:
         err = C.cuda_device_error(int(device_index))
         _cuda_device_reasons[device_index] = err or None
