@@ -12,50 +12,18 @@ from __future__ import annotations
 
 import collections
 import io
-import os
 import re
 
 import pytest
 import torch
 
+from _oracle import draw, new_opt, torch_adamw, torch_lacks, twin
 from _trajectory import describe, max_err, real
 from conftest import backend_cells
-from fused_adamw import FusedAdamW
 
-IMPL = os.environ.get("FUSED_ADAMW_TEST_IMPL", "fused")  # "torch": validate the tests
 CELLS = backend_cells()
 SIZES = [0, 1, 3, 7, 16383, 16385]
 EPS32 = torch.finfo(torch.float32).eps
-
-torch_lacks = pytest.mark.skipif(
-    IMPL == "torch", reason="specifies behaviour torch.optim.AdamW does not have")
-
-
-def new_opt(params, backend="auto", **kw):
-    """The optimizer under test: FusedAdamW (or torch's, with FUSED_ADAMW_TEST_IMPL=torch)."""
-    kw.setdefault("lr", 1e-2)
-    if IMPL == "torch":
-        return torch.optim.AdamW(params, foreach=False, **kw)
-    return FusedAdamW(params, backend=backend, **kw)
-
-
-def torch_adamw(params, **kw):
-    """The oracle: torch's for-loop AdamW."""
-    kw.setdefault("lr", 1e-2)
-    return torch.optim.AdamW(params, foreach=False, **kw)
-
-
-def twin(params, dtype=None, device="cpu"):
-    """Fresh contiguous Parameters with the same values: the oracle's params."""
-    return [torch.nn.Parameter(p.detach().to(device, dtype or p.dtype).clone(
-        memory_format=torch.contiguous_format), requires_grad=p.requires_grad) for p in params]
-
-
-def draw(p, gen):
-    """A random grad for ``p``, drawn on the CPU in float32 (complex64) and rounded to p's
-    dtype, so every side gets the same values whatever its dtype."""
-    base = torch.complex64 if p.is_complex() else torch.float32
-    return torch.randn(p.shape, generator=gen, dtype=base).to(p.dtype)
 
 
 def train(runs, steps, gen, place=None):
