@@ -24,6 +24,7 @@ from _trajectory import assert_trajectory_matches, describe, make, real
 from conftest import backend_cells
 from fused_adamw import FusedAdam, FusedAdamW, _table
 from fused_adamw.optimizer import _hparam_row
+from test_ext import _header_step
 
 CELLS = backend_cells()
 S = torch.optim.lr_scheduler
@@ -257,45 +258,13 @@ def test_adam_default_has_no_weight_decay():
 # ------------------------------------------------------------------------------------------
 
 
-def fmaf(a, b, c):
-    """fmaf on float32 arrays, correctly rounded: a*b is exact in float64; the float64 sum is
-    moved to its odd neighbour when inexact (round to odd), so that rounding it to float32
-    rounds once."""
-    a, b, c = np.broadcast_arrays(*(np.asarray(x, dtype=np.float32) for x in (a, b, c)))
-    prod, c64 = a.astype(np.float64) * b.astype(np.float64), c.astype(np.float64)
-    s = prod + c64
-    bb = s - prod
-    e = (prod - (s - bb)) + (c64 - bb)
-    even = (s.view(np.int64) & 1) == 0
-    s = np.where((e != 0) & even, np.nextafter(s, np.where(e > 0, np.inf, -np.inf)), s)
-    return s.astype(np.float32)
-
-
 def header_step(p, g, m, v, vmax, group, step):
-    """kernels/adamw_math.cuh, adamw_scalars then adamw_update, op for op in numpy float32."""
-    f = np.float32
-    lr, eps, wd = f(group["lr"]), f(group["eps"]), f(group["weight_decay"])
-    b1, b2 = (f(b) for b in group["betas"])
-    max_lr = f(group["max_lr"]) if group.get("decouple_lr") else f(0)
-    l2 = not group["decoupled_weight_decay"]
-    decay = wd if l2 else ((lr / max_lr) * wd if max_lr != 0 else lr * wd)
-    bc1 = f(1) - f(np.float64(b1) ** np.float64(step))  # powf: correctly rounded here
-    bc2_sqrt = np.sqrt(f(1) - f(np.float64(b2) ** np.float64(step)))
-    if group["maximize"]:
-        g = -g
-    if l2 and wd != 0:
-        g = fmaf(p, decay, g)
-    elif wd != 0:
-        p = fmaf(-decay, p, p)
-    m = fmaf(b1, m, fmaf(-b1, g, g))
-    gsq = g * g
-    v = fmaf(b2, v, fmaf(-b2, gsq, gsq))
-    second = v
-    if group["amsgrad"]:
-        vmax = np.where(vmax < v, v, vmax)
-        second = vmax
-    denom = np.sqrt(second) / bc2_sqrt + eps
-    return p - ((lr / bc1) * m) / denom, m, v, vmax
+    """kernels/adamw_math.cuh in numpy float32, from a param group: tests/test_ext.py's op-for-op
+    evaluation (exact fmaf), fed the group's row of the hyperparameter table."""
+    row, _ = _hparam_row(group)
+    out = _header_step(*(torch.from_numpy(np.ascontiguousarray(x)) for x in (p, g, m, v, vmax)),
+                       row, step)
+    return tuple(t.numpy() for t in out)
 
 
 def test_cpu_loop_is_the_header_arithmetic_in_every_form():

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from _oracle import draw, new_opt, torch_adamw, torch_lacks, twin
+from _oracle import atol_for, draw, new_opt, torch_adamw, torch_lacks, twin
 from _trajectory import describe, max_err, real
 from conftest import backend_cells
 
@@ -32,16 +32,6 @@ def train(runs, steps, gen):
             for p, g in zip(params, grads):
                 p.grad = g.to(p.device, p.dtype).clone()
             opt.step()
-
-
-def atol_for(theirs) -> float:
-    """Our arithmetic is torch's fused fp32 fma form, torch's for-loop rounds differently
-    (Python-double hyperparameters, lerp): the two trajectories drift apart by rounding,
-    measured 3.8e-6 (8 ulp) after 30 steps at lr 1e-2 on params up to |4.2|. 64 ulp of the
-    largest |param| leaves room for that walk and is still 300x smaller than one step's move
-    (~lr = 1e-2), so a wrong or missing update cannot hide in it."""
-    scale = max([real(t).abs().max().item() for t in theirs if t.numel()] + [1.0])
-    return 64 * EPS32 * scale
 
 
 def assert_close(ours, theirs, what="param", atol=None):
