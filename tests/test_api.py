@@ -41,6 +41,11 @@ def train(opt, params, steps, seed, device="cpu"):
     (dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1"),
     (dict(betas=(0.9, torch.tensor(0.999))), "both floats or both Tensors"),
     (dict(lr=torch.tensor([1e-3, 1e-3])), "Tensor lr must be 1-element"),
+    (dict(betas=(0, 0.99)), "both floats or both Tensors"),
+    (dict(lr=torch.tensor(1e-3), foreach=True),
+     "lr as a Tensor is not supported for capturable=False and foreach=True"),
+    (dict(betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True),
+     r"betas\[0\] as a Tensor is not supported for capturable=False and foreach=True"),
     (dict(backend="cudnn"), "Invalid backend: 'cudnn'"),
 ])
 def test_bad_hyperparameters_raise_like_torch(kwargs, message):
@@ -61,15 +66,31 @@ def test_differentiable_raises():
         FusedAdamW(make([3]), differentiable=True)
 
 
+def test_tensor_betas_are_squeezed_like_torch():
+    opt = FusedAdamW(make([3]), betas=(torch.tensor([[0.9]]), torch.tensor([0.99])))
+    ref = torch.optim.AdamW(make([3]), betas=(torch.tensor([[0.9]]), torch.tensor([0.99])))
+    assert [b.shape for b in opt.param_groups[0]["betas"]] == \
+        [b.shape for b in ref.param_groups[0]["betas"]] == [(), ()]
+
+
 def test_non_floating_param_raises():
     with pytest.raises(TypeError, match="param 1 of param group 0 has dtype torch.int64"):
         FusedAdamW([make([3])[0], torch.zeros(3, dtype=torch.long)])
 
 
-def test_param_given_twice_raises():
+def test_param_given_twice_warns_like_torch_then_step_refuses():
+    """torch warns about a param given twice in a group (and updates it twice per step); the
+    construction does the same here, and step() refuses before changing anything, since one
+    fused step cannot update a param twice. Across groups both raise torch's error."""
     p = make([3])[0]
-    with pytest.raises(ValueError, match="param 1 of param group 0 .* more than once"):
-        FusedAdamW([p, p])
+    with pytest.warns(UserWarning, match="a parameter group with duplicate parameters"):
+        opt = FusedAdamW([p, p])
+    p.grad = torch.ones(3)
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="param 0 of param group 0 .* given to the optimizer "
+                                           "twice .*param 1 of param group 0"):
+        opt.step()
+    assert torch.equal(before, p) and len(opt.state) == 0
     with pytest.raises(ValueError, match="more than one parameter group"):
         FusedAdamW([{"params": [p]}, {"params": [p]}])
 

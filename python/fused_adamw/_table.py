@@ -450,6 +450,11 @@ class Table:
         for (s0, e0, i0), (s1, e1, i1) in zip(spans, spans[1:]):
             if s1 < e0 and _share_elements(locals_[i0], locals_[i1]):
                 a, b = sorted((i0, i1))
+                if self.params[a] is self.params[b]:
+                    raise RuntimeError(
+                        f"{describe(self.names[a], locals_[a])} is given to the optimizer "
+                        f"twice (again as {self.names[b]}); one fused step cannot update it "
+                        "twice (torch warns and does). Give each param once.")
                 raise RuntimeError(
                     f"{describe(self.names[a], locals_[a])} and "
                     f"{describe(self.names[b], locals_[b])} overlap in memory: one fused step "

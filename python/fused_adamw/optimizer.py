@@ -188,6 +188,22 @@ class FusedAdam(torch.optim.Optimizer):
                 f"torch.optim.{self._torch_name}"
             )
         _check_hyperparameters(lr, betas, eps, weight_decay)
+        # torch.optim.Adam's constructor-only checks, with its messages: foreach=True is
+        # ignored here (every step is fused) but refused with Tensor hyperparameters as torch
+        # refuses it, and betas are both floats or both Tensors (squeezed to 0-d).
+        if foreach and not capturable:
+            if isinstance(lr, Tensor):
+                raise ValueError(
+                    "lr as a Tensor is not supported for capturable=False and foreach=True")
+            for i, b in enumerate(betas):
+                if isinstance(b, Tensor):
+                    raise ValueError(f"betas[{i}] as a Tensor is not supported for "
+                                     "capturable=False and foreach=True")
+        if not (all(isinstance(b, float) for b in betas)
+                or all(isinstance(b, Tensor) for b in betas)):
+            raise ValueError("betas must be either both floats or both Tensors")
+        betas = tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b
+                      for b in betas)
         self._owner = _Owner()
         self._backend_request = _dispatch.check_name(backend)
         # Not in defaults: torch's add_param_group would give every group the key (see the
@@ -247,7 +263,8 @@ class FusedAdam(torch.optim.Optimizer):
             params = list(params)
         tensors = [p[1] if isinstance(p, tuple) else p for p in params]
         index = len(self.param_groups)
-        seen = set()
+        # A param given twice in a group: torch warns (its own check, below) and updates it
+        # twice per step; one fused step cannot, so step() refuses it, naming both positions.
         for j, p in enumerate(tensors):
             if not isinstance(p, Tensor):
                 continue  # torch's own check names the type
@@ -261,12 +278,6 @@ class FusedAdam(torch.optim.Optimizer):
                     f"param {j} of param group {index} is a {type(p).__name__}; FusedAdamW "
                     "steps plain tensors, Parameters and DTensors (FSDP2) only"
                 )
-            if id(p) in seen:
-                raise ValueError(
-                    f"param {j} of param group {index} (shape {tuple(p.shape)}) appears in "
-                    "the group more than once; give each param once"
-                )
-            seen.add(id(p))
         _check_hyperparameters(
             param_group.get("lr", self.defaults["lr"]),
             param_group.get("betas", self.defaults["betas"]),
