@@ -61,9 +61,34 @@ def test_bad_group_hyperparameters_raise():
         FusedAdamW([{"params": make([3]), "lr": -1.0}])
 
 
-def test_differentiable_raises():
-    with pytest.raises(NotImplementedError, match="differentiable"):
-        FusedAdamW(make([3]), differentiable=True)
+@pytest.mark.parametrize("cls", [FusedAdamW, fused_adamw.FusedAdam], ids=["adamw", "adam"])
+def test_differentiable_steps_like_torch_and_carries_gradients(cls):
+    """differentiable=True is torch's meta-learning mode: the update is part of the autograd
+    graph. It runs torch's own single-tensor Adam, so params, state and the gradient through
+    three steps equal torch's exactly (same code, same order)."""
+    torch_cls = torch.optim.AdamW if cls is FusedAdamW else torch.optim.Adam
+    results = []
+    for make_opt in (cls, torch_cls):
+        torch.manual_seed(0)
+        start = torch.randn(5, dtype=torch.float64, requires_grad=True)
+        p = start.clone()  # a non-leaf: allowed in differentiable mode, as in torch's tests
+        # amsgrad off: torch's own differentiable Adam (L2 + amsgrad) fails this 3-step backward
+        opt = make_opt([p], lr=0.1, weight_decay=0.1, differentiable=True)
+        for _ in range(3):
+            p.grad = torch.randn(5, dtype=torch.float64)
+            opt.step()
+        (dstart,) = torch.autograd.grad(p.sum(), start)
+        results.append((p.detach(), dstart, opt.state[p]["exp_avg"].detach(),
+                        opt.state[p]["step"]))
+    ours, theirs = results
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b), describe(a, b)
+    assert not torch.equal(ours[1], torch.ones(5, dtype=torch.float64)), "the step is in the graph"
+
+
+def test_fused_and_differentiable_refused_like_torch():
+    with pytest.raises(RuntimeError, match="`fused` does not support `differentiable`"):
+        FusedAdamW(make([3]), differentiable=True, fused=True)
 
 
 def test_tensor_betas_are_squeezed_like_torch():

@@ -122,7 +122,9 @@ _ARGS_DOC = r"""
         maximize: maximize the objective instead of minimizing it. Default: False.
         capturable: accepted for compatibility. Step counts always live on the param's
             device; CUDA-graph capture of ``step()`` is not supported yet. Default: False.
-        differentiable: must be False: a fused step cannot be differentiated through.
+        differentiable: autograd sees the update (meta-learning). No fused kernel offers
+            that: such groups are stepped by torch's own single-tensor Adam, at its speed.
+            Default: False.
         fused: accepted for compatibility and ignored: every step is fused.
             Default: None.{decoupled}
         backend: ``"auto"`` (default) picks, per device and dtype, the first of cuda,
@@ -161,8 +163,6 @@ class FusedAdam(torch.optim.Optimizer):
         decoupled="\n        decoupled_weight_decay: AdamW's decoupled decay instead of L2 "
         "(torch's flag). Default: False.")
 
-    _torch_name = "Adam"  # the torch optimizer this class stands in for (messages)
-
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -181,12 +181,8 @@ class FusedAdam(torch.optim.Optimizer):
         backend: str = "auto",
         decouple_lr: bool = False,
     ) -> None:
-        if differentiable:
-            raise NotImplementedError(
-                f"{type(self).__name__} does not support differentiable=True: its step is a "
-                "fused kernel that autograd cannot differentiate through; use "
-                f"torch.optim.{self._torch_name}"
-            )
+        if fused and differentiable:
+            raise RuntimeError("`fused` does not support `differentiable`")  # torch's message
         _check_hyperparameters(lr, betas, eps, weight_decay)
         # torch.optim.Adam's constructor-only checks, with its messages: foreach=True is
         # ignored here (every step is fused) but refused with Tensor hyperparameters as torch
@@ -318,7 +314,8 @@ class FusedAdam(torch.optim.Optimizer):
     def _layout_key(self) -> tuple:
         groups = self.param_groups
         flat = list(chain.from_iterable(map(_params_of, groups)))
-        return (groups, list(groups), list(map(len, map(_params_of, groups))), flat)
+        return (groups, list(groups), list(map(len, map(_params_of, groups))), flat,
+                [bool(g.get("differentiable")) for g in groups])
 
     def _layout_changed(self, key: tuple) -> bool:
         old = self._layout
@@ -326,11 +323,14 @@ class FusedAdam(torch.optim.Optimizer):
             return True
         return (key[0] is not old[0] or len(key[1]) != len(old[1])
                 or not all(map(operator.is_, key[1], old[1])) or key[2] != old[2]
-                or len(key[3]) != len(old[3]) or not all(map(operator.is_, key[3], old[3])))
+                or len(key[3]) != len(old[3]) or not all(map(operator.is_, key[3], old[3]))
+                or key[4] != old[4])
 
     def _build_tables(self, key: tuple) -> None:
         by_key: dict = {}
         for gi, group in enumerate(self.param_groups):
+            if group.get("differentiable"):
+                continue  # stepped by torch's differentiable code (_differentiable_step)
             for j, p in enumerate(group["params"]):
                 k = (_table.local(p).device, _table.storage_dtype(p))
                 entry = by_key.setdefault(k, ([], [], []))
@@ -417,7 +417,56 @@ class FusedAdam(torch.optim.Optimizer):
                 t.backend.step(t)
                 t.stage_after()
             t.release()
+        if any(key[4]):
+            self._differentiable_step()
         return loss
+
+    def _differentiable_step(self) -> None:
+        """Groups with ``differentiable=True``: autograd must see the update, which no fused
+        kernel offers, so they are stepped by torch's own single-tensor Adam
+        (``torch.optim.adam.adam(differentiable=True)``) with torch's state, on the tensors
+        where they live. As torch's ``differentiable`` mode, this is for meta-learning and
+        tests, not for speed."""
+        from torch.optim.adam import adam as torch_adam
+
+        with torch.enable_grad():
+            for gi, group in enumerate(self.param_groups):
+                if not group.get("differentiable"):
+                    continue
+                if group.get("decouple_lr"):
+                    raise NotImplementedError(
+                        f"param group {gi}: decouple_lr is not available with "
+                        "differentiable=True (torch's differentiable Adam has no such form)")
+                lists = ([], [], [], [], [], [])
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    if p.grad.is_sparse:
+                        raise RuntimeError("FusedAdamW does not support sparse gradients; "
+                                           "use torch.optim.SparseAdam")
+                    st = self.state[p]
+                    if len(st) == 0:
+                        st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        st["exp_avg_sq"] = torch.zeros_like(
+                            p, memory_format=torch.preserve_format)
+                    if group["amsgrad"] and "max_exp_avg_sq" not in st:
+                        st["max_exp_avg_sq"] = torch.zeros_like(
+                            p, memory_format=torch.preserve_format)
+                    for out, value in zip(lists, (p, p.grad, st["exp_avg"], st["exp_avg_sq"],
+                                                  st.get("max_exp_avg_sq"), st["step"])):
+                        if value is not None:
+                            out.append(value)
+                if not lists[0]:
+                    continue
+                beta1, beta2 = group["betas"]
+                torch_adam(*lists, foreach=False, capturable=False, differentiable=True,
+                           fused=None, grad_scale=None, found_inf=None,
+                           has_complex=any(map(torch.is_complex, lists[0])),
+                           decoupled_weight_decay=group["decoupled_weight_decay"],
+                           amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+                           weight_decay=group["weight_decay"], eps=group["eps"],
+                           maximize=group["maximize"])
 
 
 class FusedAdamW(FusedAdam):
@@ -435,8 +484,6 @@ class FusedAdamW(FusedAdam):
         "``1 - lr * weight_decay`` (``1 - weight_decay * lr / max_lr`` with decouple_lr). "
         "A float or a one-element Tensor. Default: 1e-2.",
         decoupled="")
-
-    _torch_name = "AdamW"
 
     def __init__(
         self,
