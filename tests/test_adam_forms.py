@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import pickle
 
 import numpy as np
@@ -23,6 +22,7 @@ import fused_adamw
 from _trajectory import assert_trajectory_matches, describe, make, real
 from conftest import backend_cells
 from fused_adamw import FusedAdam, FusedAdamW, _table
+from fused_adamw.demo import warmup_cosine  # the schedule the demo trains with
 from fused_adamw.optimizer import _hparam_row
 from test_ext import _header_step
 
@@ -42,16 +42,6 @@ CLOSE = dict(rtol=0, atol=64 * 1.2e-7 * 4)
 
 def shapes_for(backend, device):
     return SMALL_SHAPES if (backend == "triton" and device == "cpu") else SHAPES
-
-
-def warmup_cosine(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 # ------------------------------------------------------------------------------------------
