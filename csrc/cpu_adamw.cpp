@@ -124,11 +124,14 @@ struct F16 {
 // The weight decay form of a tile (the header's s.l2 and weight_decay != 0, made constant).
 enum class Decay { kNone, kDecoupled, kL2 };
 
-template <typename D, bool AMSGRAD, bool MAXIMIZE, Decay DECAY>
-FUSED_ADAMW_INLINE void tile_loop(const int64_t* r, int64_t first, int64_t n, AdamWScalars s) {
+// SCALED: GradScaler's grad_scale is set: the grad is divided by `scale` (adamw_unscale) and
+// the quotient stored back, as the CUDA kernel does.
+template <typename D, bool AMSGRAD, bool MAXIMIZE, Decay DECAY, bool SCALED>
+FUSED_ADAMW_INLINE void tile_loop(const int64_t* r, int64_t first, int64_t n, AdamWScalars s,
+                                  float scale) {
   using T = typename D::Storage;
   T* __restrict__ param = reinterpret_cast<T*>(r[kRowParam]) + first;
-  const T* __restrict__ grad = reinterpret_cast<const T*>(r[kRowGrad]) + first;
+  T* __restrict__ grad = reinterpret_cast<T*>(r[kRowGrad]) + first;
   T* __restrict__ exp_avg = reinterpret_cast<T*>(r[kRowExpAvg]) + first;
   T* __restrict__ exp_avg_sq = reinterpret_cast<T*>(r[kRowExpAvgSq]) + first;
   T* __restrict__ max_exp_avg_sq =
@@ -143,7 +146,12 @@ FUSED_ADAMW_INLINE void tile_loop(const int64_t* r, int64_t first, int64_t n, Ad
     float mf = D::load(exp_avg[i]);
     float vf = D::load(exp_avg_sq[i]);
     float xf = AMSGRAD ? D::load(max_exp_avg_sq[i]) : 0.0f;
-    adamw_update(pf, D::load(grad[i]), mf, vf, xf, s);
+    float gf = D::load(grad[i]);
+    if (SCALED) {
+      gf = adamw_unscale(gf, scale);
+      grad[i] = D::store(gf);
+    }
+    adamw_update(pf, gf, mf, vf, xf, s);
     param[i] = D::store(pf);
     exp_avg[i] = D::store(mf);
     exp_avg_sq[i] = D::store(vf);
@@ -151,24 +159,28 @@ FUSED_ADAMW_INLINE void tile_loop(const int64_t* r, int64_t first, int64_t n, Ad
   }
 }
 
-template <typename D, bool AMSGRAD>
+template <typename D, bool AMSGRAD, bool SCALED>
 FUSED_ADAMW_INLINE void tile_dispatch(const int64_t* r, int64_t first, int64_t n,
-                                      const AdamWScalars& s) {
+                                      const AdamWScalars& s, float scale) {
   const Decay decay = s.l2 ? Decay::kL2
                             : (s.weight_decay != 0.0f ? Decay::kDecoupled : Decay::kNone);
   if (s.maximize) {
     switch (decay) {
-      case Decay::kNone: return tile_loop<D, AMSGRAD, true, Decay::kNone>(r, first, n, s);
+      case Decay::kNone:
+        return tile_loop<D, AMSGRAD, true, Decay::kNone, SCALED>(r, first, n, s, scale);
       case Decay::kDecoupled:
-        return tile_loop<D, AMSGRAD, true, Decay::kDecoupled>(r, first, n, s);
-      case Decay::kL2: return tile_loop<D, AMSGRAD, true, Decay::kL2>(r, first, n, s);
+        return tile_loop<D, AMSGRAD, true, Decay::kDecoupled, SCALED>(r, first, n, s, scale);
+      case Decay::kL2:
+        return tile_loop<D, AMSGRAD, true, Decay::kL2, SCALED>(r, first, n, s, scale);
     }
   } else {
     switch (decay) {
-      case Decay::kNone: return tile_loop<D, AMSGRAD, false, Decay::kNone>(r, first, n, s);
+      case Decay::kNone:
+        return tile_loop<D, AMSGRAD, false, Decay::kNone, SCALED>(r, first, n, s, scale);
       case Decay::kDecoupled:
-        return tile_loop<D, AMSGRAD, false, Decay::kDecoupled>(r, first, n, s);
-      case Decay::kL2: return tile_loop<D, AMSGRAD, false, Decay::kL2>(r, first, n, s);
+        return tile_loop<D, AMSGRAD, false, Decay::kDecoupled, SCALED>(r, first, n, s, scale);
+      case Decay::kL2:
+        return tile_loop<D, AMSGRAD, false, Decay::kL2, SCALED>(r, first, n, s, scale);
     }
   }
 }
@@ -185,8 +197,14 @@ FUSED_ADAMW_INLINE void run_tiles_impl(const AdamWParams& p, int64_t t0, int64_t
     const TileWork w = tile_work_in_row(p, t, row, sizeof(typename D::Storage));
     const int64_t* r = p.rows + w.row * kRowCols;
     const int64_t first = w.u_begin - w.phase, n = w.u_end - w.u_begin;
-    w.s.amsgrad ? tile_dispatch<D, true>(r, first, n, w.s)
-                : tile_dispatch<D, false>(r, first, n, w.s);
+    if (p.grad_scale != nullptr) {
+      const float scale = *p.grad_scale;
+      w.s.amsgrad ? tile_dispatch<D, true, true>(r, first, n, w.s, scale)
+                  : tile_dispatch<D, false, true>(r, first, n, w.s, scale);
+    } else {
+      w.s.amsgrad ? tile_dispatch<D, true, false>(r, first, n, w.s, 1.0f)
+                  : tile_dispatch<D, false, false>(r, first, n, w.s, 1.0f);
+    }
   }
 }
 
@@ -218,6 +236,8 @@ constexpr int64_t kMinElemsPerThread = 1 << 15;
 }  // namespace
 
 void adamw_step_cpu(const AdamWParams& p, int num_threads) {
+  // GradScaler found an inf: nothing moves (as the CUDA kernels).
+  if (adamw_step_skipped(p.found_inf)) return;
   // The step counts first (as the CUDA launcher's first kernel), then the update reads them.
   int64_t numel = 0;
   for (int64_t i = 0; i < p.n_rows; ++i) {
