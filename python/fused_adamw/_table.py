@@ -312,6 +312,11 @@ class Table:
         # Staged tensors (see the module docstring): copied in before and out after the launch.
         self.stage_in: list[tuple[torch.Tensor, torch.Tensor]] = []  # (scratch, source)
         self.stage_out: list[tuple[torch.Tensor, torch.Tensor]] = []  # (destination, scratch)
+        self.stage_grads: list[tuple[torch.Tensor, torch.Tensor]] = []  # (grad, scratch)
+        # GradScaler's values for this step (float32 0-d tensors on this device, or None):
+        # set by the optimizer around the launch, read by every backend.
+        self.grad_scale: torch.Tensor | None = None
+        self.found_inf: torch.Tensor | None = None
         self.torch_lists: dict | None = None  # the torch backend's per-group lists (cached)
         self.rebuilds = 0  # how many times rows were built (tests and the bench read it)
 
@@ -491,7 +496,7 @@ class Table:
             self.kernel_grads = []
 
     def _build_rows(self, plan: Plan, opt) -> None:
-        self.stage_in, self.stage_out = [], []
+        self.stage_in, self.stage_out, self.stage_grads = [], [], []
         rows = []
         fast = True
         for rp in plan.rows:
@@ -499,21 +504,7 @@ class Table:
             dense = is_dense(lp)
             like = lp if dense else torch.empty_like(lp)
             phase = lp.data_ptr() % ALIGN_BYTES if dense else 0
-            st = rp.state
-            if st is None:
-                # An entry that tracks edits (unless opt.state was replaced by a dict of the
-                # user's: then the optimizer re-reads state every step).
-                try:
-                    st = opt.state[rp.param]
-                except KeyError:  # a plain dict
-                    st = opt.state[rp.param] = {}
-                st["step"] = torch.zeros((), dtype=torch.float32, device=lp.device)
-                st["exp_avg"] = self._wrap(rp.param, zeros_at_phase(like, phase))
-                st["exp_avg_sq"] = self._wrap(rp.param, zeros_at_phase(like, phase))
-            if rp.amsgrad and "max_exp_avg_sq" not in st:
-                # amsgrad switched on after the first steps: the maxima start at zero (torch
-                # raises a KeyError here).
-                st["max_exp_avg_sq"] = self._wrap(rp.param, zeros_at_phase(like, phase))
+            st = self.new_state(opt, rp.param, rp.state, rp.amsgrad, like, phase)
             if rp.fix_step:  # a Python number, another dtype or device: torch's fused layout
                 step = st["step"]
                 step = local(step) if is_dtensor(step) else step
@@ -559,6 +550,31 @@ class Table:
         self.rebuilds += 1
         self._rebuild_packed()
 
+    def new_state(self, opt, param, st, amsgrad: bool, like=None, phase=None) -> dict:
+        """``param``'s state entry, with torch's keys allocated where missing: step 0 and zero
+        moments at the param's 16-byte phase (``like``/``phase`` as _build_rows computes them).
+        The step count stays 0: nothing here counts a step."""
+        if like is None:
+            lp = local(param)
+            dense = is_dense(lp)
+            like = lp if dense else torch.empty_like(lp)
+            phase = lp.data_ptr() % ALIGN_BYTES if dense else 0
+        if st is None:
+            # An entry that tracks edits (unless opt.state was replaced by a dict of the
+            # user's: then the optimizer re-reads state every step).
+            try:
+                st = opt.state[param]
+            except KeyError:  # a plain dict
+                st = opt.state[param] = {}
+            st["step"] = torch.zeros((), dtype=torch.float32, device=like.device)
+            st["exp_avg"] = self._wrap(param, zeros_at_phase(like, phase))
+            st["exp_avg_sq"] = self._wrap(param, zeros_at_phase(like, phase))
+        if amsgrad and "max_exp_avg_sq" not in st:
+            # amsgrad switched on after the first steps: the maxima start at zero (torch
+            # raises a KeyError here).
+            st["max_exp_avg_sq"] = self._wrap(param, zeros_at_phase(like, phase))
+        return st
+
     @staticmethod
     def _direct_or_staged(walk: torch.Tensor, t: torch.Tensor, out: bool):
         """``t`` itself when the kernel can walk it beside ``walk``, else None (stage it)."""
@@ -572,6 +588,8 @@ class Table:
         self.stage_in.append((scratch, source))
         if out:
             self.stage_out.append((source, scratch))
+        else:  # a grad: written back only when a GradScaler unscales it (stage_after)
+            self.stage_grads.append((source, scratch))
         return scratch
 
     @staticmethod
@@ -600,8 +618,8 @@ class Table:
         host = self.host_packed
         if self.device.type != "cpu":
             host = host.clone()  # the previous upload may still read the old host buffer
-        host[ROW_GRAD: self.n_rows * ROW_COLS: ROW_COLS] = torch.tensor(grad_ptrs,
-                                                                       dtype=torch.int64)
+        # Written through numpy: no torch op (capturable steps dispatch no allocation).
+        host.numpy()[ROW_GRAD: self.n_rows * ROW_COLS: ROW_COLS] = grad_ptrs
         self._upload(host)
 
     def _upload(self, host: torch.Tensor) -> None:
@@ -622,8 +640,11 @@ class Table:
             torch._foreach_copy_([s for s, _ in self.stage_in], [src for _, src in self.stage_in])
 
     def stage_after(self) -> None:
-        if self.stage_out:
-            torch._foreach_copy_([d for d, _ in self.stage_out], [s for _, s in self.stage_out])
+        # NOTE on GradScaler: a skipped step writes nothing, so copying the untouched scratch
+        # back is a no-op; an unscaled grad goes back to p.grad as the kernels write it.
+        out = self.stage_out + (self.stage_grads if self.grad_scale is not None else [])
+        if out:
+            torch._foreach_copy_([d for d, _ in out], [s for _, s in out])
 
     # -------------------------------------------------------------------------- kernels' view
 

@@ -30,7 +30,8 @@ class CpuBackend:
     def step(self, table: _table.Table) -> None:
         if table.device.type != "cpu":
             raise ValueError(f"backend 'cpu' steps CPU tables; this one is on {table.device}")
-        _ext.C.step_cpu(*_ext.table_args(table), torch.get_num_threads())
+        _ext.C.step_cpu(*_ext.table_args(table), torch.get_num_threads(),
+                        **_ext.amp_args(table))
 
 
 BACKEND = CpuBackend()

@@ -29,6 +29,26 @@ class TorchBackend:
         plan = table.torch_lists
         if plan is None:
             plan = table.torch_lists = _plan(table)
+        found_inf = table.found_inf
+        if found_inf is None:
+            self._step(table, plan)
+            return
+        # GradScaler's skip without a host read: the step runs, then every tensor it wrote
+        # takes back its old value where found_inf != 0 (torch.where: infs and NaNs of the
+        # discarded update cannot leak, as they would through arithmetic masking).
+        written = list(plan["steps"]) + [t for _, _, lists in plan["groups"]
+                                         for k in ("param", "exp_avg", "exp_avg_sq",
+                                                   "max_exp_avg_sq")
+                                         if lists[k] is not None for t in lists[k]]
+        if table.grad_scale is not None:
+            written += list(table.kernel_grads)
+        saved = torch._foreach_mul(written, 1)  # copies (a fallback backend: memory for no sync)
+        self._step(table, plan)
+        skip = found_inf != 0
+        for t, old in zip(written, saved):
+            torch.where(skip, old, t, out=t)
+
+    def _step(self, table: _table.Table, plan: dict) -> None:
         torch._foreach_add_(plan["steps"], 1)
         op = _table.opmath_dtype(table.dtype)
         hp = table.hparams
@@ -46,11 +66,15 @@ class TorchBackend:
             bufs = [lists["param"], lists["exp_avg"], lists["exp_avg_sq"]]
             if amsgrad:
                 bufs.append(lists["max_exp_avg_sq"])
+            grads_in = g
             if table.dtype == op:
                 work = bufs
             else:
                 work = [[t.to(op) for t in b] for b in bufs]
                 g = [t.to(op) for t in g]
+            if table.grad_scale is not None:  # adamw_unscale, written back to the grads
+                g = torch._foreach_div(g, table.grad_scale.to(op))
+                torch._foreach_copy_(grads_in, g)
             adamw_update_(work[0], g, work[1], work[2], work[3] if amsgrad else None, s,
                           maximize=bool(row[_table.HP_MAXIMIZE]), amsgrad=amsgrad,
                           decay=row[_table.HP_WEIGHT_DECAY] != 0,
