@@ -223,10 +223,12 @@ def test_float_lr_schedule_compiles_no_more_than_torch(backend, sched):
     torch_graphs, torch_frames = _graphs_and_frames(torch.optim.AdamW, backend, sched)
     print(f"{backend} scheduler {sched}: fused_adamw {graphs} graphs, {frames} frames; "
           f"torch {torch_graphs} graphs, {torch_frames} frames")
-    assert graphs <= torch_graphs + 1
-    # the step's graph compiled once: 30 lr values, no recompile (3: forward, step, zero_grad
-    # resume; the backward and the scheduler's wrapper break the function)
-    assert graphs <= 3
+    assert graphs <= torch_graphs + 1  # the bar
+    # Ours: the forward's graph and the step's, each compiled once for 30 lr values (the
+    # backward, the scheduler's wrapper of step() and zero_grad break the function; what runs
+    # after them holds no tensor op). torch's AdamW: 3, its step recompiled at the first lr
+    # change, when Dynamo makes the float dynamic.
+    assert graphs <= 2
 
 
 def test_lr_is_not_read_in_traced_code():
