@@ -459,3 +459,35 @@ def test_copies_of_an_optimizer_get_their_own_key():
     import gc
     gc.collect()
     assert key not in _compile._registry  # a weak registry: keeps no optimizer alive
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_dtensor_params_step_eagerly_behind_a_graph_break():
+    """FSDP2 (DTensor) params: the operator would need a sharding rule; such an optimizer keeps
+    the eager step (a graph break), stepping the local shards as eagerly."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        results = []
+        for compiled in (True, False):
+            torch.manual_seed(0)
+            p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+            q = torch.nn.Parameter(torch.randn(3))
+            opt = FusedAdamW_([p, q], lr=0.1)
+            step = torch.compile(lambda: opt.step(), backend="aot_eager") if compiled \
+                else opt.step
+            for k in range(3):
+                p.grad = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
+                q.grad = torch.randn(3)
+                step()
+            results.append((p.to_local().detach().clone(), q.detach().clone()))
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+    finally:
+        dist.destroy_process_group()

@@ -130,6 +130,10 @@ if AVAILABLE:
         return None
 
 
+def _is_plain_type(p) -> bool:
+    return type(p) is Tensor or issubclass(type(p), torch.nn.Parameter)
+
+
 def traced_step(opt, closure):
     """``step()`` under Dynamo: the closure, then the operator (see the module docstring)."""
     # NOTE on __dict__: not ``opt.param_groups``. Dynamo's OptimizerVariable intercepts that
@@ -138,12 +142,15 @@ def traced_step(opt, closure):
     # the entries read here ("differentiable", "params", each p.grad) are guarded.
     groups = opt.__dict__["param_groups"]
     for group in groups:
-        if group.get("differentiable"):
-            # NOTE on differentiable groups: autograd must record their update, so it cannot
-            # be inside the operator; traced, torch's differentiable Adam creates state entries
-            # at the first step, which Dynamo writes back into optimizer.state after the graph,
-            # over the entries the operator made while the graph ran. Such an optimizer steps
-            # eagerly, behind a graph break, as before the operator existed.
+        # Two kinds of optimizer step eagerly, behind a graph break, as before the operator:
+        # NOTE on differentiable groups: autograd must record their update, so it cannot be
+        # inside the operator; traced, torch's differentiable Adam creates state entries at the
+        # first step, which Dynamo writes back into optimizer.state after the graph, over the
+        # entries the operator made while the graph ran.
+        # NOTE on DTensor (FSDP2) params: a custom operator given DTensors needs a sharding
+        # rule, and the step works on local shards anyway. (Params that are neither Tensors
+        # nor Parameters are DTensors: add_param_group refuses other subclasses.)
+        if group.get("differentiable") or not all(map(_is_plain_type, group["params"])):
             return opt._step(closure)
     loss = None
     if closure is not None:
