@@ -491,3 +491,33 @@ def test_dtensor_params_step_eagerly_behind_a_graph_break():
             assert torch.equal(a, b)
     finally:
         dist.destroy_process_group()
+
+
+def test_load_state_dict_between_compiled_steps_recompiles_nothing():
+    results = []
+    for compiled in (True, False):
+        model = make_model()
+        opt = FusedAdamW_(model.parameters(), lr=1e-2)
+        step = torch.compile(lambda: opt.step(), backend="eager") if compiled else opt.step
+        saved = None
+        for k in range(6):
+            torch.nn.functional.mse_loss(model(X), Y).backward()
+            step()
+            opt.zero_grad()
+            if k == 2:
+                saved = copy.deepcopy(opt.state_dict())
+            if k == 4:
+                opt.load_state_dict(saved)
+        results.append((params_of(model), opt.state_dict()))
+    assert counters["stats"]["unique_graphs"] == 1
+    for a, b in zip(results[0][0], results[1][0]):
+        assert torch.equal(a, b)
+    assert_state_close(results[0][1], results[1][1], exact=True)
+
+
+def test_sparse_grad_refused_with_our_message():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = FusedAdamW_(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        torch.compile(lambda: opt.step(), backend="eager")()

@@ -45,8 +45,12 @@ _keys = itertools.count(1)
 
 
 def register(opt) -> int:
-    """A key for ``opt`` that the operator finds it by (a new one for a copy or an unpickled
-    optimizer: the key is never shared)."""
+    """The key the operator finds ``opt`` by: kept through load_state_dict (a new key would
+    recompile the step), a new one for a copy or an unpickled optimizer (__getstate__ drops
+    it: a key is never shared)."""
+    key = opt.__dict__.get("_compile_key")
+    if key is not None and _registry.get(key) is opt:
+        return key
     key = next(_keys)
     _registry[key] = opt
     return key
@@ -160,6 +164,8 @@ def traced_step(opt, closure):
     for group in groups:
         for p in group["params"]:
             if p.grad is not None:
+                if p.grad.is_sparse:  # the eager step raises, saying what to use instead
+                    return opt._step()
                 params.append(p)
                 grads.append(p.grad)
                 index.append(n)
