@@ -19,7 +19,6 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import fused_adamw
 from fused_adamw import _compile
 from fused_adamw.optimizer import FusedAdamW
 

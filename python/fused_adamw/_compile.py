@@ -27,8 +27,8 @@ On older torch (no ``custom_op``), :func:`tracing` is always False and ``step()`
 graph break (``optimizer._no_dynamo``).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: custom_op reads the operator's schema from the
+# annotations of step_op, and torch 2.4 takes them as types, not strings.
 import itertools
 import weakref
 from typing import Optional
@@ -73,6 +73,11 @@ def _run(params: list[Tensor], grads: list[Tensor], key: int, index: list[int],
         raise RuntimeError("fused_adamw::step: the optimizer of this compiled step no longer "
                            "exists")
     flat = [p for g in opt.param_groups for p in g["params"]]
+    # Dynamo's guards on the param groups make this hold; checked, as a wrong pairing would
+    # step one param with another's grad.
+    if len(flat) <= max(index) or any(flat[i].shape != pa.shape for i, pa in zip(index, params)):
+        raise RuntimeError("fused_adamw::step: the optimizer's params are not the ones this "
+                           "step was compiled for")
     real = [flat[i] for i in index]
     swapped = []  # (param, its grad before the step)
     copied = []  # (argument, param): params stepped on their own memory, copied back after
@@ -105,6 +110,7 @@ def _run(params: list[Tensor], grads: list[Tensor], key: int, index: list[int],
 
 
 _MISSING = object()
+
 
 def _define(fn):
     # cudagraph_unsafe: the implementation runs Python every call (table checks, hyperparameter
