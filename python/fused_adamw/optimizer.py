@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _dispatch, _table
+from . import _compile, _dispatch, _table
 
 _params_of = operator.itemgetter("params")
 
@@ -97,8 +97,9 @@ def _plain_state(d):
 
 def _no_dynamo(fn):
     """Runs ``fn`` eagerly under torch.compile (a graph break at the call), as torch does for
-    Optimizer.zero_grad and state_dict: step() keeps Python state (its tables) that Dynamo must
-    not trace. Registering the kernels as torch operators is what would remove the break."""
+    Optimizer.zero_grad and state_dict: the eager step keeps Python state (its tables) that
+    Dynamo must not trace. With torch >= 2.4 the compiled step() calls the operator
+    ``fused_adamw::step`` instead (``_compile.py``), which runs it untraced."""
     disable = getattr(torch, "_disable_dynamo", None)
     return disable(fn) if disable is not None else fn
 
@@ -230,6 +231,7 @@ class FusedAdam(torch.optim.Optimizer):
         self._layout: tuple | None = None  # what the tables were built from
         self._hparams: dict = {}  # (device, opmath dtype) -> (host rows, device tensor)
         self._has_cuda = False  # some table is on a CUDA device (capture is possible)
+        self._compile_key = _compile.register(self)  # how torch.compile's operator finds it
 
     # ------------------------------------------------------------------ torch plumbing
 
@@ -237,7 +239,7 @@ class FusedAdam(torch.optim.Optimizer):
         state = super().__getstate__()
         state = {k: v for k, v in state.items()
                  if k not in ("_tables", "_layout", "_hparams", "_owner", "_state_obj",
-                              "_has_cuda", "grad_scale", "found_inf")}
+                              "_has_cuda", "grad_scale", "found_inf", "_compile_key")}
         state["_backend_request"] = self._backend_request
         state["_decouple_lr"] = self._decouple_lr
         return state
@@ -394,19 +396,25 @@ class FusedAdam(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
 
-    @_no_dynamo
-    @torch.no_grad()
     def step(self, closure=None):
         """Performs one optimization step.
 
         Every param with a grad, in every group, is updated in one fused launch per (device,
         dtype); params whose grad is None are skipped, as torch skips them. Bad input (a
         sparse grad, state of another dtype, overlapping params) raises before anything is
-        changed.
+        changed. Under torch.compile the step is one operator, ``fused_adamw::step``
+        (``_compile.py``).
 
         Args:
             closure: re-evaluates the model and returns the loss (optional).
         """
+        if _compile.tracing():
+            return _compile.traced_step(self, closure)
+        return self._step(closure)
+
+    @_no_dynamo
+    @torch.no_grad()
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
