@@ -295,3 +295,19 @@ def test_second_gpu_runs_on_its_own_current_stream(backend):
     s.synchronize()
     assert torch.cuda.current_device() == 0
     assert not torch.equal(p, ref)
+
+
+def test_triton_capture_needs_its_kernel_compiled():
+    """Compiling a Triton kernel is not capturable work: capture of a step whose kernel
+    variant (dtype, amsgrad, GradScaler's None-or-tensor arguments) has not run is refused
+    before anything is launched. Checked here through the backend's own test (no GPU)."""
+    triton_adamw = pytest.importorskip("fused_adamw.backends.triton_adamw")
+    from fused_adamw import _table
+
+    t = _table.Table(torch.device("cuda", 7), torch.float16, [], [], [])
+    t.n_rows, t.has_max = 1, True
+    assert "has not been compiled yet" in triton_adamw.BACKEND.capture_problem(t)
+    triton_adamw._launched.add(triton_adamw.variant(t))
+    assert triton_adamw.BACKEND.capture_problem(t) is None
+    t.grad_scale = torch.ones(())  # the GradScaler variant is another kernel
+    assert triton_adamw.BACKEND.capture_problem(t) is not None

@@ -442,7 +442,7 @@ class FusedAdam(torch.optim.Optimizer):
             tables = list(self._tables.values())
             plans = [t.prepare(self, True, amsgrad_sig) for t in tables]
         if capturing:
-            self._check_capturable(plans)
+            self._check_capturable(plans, grad_scale, found_inf)
         self._refresh_hparams()
         for t, plan in zip(tables, plans):
             t.commit(plan, self)
@@ -470,7 +470,7 @@ class FusedAdam(torch.optim.Optimizer):
             return False
         return torch.cuda.is_current_stream_capturing()
 
-    def _check_capturable(self, plans) -> None:
+    def _check_capturable(self, plans, grad_scale=None, found_inf=None) -> None:
         """Under CUDA-graph capture: refuses, before anything changes, what a replay could not
         repeat (host work that depends on this step, allocations, uncaptured groups)."""
         for gi, g in enumerate(self.param_groups):
@@ -492,6 +492,13 @@ class FusedAdam(torch.optim.Optimizer):
                 _refuse_capture(
                     "the optimizer state or its tables are not built yet for these params and "
                     "grads (or a param needs staged copies)")
+            check = getattr(t.backend, "capture_problem", None)
+            if check is not None:  # a kernel still to be compiled (Triton)
+                t.grad_scale, t.found_inf = grad_scale, found_inf
+                problem = check(t)
+                t.grad_scale = t.found_inf = None
+                if problem:
+                    _refuse_capture(problem)
         for gi, g in enumerate(self.param_groups):
             beta1, beta2 = g["betas"]
             for name, v in (("lr", g["lr"]), ("betas[0]", beta1), ("betas[1]", beta2),

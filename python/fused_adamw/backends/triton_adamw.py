@@ -302,10 +302,22 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 _STEPS_BLOCK = 256
 
 
+def variant(table: _table.Table) -> tuple:
+    """What Triton compiles a separate kernel for (its constexprs and None arguments)."""
+    return (table.device, table.dtype, table.has_max, table.grad_scale is None,
+            table.found_inf is None)
+
+
+# Variants launched at least once in this process: a CUDA-graph capture of a step whose kernel
+# Triton has not compiled yet is refused (compiling under capture is not capturable work).
+_launched: set = set()
+
+
 def launch(table: _table.Table) -> None:
     """The two launches over ``table`` (step counts, then the update); no host sync."""
     if table.n_rows == 0:
         return
+    _launched.add(variant(table))
     packed = table.packed
     rows = packed[: table.n_rows * _table.ROW_COLS]
     tile_starts = packed[table.n_rows * _table.ROW_COLS:]
@@ -330,6 +342,14 @@ def launch(table: _table.Table) -> None:
 
 class TritonBackend:
     name = "triton"
+
+    def capture_problem(self, table: _table.Table) -> str | None:
+        """Why a step of ``table`` cannot be captured into a CUDA graph now, or None."""
+        if table.n_rows and variant(table) not in _launched:
+            return ("the Triton kernel for this table (dtype, amsgrad, GradScaler use) has not "
+                    "been compiled yet: run one eager step the way the graph will (with or "
+                    "without the scaler) before capturing")
+        return None
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if dtype == torch.float64:
