@@ -201,7 +201,7 @@ def test_bad_grad_scale_is_refused_before_anything_changes():
     p.grad = torch.randn(10)
     opt = FusedAdamW([p])
     before = p.detach().clone()
-    opt.grad_scale = 2.0
+    opt.grad_scale = "2"
     with pytest.raises(TypeError, match=r"optimizer.grad_scale must be None or a one-element "
                        r"float Tensor"):
         opt.step()
@@ -221,3 +221,23 @@ def test_grad_scale_and_found_inf_are_not_class_attributes():
     opt.grad_scale = torch.tensor(2.0)
     assert "grad_scale" not in opt.__getstate__()
     assert "grad_scale" not in opt.state_dict()["param_groups"][0]
+
+
+def test_an_optimizer_without_grads_under_a_shared_scaler():
+    """Two optimizers, one GradScaler, grads for the first only (a GAN's alternating updates,
+    a frozen phase): GradScaler gives the second found_inf = sum([]) = the int 0. torch's fused
+    AdamW accepts it; so do we (found by review: we raised TypeError)."""
+    a = torch.nn.Parameter(torch.randn(3))
+    b = torch.nn.Parameter(torch.randn(3))
+    opt_a, opt_b = FusedAdamW([a], lr=1e-2), FusedAdamW([b], lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    before = b.detach().clone()
+    for _ in range(2):
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        scaler.scale((a * 2).sum()).backward()
+        scaler.step(opt_a)
+        scaler.step(opt_b)
+        scaler.update()
+    assert torch.equal(b, before) and len(opt_b.state[b]) == 0
+    assert opt_a.state[a]["step"].item() == 2

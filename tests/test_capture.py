@@ -311,3 +311,36 @@ def test_triton_capture_needs_its_kernel_compiled():
     assert triton_adamw.BACKEND.capture_problem(t) is None
     t.grad_scale = torch.ones(())  # the GradScaler variant is another kernel
     assert triton_adamw.BACKEND.capture_problem(t) is not None
+
+
+def test_torch_backend_makes_no_sync():
+    """The torch fallback (float64 here) allocates temporaries (foreach ops) but must not
+    read a device value on the host: review found _foreach_add_(denom, eps) with a 0-d eps
+    resolving to the Scalar overload, an .item() per step."""
+    p = torch.nn.Parameter(torch.randn(40, dtype=torch.float64))
+    opt = FusedAdamW([p], lr=torch.tensor(1e-2, dtype=torch.float64), capturable=True,
+                     amsgrad=True)
+    assert opt.backend == "torch"
+    for k in range(3):
+        p.grad = torch.randn(40, dtype=torch.float64)
+        if k == 2:
+            opt.grad_scale = torch.tensor(2.0)
+            opt.found_inf = torch.tensor(0.0)
+        with _Recorder() as rec:
+            opt.step()
+        assert "aten._local_scalar_dense.default" not in rec.ops, rec.ops
+
+
+def test_a_table_without_grads_does_not_block_capture():
+    """A frozen bf16 param beside fp32 ones: its table has no rows, before and after warm-up;
+    capture must not be refused for it (review: it was, with a misleading message), and
+    init_state() makes no state for it, as torch makes none."""
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    frozen = torch.nn.Parameter(torch.randn(64, 64, dtype=torch.bfloat16), requires_grad=False)
+    opt = FusedAdamW([w, frozen], lr=1e-2, capturable=True)
+    w.grad = torch.randn(8, 8)
+    opt.init_state()
+    assert frozen not in opt.state or len(opt.state[frozen]) == 0
+    opt._capturing = lambda: True  # what step() asks; no GPU here to capture for real
+    opt.step()  # not refused
+    assert opt.state[w]["step"].item() == 1

@@ -472,6 +472,8 @@ class Table:
         if plan.kind == "idle":
             self.grad_ids = list(map(id, plan.grads)) if plan.grads else None
             self.mask = plan.mask or None
+            if not self.rows and self.packed is not None:
+                return  # idle before as now: nothing to rebuild (and nothing allocated)
             self.grad_ptrs, self.numels = [], []
             self.state_tensors, self.state_ptrs = [], []
             self.rows, self.kernel_grads = [], []

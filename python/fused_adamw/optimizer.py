@@ -488,6 +488,8 @@ class FusedAdam(torch.optim.Optimizer):
                     "the grads are not the tensors of the previous step (a captured step reads "
                     "the grads' addresses when it is captured; keep them static, e.g. "
                     "zero_grad(set_to_none=False))")
+            if plan.kind == "idle" and not t.n_rows:
+                continue  # no grads in this table, before as now: nothing to launch
             if plan.kind != "same" or t.stage_in:
                 _refuse_capture(
                     "the optimizer state or its tables are not built yet for these params and "
@@ -511,9 +513,10 @@ class FusedAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def init_state(self) -> None:
-        """Allocates every param's state (torch's keys: ``step`` 0 and zero moments, as the
-        first step would) and builds the step's tables for the grads present now, without
-        stepping: no step count moves and no param changes.
+        """Allocates every trainable param's state (torch's keys: ``step`` 0 and zero moments, as
+        the first step would) and builds the step's tables for the grads present now, without
+        stepping: no step count moves and no param changes. Params with
+        ``requires_grad=False`` and no grad (frozen) get none, as with torch.
 
         CUDA-graph capture of ``step()`` needs every buffer before it is captured; this gives
         them without a warm-up step that counts (Megatron-LM #5976 was a fake step that did).
@@ -524,6 +527,8 @@ class FusedAdam(torch.optim.Optimizer):
             self._build_tables(key)
         for t in self._tables.values():
             for p, gi in zip(t.params, t.groups):
+                if not p.requires_grad and p.grad is None:
+                    continue  # frozen: never stepped, so no state (as torch: none is made)
                 st = dict.get(self.state, p) or None
                 t.new_state(self, p, st, bool(self.param_groups[gi]["amsgrad"]))
         self._owner.dirty = True
@@ -647,6 +652,10 @@ def _amp_value(opt, name: str) -> Tensor | None:
     value = opt.__dict__.get(name)
     if value is None:
         return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        # GradScaler's sum over no devices (an optimizer without grads this iteration) is the
+        # int 0: a host number, so no sync to read it.
+        return None if value == 0 and name == "found_inf" else torch.tensor(float(value))
     if not isinstance(value, Tensor) or value.numel() != 1 or not value.is_floating_point():
         raise TypeError(
             f"optimizer.{name} must be None or a one-element float Tensor (what "

@@ -94,7 +94,9 @@ def adamw_update_(
         second_moment = max_exp_avg_sq
     denom = torch._foreach_sqrt(second_moment)
     torch._foreach_div_(denom, list(s.bias_correction2_sqrt.unbind()))
-    torch._foreach_add_(denom, s.eps)
+    # NOTE on the list: with a 0-d tensor, _foreach_add_ resolves to its Scalar overload, which
+    # reads the tensor on the host (.item(): a sync every step); the List overload does not.
+    torch._foreach_add_(denom, [s.eps] * len(denom))
     numer = torch._foreach_mul(exp_avg, list((s.lr / s.bias_correction1).unbind()))
     torch._foreach_div_(numer, denom)
     torch._foreach_sub_(param, numer)
