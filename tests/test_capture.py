@@ -344,3 +344,21 @@ def test_a_table_without_grads_does_not_block_capture():
     opt._capturing = lambda: True  # what step() asks; no GPU here to capture for real
     opt.step()  # not refused
     assert opt.state[w]["step"].item() == 1
+
+
+def test_capture_refuses_a_changed_float_hyperparameter():
+    """A float lr changed by a scheduler since the last eager step: a graph would bake the
+    new value in (and on CUDA replay an upload from a freed host buffer): refused, before
+    anything changes. The same value as the last eager step is fine."""
+    w = torch.nn.Parameter(torch.randn(8))
+    opt = FusedAdamW([w], lr=1e-2, capturable=True)
+    w.grad = torch.randn(8)
+    opt.step()
+    opt._capturing = lambda: True  # what step() asks; no GPU here to capture for real
+    opt.step()  # unchanged: fine
+    opt.param_groups[0]["lr"] = 5e-3
+    before = w.detach().clone()
+    with pytest.raises(RuntimeError, match="a float hyperparameter .* changed since the last "
+                       "eager step"):
+        opt.step()
+    assert torch.equal(w, before) and opt.state[w]["step"].item() == 2

@@ -360,7 +360,7 @@ class FusedAdam(torch.optim.Optimizer):
         self._hparams = {}
         self._has_cuda = any(k[0].type == "cuda" for k in tables)
 
-    def _refresh_hparams(self) -> None:
+    def _refresh_hparams(self, capturing: bool = False) -> None:
         """This step's hyperparameter rows on every device: one small upload when a value
         changed, a device-side copy for each Tensor hyperparameter."""
         rows, tensors = [], []
@@ -371,6 +371,14 @@ class FusedAdam(torch.optim.Optimizer):
         for t in self._tables.values():
             key = (t.device, _table.opmath_dtype(t.dtype))
             cached = self._hparams.get(key)
+            if capturing and (cached is None or cached[0] != rows):
+                # An upload from a temporary host buffer would be replayed from freed memory;
+                # and a float baked into a graph is a constant of every replay.
+                _refuse_capture(
+                    "a float hyperparameter (lr, betas, eps, weight_decay, maximize, amsgrad) "
+                    "changed since the last eager step; a graph bakes floats in: make the ones "
+                    "that change Tensors on the params' device (a scheduler then fills them in "
+                    "place)")
             if cached is None or cached[0] != rows or tensors:
                 if (cached is not None and cached[0] != rows and t.device.type == "cpu"
                         and cached[1].shape[0] == len(rows)):
@@ -443,7 +451,7 @@ class FusedAdam(torch.optim.Optimizer):
             plans = [t.prepare(self, True, amsgrad_sig) for t in tables]
         if capturing:
             self._check_capturable(plans, grad_scale, found_inf)
-        self._refresh_hparams()
+        self._refresh_hparams(capturing)
         for t, plan in zip(tables, plans):
             t.commit(plan, self)
         self._owner.dirty = False
