@@ -7,7 +7,7 @@
 # next one): env (versions), build (the extension from source for sm_90), backends (which can
 # run), tests (python -m pytest -q tests -x, no TRITON_INTERPRET), sanitizer (compute-sanitizer
 # memcheck on bench/sanitize_step.py), bench (bench/bench_step.py: JSON lines and the plot go
-# to OUTDIR). Logs: OUTDIR/<phase>.log. Prints the benchmark table, then a summary table last.
+# to OUTDIR), training (bench/bench_training_step.py: GradScaler and CUDA-graph steps). Logs: OUTDIR/<phase>.log. Prints the benchmark table, then a summary table last.
 # Exit status: 0 when every phase passed, 1 otherwise.
 #
 # Environment: PYTHON (default python3, else python), FUSED_ADAMW_CUDA_ARCHS (default 90),
@@ -86,6 +86,7 @@ else
 fi
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
 phase bench 600 "$PY" bench/bench_step.py --out "$OUT" $BENCH_ARGS
+phase training 120 "$PY" bench/bench_training_step.py --out "$OUT"
 
 echo
 echo "---------------------------------------------------------------- benchmark table"

@@ -42,7 +42,7 @@ namespace {
 
 AdamWParams make_params(std::uintptr_t rows, std::uintptr_t tile_starts, std::uintptr_t hparams,
                         int64_t n_rows, int64_t n_tiles, int64_t n_groups, int dtype,
-                        int state_dtype) {
+                        int state_dtype, std::uintptr_t grad_scale, std::uintptr_t found_inf) {
   if (dtype < 0 || dtype > 2) {
     throw py::value_error("dtype code must be 0 (float32), 1 (bfloat16) or 2 (float16), got " +
                           std::to_string(dtype));
@@ -65,6 +65,9 @@ AdamWParams make_params(std::uintptr_t rows, std::uintptr_t tile_starts, std::ui
   if (rows % 8 != 0 || tile_starts % 8 != 0 || hparams % 4 != 0) {
     throw py::value_error("rows and tile_starts must be 8-byte aligned, hparams 4-byte aligned");
   }
+  if (grad_scale % 4 != 0 || found_inf % 4 != 0) {
+    throw py::value_error("grad_scale and found_inf must be 4-byte aligned float32 addresses or 0");
+  }
   AdamWParams p;
   p.rows = reinterpret_cast<const int64_t*>(rows);
   p.tile_starts = reinterpret_cast<const int64_t*>(tile_starts);
@@ -74,14 +77,16 @@ AdamWParams make_params(std::uintptr_t rows, std::uintptr_t tile_starts, std::ui
   p.n_groups = n_groups;
   p.dtype = static_cast<DType>(dtype);
   p.state_dtype = static_cast<DType>(state_dtype);
+  p.grad_scale = reinterpret_cast<const float*>(grad_scale);
+  p.found_inf = reinterpret_cast<const float*>(found_inf);
   return p;
 }
 
 void step_cpu(std::uintptr_t rows, std::uintptr_t tile_starts, std::uintptr_t hparams,
               int64_t n_rows, int64_t n_tiles, int64_t n_groups, int dtype, int num_threads,
-              int state_dtype) {
-  const AdamWParams p =
-      make_params(rows, tile_starts, hparams, n_rows, n_tiles, n_groups, dtype, state_dtype);
+              int state_dtype, std::uintptr_t grad_scale, std::uintptr_t found_inf) {
+  const AdamWParams p = make_params(rows, tile_starts, hparams, n_rows, n_tiles, n_groups, dtype,
+                                    state_dtype, grad_scale, found_inf);
   py::gil_scoped_release release;
   fused_adamw::adamw_step_cpu(p, num_threads);
 }
@@ -105,9 +110,10 @@ constexpr bool kHasCuda = true;
 
 void step_cuda(std::uintptr_t rows, std::uintptr_t tile_starts, std::uintptr_t hparams,
                int64_t n_rows, int64_t n_tiles, int64_t n_groups, int dtype, bool has_max,
-               int device, std::uintptr_t stream, int state_dtype) {
-  const AdamWParams p =
-      make_params(rows, tile_starts, hparams, n_rows, n_tiles, n_groups, dtype, state_dtype);
+               int device, std::uintptr_t stream, int state_dtype, std::uintptr_t grad_scale,
+               std::uintptr_t found_inf) {
+  const AdamWParams p = make_params(rows, tile_starts, hparams, n_rows, n_tiles, n_groups, dtype,
+                                    state_dtype, grad_scale, found_inf);
   std::string err;
   {
     py::gil_scoped_release release;
@@ -130,7 +136,7 @@ constexpr const char* kNoCuda =
     "fused_adamw._C was built without CUDA (no nvcc at build time, or FUSED_ADAMW_NO_CUDA=1)";
 
 void step_cuda(std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t, int64_t, int,
-               bool, int, std::uintptr_t, int) {
+               bool, int, std::uintptr_t, int, std::uintptr_t, std::uintptr_t) {
   throw std::runtime_error(kNoCuda);
 }
 void set_grid_cap(int64_t) {}
@@ -162,7 +168,9 @@ PYBIND11_MODULE(_C, m) {
       "(float32 [n_groups, 16]); n_rows, n_tiles, n_groups, the dtype code (0 float32, "
       "1 bfloat16, 2 float16). Layout: kernels/adamw_params.h. Nothing is checked beyond "
       "nulls and alignment: the caller (fused_adamw._table) validates the tensors. Every "
-      "row's step count advances by one, then its elements are updated.";
+      "row's step count advances by one, then its elements are updated. Keywords grad_scale "
+      "and found_inf: addresses of GradScaler's float32 scalars on the table's device, or 0 "
+      "(grads divided by *grad_scale and written back; everything skipped when *found_inf != 0).";
 
   m.def("step_cpu", &step_cpu,
         (std::string("One AdamW step over a table in host memory, on num_threads threads "
@@ -171,7 +179,7 @@ PYBIND11_MODULE(_C, m) {
             .c_str(),
         py::arg("rows"), py::arg("tile_starts"), py::arg("hparams"), py::arg("n_rows"),
         py::arg("n_tiles"), py::arg("n_groups"), py::arg("dtype"), py::arg("num_threads"),
-        py::arg("state_dtype") = -1);
+        py::arg("state_dtype") = -1, py::arg("grad_scale") = 0, py::arg("found_inf") = 0);
   m.def("step_cuda", &step_cuda,
         (std::string("Launches one AdamW step over a table in device memory on `stream` "
                      "(cudaStream_t as int; 0 = legacy default) of `device`; asynchronous, "
@@ -181,7 +189,8 @@ PYBIND11_MODULE(_C, m) {
             .c_str(),
         py::arg("rows"), py::arg("tile_starts"), py::arg("hparams"), py::arg("n_rows"),
         py::arg("n_tiles"), py::arg("n_groups"), py::arg("dtype"), py::arg("has_max"),
-        py::arg("device"), py::arg("stream"), py::arg("state_dtype") = -1);
+        py::arg("device"), py::arg("stream"), py::arg("state_dtype") = -1,
+        py::arg("grad_scale") = 0, py::arg("found_inf") = 0);
   m.def("_set_grid_cap", &set_grid_cap,
         "Tests only: caps the CUDA update's grid so that its tile loop strides (<= 0: no cap).",
         py::arg("cap"));

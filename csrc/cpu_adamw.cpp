@@ -133,12 +133,15 @@ struct F16 {
 enum class Decay { kNone, kDecoupled, kL2 };
 
 // D: the param's storage, DS: the moments' (state_dtype; D itself by default).
-template <typename D, typename DS, bool AMSGRAD, bool MAXIMIZE, Decay DECAY>
-FUSED_ADAMW_INLINE void tile_loop(const int64_t* r, int64_t first, int64_t n, AdamWScalars s) {
+// SCALED: GradScaler's grad_scale is set: the grad is divided by `scale` (adamw_unscale) and
+// the quotient stored back, as the CUDA kernel does.
+template <typename D, typename DS, bool AMSGRAD, bool MAXIMIZE, Decay DECAY, bool SCALED>
+FUSED_ADAMW_INLINE void tile_loop(const int64_t* r, int64_t first, int64_t n, AdamWScalars s,
+                                  float scale) {
   using T = typename D::Storage;
   using S = typename DS::Storage;
   T* __restrict__ param = reinterpret_cast<T*>(r[kRowParam]) + first;
-  const T* __restrict__ grad = reinterpret_cast<const T*>(r[kRowGrad]) + first;
+  T* __restrict__ grad = reinterpret_cast<T*>(r[kRowGrad]) + first;
   S* __restrict__ exp_avg = reinterpret_cast<S*>(r[kRowExpAvg]) + first;
   S* __restrict__ exp_avg_sq = reinterpret_cast<S*>(r[kRowExpAvgSq]) + first;
   S* __restrict__ max_exp_avg_sq =
@@ -153,7 +156,12 @@ FUSED_ADAMW_INLINE void tile_loop(const int64_t* r, int64_t first, int64_t n, Ad
     float mf = DS::load(exp_avg[i]);
     float vf = DS::load(exp_avg_sq[i]);
     float xf = AMSGRAD ? DS::load(max_exp_avg_sq[i]) : 0.0f;
-    adamw_update(pf, D::load(grad[i]), mf, vf, xf, s);
+    float gf = D::load(grad[i]);
+    if (SCALED) {
+      gf = adamw_unscale(gf, scale);
+      grad[i] = D::store(gf);
+    }
+    adamw_update(pf, gf, mf, vf, xf, s);
     param[i] = D::store(pf);
     exp_avg[i] = DS::store(mf);
     exp_avg_sq[i] = DS::store(vf);
@@ -164,14 +172,16 @@ FUSED_ADAMW_INLINE void tile_loop(const int64_t* r, int64_t first, int64_t n, Ad
 // A 16-bit param under a master mode (adamw_math.cuh, "Low-precision params"): the same
 // adamw_update, from and to the mode's values. Maximize and the decay form stay runtime tests
 // of the header here (one loop per mode, not 6 per mode: these loops are memory-bound on the
-// extra buffer anyway).
-template <typename D, typename DS, bool AMSGRAD, int MODE>
+// extra buffer anyway). SCALED as in tile_loop: the grad is unscaled and written back first;
+// a skipped step (found_inf) never gets here, so masters, remainders, Kahan buffers and the
+// stochastic key's step all stay as they were.
+template <typename D, typename DS, bool AMSGRAD, int MODE, bool SCALED>
 FUSED_ADAMW_INLINE void tile_loop_master(const int64_t* r, int64_t first, int64_t n,
-                                         AdamWScalars s) {
+                                         AdamWScalars s, float scale) {
   using T = typename D::Storage;
   using S = typename DS::Storage;
   T* __restrict__ param = reinterpret_cast<T*>(r[kRowParam]) + first;
-  const T* __restrict__ grad = reinterpret_cast<const T*>(r[kRowGrad]) + first;
+  T* __restrict__ grad = reinterpret_cast<T*>(r[kRowGrad]) + first;
   S* __restrict__ exp_avg = reinterpret_cast<S*>(r[kRowExpAvg]) + first;
   S* __restrict__ exp_avg_sq = reinterpret_cast<S*>(r[kRowExpAvgSq]) + first;
   S* __restrict__ max_exp_avg_sq =
@@ -200,7 +210,12 @@ FUSED_ADAMW_INLINE void tile_loop_master(const int64_t* r, int64_t first, int64_
     float mf = DS::load(exp_avg[i]);
     float vf = DS::load(exp_avg_sq[i]);
     float xf = AMSGRAD ? DS::load(max_exp_avg_sq[i]) : 0.0f;
-    adamw_update(pf, D::load(grad[i]), mf, vf, xf, s);
+    float gf = D::load(grad[i]);
+    if (SCALED) {
+      gf = adamw_unscale(gf, scale);
+      grad[i] = D::store(gf);
+    }
+    adamw_update(pf, gf, mf, vf, xf, s);
     if constexpr (MODE == kMasterFp32) {
       master[i] = pf;
       param[i] = D::store(pf);
@@ -220,43 +235,53 @@ FUSED_ADAMW_INLINE void tile_loop_master(const int64_t* r, int64_t first, int64_
   }
 }
 
-template <typename D, typename DS, bool AMSGRAD>
+template <typename D, typename DS, bool AMSGRAD, bool SCALED>
 FUSED_ADAMW_INLINE void tile_dispatch_master(const int64_t* r, int64_t first, int64_t n,
-                                             const AdamWScalars& s, int mode) {
+                                             const AdamWScalars& s, int mode, float scale) {
   switch (mode) {
-    case kMasterFp32: return tile_loop_master<D, DS, AMSGRAD, kMasterFp32>(r, first, n, s);
+    case kMasterFp32:
+      return tile_loop_master<D, DS, AMSGRAD, kMasterFp32, SCALED>(r, first, n, s, scale);
     case kMasterRemainder:
       if constexpr (std::is_same<D, BF16>::value) {
-        return tile_loop_master<D, DS, AMSGRAD, kMasterRemainder>(r, first, n, s);
+        return tile_loop_master<D, DS, AMSGRAD, kMasterRemainder, SCALED>(r, first, n, s,
+                                                                          scale);
       }
       return;  // refused for float16 by the optimizer (_table checks it too)
-    case kMasterKahan: return tile_loop_master<D, DS, AMSGRAD, kMasterKahan>(r, first, n, s);
+    case kMasterKahan:
+      return tile_loop_master<D, DS, AMSGRAD, kMasterKahan, SCALED>(r, first, n, s, scale);
     case kMasterStochastic:
-      return tile_loop_master<D, DS, AMSGRAD, kMasterStochastic>(r, first, n, s);
+      return tile_loop_master<D, DS, AMSGRAD, kMasterStochastic, SCALED>(r, first, n, s, scale);
   }
 }
 
-template <typename D, typename DS, bool AMSGRAD>
+template <typename D, typename DS, bool AMSGRAD, bool SCALED>
 FUSED_ADAMW_INLINE void tile_dispatch(const int64_t* r, int64_t first, int64_t n,
-                                      const AdamWScalars& s, int mode) {
+                                      const AdamWScalars& s, int mode, float scale) {
   if constexpr (!std::is_same<D, F32>::value) {
-    if (mode != kMasterNone) return tile_dispatch_master<D, DS, AMSGRAD>(r, first, n, s, mode);
+    if (mode != kMasterNone) {
+      return tile_dispatch_master<D, DS, AMSGRAD, SCALED>(r, first, n, s, mode, scale);
+    }
   }
   const Decay decay = s.l2 ? Decay::kL2
-                            : (s.weight_decay != 0.0f ? Decay::kDecoupled : Decay::kNone);
+                           : (s.weight_decay != 0.0f ? Decay::kDecoupled : Decay::kNone);
   if (s.maximize) {
     switch (decay) {
-      case Decay::kNone: return tile_loop<D, DS, AMSGRAD, true, Decay::kNone>(r, first, n, s);
+      case Decay::kNone:
+        return tile_loop<D, DS, AMSGRAD, true, Decay::kNone, SCALED>(r, first, n, s, scale);
       case Decay::kDecoupled:
-        return tile_loop<D, DS, AMSGRAD, true, Decay::kDecoupled>(r, first, n, s);
-      case Decay::kL2: return tile_loop<D, DS, AMSGRAD, true, Decay::kL2>(r, first, n, s);
+        return tile_loop<D, DS, AMSGRAD, true, Decay::kDecoupled, SCALED>(r, first, n, s, scale);
+      case Decay::kL2:
+        return tile_loop<D, DS, AMSGRAD, true, Decay::kL2, SCALED>(r, first, n, s, scale);
     }
   } else {
     switch (decay) {
-      case Decay::kNone: return tile_loop<D, DS, AMSGRAD, false, Decay::kNone>(r, first, n, s);
+      case Decay::kNone:
+        return tile_loop<D, DS, AMSGRAD, false, Decay::kNone, SCALED>(r, first, n, s, scale);
       case Decay::kDecoupled:
-        return tile_loop<D, DS, AMSGRAD, false, Decay::kDecoupled>(r, first, n, s);
-      case Decay::kL2: return tile_loop<D, DS, AMSGRAD, false, Decay::kL2>(r, first, n, s);
+        return tile_loop<D, DS, AMSGRAD, false, Decay::kDecoupled, SCALED>(r, first, n, s,
+                                                                           scale);
+      case Decay::kL2:
+        return tile_loop<D, DS, AMSGRAD, false, Decay::kL2, SCALED>(r, first, n, s, scale);
     }
   }
 }
@@ -274,8 +299,14 @@ FUSED_ADAMW_INLINE void run_tiles_impl(const AdamWParams& p, int64_t t0, int64_t
     const int64_t* r = p.rows + w.row * kRowCols;
     const int64_t first = w.u_begin - w.phase, n = w.u_end - w.u_begin;
     const int mode = master_mode_of(p, r);
-    w.s.amsgrad ? tile_dispatch<D, DS, true>(r, first, n, w.s, mode)
-                : tile_dispatch<D, DS, false>(r, first, n, w.s, mode);
+    if (p.grad_scale != nullptr) {
+      const float scale = *p.grad_scale;
+      w.s.amsgrad ? tile_dispatch<D, DS, true, true>(r, first, n, w.s, mode, scale)
+                  : tile_dispatch<D, DS, false, true>(r, first, n, w.s, mode, scale);
+    } else {
+      w.s.amsgrad ? tile_dispatch<D, DS, true, false>(r, first, n, w.s, mode, 1.0f)
+                  : tile_dispatch<D, DS, false, false>(r, first, n, w.s, mode, 1.0f);
+    }
   }
 }
 
@@ -319,6 +350,8 @@ constexpr int64_t kMinElemsPerThread = 1 << 15;
 }  // namespace
 
 void adamw_step_cpu(const AdamWParams& p, int num_threads) {
+  // GradScaler found an inf: nothing moves (as the CUDA kernels).
+  if (adamw_step_skipped(p.found_inf)) return;
   // The step counts first (as the CUDA launcher's first kernel), then the update reads them.
   int64_t numel = 0;
   for (int64_t i = 0; i < p.n_rows; ++i) {

@@ -61,9 +61,15 @@ constexpr int kMinBlocksPerSm = 4;
 // inside the vector loop (16-bit on sm_90 and sm_120, fp32 on sm_80). They are bounded at 3
 // blocks per SM (85 registers) instead: no spills anywhere, 37.5% occupancy, which still keeps
 // 24 warps x 5 loads of 16 bytes in flight per SM. Unmeasured on a GPU so far.
-template <typename T, bool HAS_MAX>
+// NOTE on GradScaler's kernels (SCALED): they keep the loaded grad vector, rewritten with the
+// unscaled values, and the scale live through the update, and store it back. At the bounds
+// above ptxas spilled 8 bytes in the fp32 one (sm_80-89) and up to 24 in the 16-bit amsgrad
+// ones; one block less per SM each (85 and 128 registers) leaves no spill anywhere. AMP with
+// fp32 params (the usual GradScaler setup) therefore runs at 37.5% occupancy: unmeasured on
+// a GPU so far (bench/gpu_suite.sh has the GradScaler case).
+template <typename T, bool HAS_MAX, bool SCALED>
 constexpr int min_blocks_per_sm() {
-  return HAS_MAX ? 3 : kMinBlocksPerSm;
+  return (HAS_MAX ? 3 : kMinBlocksPerSm) - (SCALED ? 1 : 0);
 }
 constexpr int kMaxDevices = 64;
 constexpr int64_t kMaxGrid = 2147483647;  // gridDim.x limit; the tile loop strides past it
@@ -184,21 +190,26 @@ __device__ __forceinline__ void store_one(const int64_t addr, float f) {
 // ------------------------------------------------------------------------------------------
 
 // Positions [u0, u1) of a row, one element at a time: thread t takes u0 + t, u0 + t + kThreads...
-template <typename T, bool AMSGRAD>
+// SCALED: GradScaler's grad_scale is set (kernels/adamw_params.h): the grad is divided by
+// `scale` and the quotient written back to it.
+template <typename T, bool AMSGRAD, bool SCALED>
 __device__ __forceinline__ void adamw_scalar_range(const int64_t* r, int64_t phase, int64_t u0,
-                                                   int64_t u1, const AdamWScalars& s) {
+                                                   int64_t u1, const AdamWScalars& s,
+                                                   float scale) {
   constexpr int64_t kSize = sizeof(typename Vec<T>::Scalar);
   for (int64_t u = u0 + threadIdx.x; u < u1; u += kThreads) {
     const int64_t off = (u - phase) * kSize;
     // -------------------------------- load --------------------------------
     float fp = load_one<T>(r[kRowParam] + off);
-    const float fg = load_one<T>(r[kRowGrad] + off);
+    float fg = load_one<T>(r[kRowGrad] + off);
     float fm = load_one<T>(r[kRowExpAvg] + off);
     float fv = load_one<T>(r[kRowExpAvgSq] + off);
     float fx = AMSGRAD ? load_one<T>(r[kRowMaxExpAvgSq] + off) : 0.0f;
     // ------------------------------- compute ------------------------------
+    if (SCALED) fg = adamw_unscale(fg, scale);
     adamw_update(fp, fg, fm, fv, fx, s);
     // -------------------------------- store -------------------------------
+    if (SCALED) store_one<T>(r[kRowGrad] + off, fg);
     store_one<T>(r[kRowParam] + off, fp);
     store_one<T>(r[kRowExpAvg] + off, fm);
     store_one<T>(r[kRowExpAvgSq] + off, fv);
@@ -208,21 +219,22 @@ __device__ __forceinline__ void adamw_scalar_range(const int64_t* r, int64_t pha
 
 // Whole 16-byte vectors [v0, v1) of a row whose buffers share one 16-byte phase; vector v holds
 // positions [v * N, (v + 1) * N).
-template <typename T, bool AMSGRAD>
+template <typename T, bool AMSGRAD, bool SCALED>
 __device__ __forceinline__ void adamw_vector_range(const int64_t* r, int64_t phase, int64_t v0,
-                                                   int64_t v1, AdamWScalars s) {
+                                                   int64_t v1, AdamWScalars s, float scale) {
   using V = Vec<T>;
   s.amsgrad = AMSGRAD;  // a compile-time constant from here on
   const int64_t shift = phase * static_cast<int64_t>(sizeof(typename V::Scalar));
   uint4* __restrict__ param = reinterpret_cast<uint4*>(r[kRowParam] - shift);
-  const uint4* __restrict__ grad = reinterpret_cast<const uint4*>(r[kRowGrad] - shift);
+  uint4* __restrict__ grad = reinterpret_cast<uint4*>(r[kRowGrad] - shift);
   uint4* __restrict__ exp_avg = reinterpret_cast<uint4*>(r[kRowExpAvg] - shift);
   uint4* __restrict__ exp_avg_sq = reinterpret_cast<uint4*>(r[kRowExpAvgSq] - shift);
   uint4* __restrict__ max_exp_avg_sq = reinterpret_cast<uint4*>(r[kRowMaxExpAvgSq] - shift);
   for (int64_t v = v0 + threadIdx.x; v < v1; v += kThreads) {
     // -------------------------------- load --------------------------------
     uint4 rp = load_global(param + v);
-    uint4 rg = __ldg(grad + v);
+    // The read-only cache path only when the grad is not written back in this kernel.
+    uint4 rg = SCALED ? load_global(grad + v) : __ldg(grad + v);
     uint4 rm = load_global(exp_avg + v);
     uint4 rv = load_global(exp_avg_sq + v);
     uint4 rx = make_uint4(0, 0, 0, 0);
@@ -236,7 +248,12 @@ __device__ __forceinline__ void adamw_vector_range(const int64_t* r, int64_t pha
         float fm = V::get(word(rm, k), e);
         float fv = V::get(word(rv, k), e);
         float fx = AMSGRAD ? V::get(word(rx, k), e) : 0.0f;
-        adamw_update(fp, V::get(word(rg, k), e), fm, fv, fx, s);
+        float fg = V::get(word(rg, k), e);
+        if (SCALED) {
+          fg = adamw_unscale(fg, scale);
+          word(rg, k) = V::set(word(rg, k), e, fg);
+        }
+        adamw_update(fp, fg, fm, fv, fx, s);
         word(rp, k) = V::set(word(rp, k), e, fp);
         word(rm, k) = V::set(word(rm, k), e, fm);
         word(rv, k) = V::set(word(rv, k), e, fv);
@@ -244,6 +261,7 @@ __device__ __forceinline__ void adamw_vector_range(const int64_t* r, int64_t pha
       }
     }
     // -------------------------------- store -------------------------------
+    if (SCALED) store_global(grad + v, rg);
     store_global(param + v, rp);
     store_global(exp_avg + v, rm);
     store_global(exp_avg_sq + v, rv);
@@ -253,41 +271,53 @@ __device__ __forceinline__ void adamw_vector_range(const int64_t* r, int64_t pha
 
 // One tile: vector body with scalar edges when every buffer shares the param's phase, else
 // scalar throughout.
-template <typename T, bool AMSGRAD>
-__device__ __forceinline__ void adamw_tile(const int64_t* r, const TileWork& w) {
+template <typename T, bool AMSGRAD, bool SCALED>
+__device__ __forceinline__ void adamw_tile(const int64_t* r, const TileWork& w, float scale) {
   constexpr int64_t N = Vec<T>::N;
   if (row_vector_aligned(r, AMSGRAD)) {
     const int64_t v0 = (w.u_begin + N - 1) / N, v1 = w.u_end / N;
     if (v0 < v1) {
-      adamw_scalar_range<T, AMSGRAD>(r, w.phase, w.u_begin, v0 * N, w.s);  // head
-      adamw_vector_range<T, AMSGRAD>(r, w.phase, v0, v1, w.s);
-      adamw_scalar_range<T, AMSGRAD>(r, w.phase, v1 * N, w.u_end, w.s);    // tail
+      adamw_scalar_range<T, AMSGRAD, SCALED>(r, w.phase, w.u_begin, v0 * N, w.s, scale);  // head
+      adamw_vector_range<T, AMSGRAD, SCALED>(r, w.phase, v0, v1, w.s, scale);
+      adamw_scalar_range<T, AMSGRAD, SCALED>(r, w.phase, v1 * N, w.u_end, w.s, scale);    // tail
       return;
     }
   }
-  adamw_scalar_range<T, AMSGRAD>(r, w.phase, w.u_begin, w.u_end, w.s);
+  adamw_scalar_range<T, AMSGRAD, SCALED>(r, w.phase, w.u_begin, w.u_end, w.s, scale);
 }
 
 // HAS_MAX: some row of the table uses amsgrad (only then is the amsgrad path compiled in).
-template <typename T, bool HAS_MAX>
-__global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<T, HAS_MAX>()))
+// SCALED: GradScaler's grad_scale is set (p.grad_scale non-null): grads are unscaled and
+// written back.
+// NOTE on GradScaler as a template parameter: with the scaled loops as a runtime branch inside
+// one kernel, ptxas spilled 8-24 bytes in 26 of the 36 kernels (tests/sass_check.py caught
+// it): four loop variants live in one register allocation. As a kernel parameter the six
+// kernels without a scaler are the same code as before, and the six with one have their own
+// budget: 12 kernels per arch, built in about the same time (kernels/NOTES.md).
+// found_inf is one load per block; a skipped step returns at once.
+template <typename T, bool HAS_MAX, bool SCALED>
+__global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<T, HAS_MAX, SCALED>()))
     adamw_kernel(const AdamWParams p) {  // every pointer a device pointer; see adamw_params.h
   constexpr int64_t kSize = sizeof(typename Vec<T>::Scalar);
+  if (adamw_step_skipped(p.found_inf)) return;
+  const float scale = SCALED ? *p.grad_scale : 1.0f;
   for (int64_t tile = blockIdx.x; tile < p.n_tiles; tile += gridDim.x) {
     FUSED_ADAMW_TILE_HOOK(tile);
     const TileWork w = tile_work(p, tile, kSize);
     const int64_t* r = p.rows + w.row * kRowCols;
     if (HAS_MAX && w.s.amsgrad) {
-      adamw_tile<T, true>(r, w);
+      adamw_tile<T, true, SCALED>(r, w, scale);
     } else {
-      adamw_tile<T, false>(r, w);
+      adamw_tile<T, false, SCALED>(r, w, scale);
     }
   }
 }
 
-// Advances every row's step count by one (before the update reads it).
+// Advances every row's step count by one (before the update reads it), unless GradScaler
+// found an inf (then no step count moves: steps advance only for steps taken).
 __global__ void __launch_bounds__(kThreads)
-    adamw_steps_kernel(const int64_t* rows, int64_t n_rows) {
+    adamw_steps_kernel(const int64_t* rows, int64_t n_rows, const float* found_inf) {
+  if (adamw_step_skipped(found_inf)) return;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n_rows;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     float* step = reinterpret_cast<float*>(rows[i * kRowCols + kRowStep]);
@@ -301,46 +331,89 @@ __global__ void __launch_bounds__(kThreads)
 
 using KernelFn = void (*)(AdamWParams);
 
-KernelFn kernel_for(DType dtype, bool has_max) {
+template <typename T>
+KernelFn kernel_of(bool has_max, bool scaled) {
+  if (scaled) return has_max ? adamw_kernel<T, true, true> : adamw_kernel<T, false, true>;
+  return has_max ? adamw_kernel<T, true, false> : adamw_kernel<T, false, false>;
+}
+
+KernelFn kernel_for(DType dtype, bool has_max, bool scaled) {
   switch (dtype) {
     case DType::kFloat32:
-      return has_max ? adamw_kernel<float, true> : adamw_kernel<float, false>;
+      return kernel_of<float>(has_max, scaled);
     case DType::kBFloat16:
-      return has_max ? adamw_kernel<__nv_bfloat16, true> : adamw_kernel<__nv_bfloat16, false>;
+      return kernel_of<__nv_bfloat16>(has_max, scaled);
     case DType::kFloat16:
-      return has_max ? adamw_kernel<__half, true> : adamw_kernel<__half, false>;
+      return kernel_of<__half>(has_max, scaled);
   }
   return nullptr;
 }
 
 constexpr KernelFn kAllKernels[] = {
-    adamw_kernel<float, false>,         adamw_kernel<float, true>,
-    adamw_kernel<__nv_bfloat16, false>, adamw_kernel<__nv_bfloat16, true>,
-    adamw_kernel<__half, false>,        adamw_kernel<__half, true>,
+    adamw_kernel<float, false, false>,         adamw_kernel<float, true, false>,
+    adamw_kernel<__nv_bfloat16, false, false>, adamw_kernel<__nv_bfloat16, true, false>,
+    adamw_kernel<__half, false, false>,        adamw_kernel<__half, true, false>,
+    adamw_kernel<float, false, true>,          adamw_kernel<float, true, true>,
+    adamw_kernel<__nv_bfloat16, false, true>,  adamw_kernel<__nv_bfloat16, true, true>,
+    adamw_kernel<__half, false, true>,         adamw_kernel<__half, true, true>,
 };
 
 std::string cuda_error(const char* what, cudaError_t err) {
   return std::string(what) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
 }
 
-// Makes `device` current for this scope and restores the previous one.
+// 1 when `device`'s primary context is active, 0 when it is not, -1 when the driver cannot
+// say. Asked through cuDevicePrimaryCtxGetState, fetched from the driver by the runtime (no
+// libcuda link), which creates no context (cudaSetDevice does, since CUDA 12).
+int primary_context_active(int device) {
+  using GetState = int (*)(int, unsigned int*, int*);  // CUresult (CUdevice, flags*, active*)
+  static const GetState get_state = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+    const cudaError_t err = cudaGetDriverEntryPointByVersion(
+        "cuDevicePrimaryCtxGetState", &fn, 12000, cudaEnableDefault, &found);
+#else
+    const cudaError_t err =
+        cudaGetDriverEntryPoint("cuDevicePrimaryCtxGetState", &fn, cudaEnableDefault, &found);
+#endif
+    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return static_cast<GetState>(nullptr);
+    }
+    return reinterpret_cast<GetState>(fn);
+  }();
+  if (get_state == nullptr) return -1;
+  unsigned int flags = 0;
+  int active = 0;
+  if (get_state(device, &flags, &active) != 0) return -1;  // CUDA_SUCCESS is 0
+  return active ? 1 : 0;
+}
+
+// Makes `device` current for this scope and restores the previous one, unless the previous
+// one has no context: a thread that never used it (torch defers cudaSetDevice until a device
+// is used, c10::cuda::MaybeExchangeDevice) must not get a context on it (about 500 MB on
+// GPU 0 of every rank) from our restore. python/fused_adamw/backends/cuda.py switches with
+// torch's own guard first, so this one normally finds the device current already.
 class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
     err_ = cudaGetDevice(&prev_);
     if (err_ == cudaSuccess && prev_ != device) {
+      restore_ = primary_context_active(prev_) != 0;
       err_ = cudaSetDevice(device);
       switched_ = err_ == cudaSuccess;
     }
   }
   ~DeviceGuard() {
-    if (switched_) cudaSetDevice(prev_);
+    if (switched_ && restore_) cudaSetDevice(prev_);
   }
   cudaError_t error() const { return err_; }
 
  private:
   int prev_ = 0;
   bool switched_ = false;
+  bool restore_ = true;
   cudaError_t err_;
 };
 
@@ -359,7 +432,7 @@ std::string launch_adamw_cuda(const AdamWParams& p, bool has_max, int device,
     return "launch_adamw_cuda: moments of another dtype than the params' (state_dtype) are "
            "not supported by the CUDA kernel yet";
   }
-  KernelFn fn = kernel_for(p.dtype, has_max);
+  KernelFn fn = kernel_for(p.dtype, has_max, p.grad_scale != nullptr);
   if (fn == nullptr) return "launch_adamw_cuda: unknown dtype code " +
                             std::to_string(static_cast<int>(p.dtype));
   DeviceGuard guard(device);
@@ -371,7 +444,7 @@ std::string launch_adamw_cuda(const AdamWParams& p, bool has_max, int device,
   const int64_t step_blocks = (p.n_rows + kThreads - 1) / kThreads;
   const unsigned int step_grid =
       static_cast<unsigned int>(step_blocks < g_grid_cap ? step_blocks : g_grid_cap);
-  FUSED_ADAMW_LAUNCH(adamw_steps_kernel, step_grid, kThreads, s, p.rows, p.n_rows);
+  FUSED_ADAMW_LAUNCH(adamw_steps_kernel, step_grid, kThreads, s, p.rows, p.n_rows, p.found_inf);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return cuda_error("adamw_steps_kernel launch", err);
   if (p.n_tiles <= 0) return "";

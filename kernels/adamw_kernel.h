@@ -13,7 +13,9 @@ namespace fused_adamw {
 // One AdamW step over a whole table: two launches on `stream` (a cudaStream_t as an integer,
 // 0 = the legacy default stream) of the device `device`: the step counts, then the update.
 // Every pointer in `p` (and in its rows) is a device pointer of that device. has_max: some row
-// uses amsgrad. The previous current device is restored. Returns "" on success.
+// uses amsgrad. The previous current device is restored when it has a context (a restore
+// must not create one). Returns "" on success. p.grad_scale / p.found_inf: GradScaler's
+// device scalars or null (kernels/adamw_params.h).
 std::string launch_adamw_cuda(const AdamWParams& p, bool has_max, int device,
                               std::uintptr_t stream);
 

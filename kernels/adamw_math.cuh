@@ -74,6 +74,17 @@ FUSED_ADAMW_HD AdamWScalars adamw_scalars(float lr, float beta1, float beta2, fl
   return s;
 }
 
+// torch.amp.GradScaler's sync-free path (kernels/adamw_params.h, grad_scale / found_inf).
+// A step whose found_inf is non-zero changes nothing. NOTE on != 0: torch's fused kernels
+// test == 1, so infs found on two devices (found_inf = 2) step there; here they skip.
+FUSED_ADAMW_HD bool adamw_step_skipped(const float* found_inf) {
+  return found_inf != nullptr && *found_inf != 0.0f;
+}
+
+// The grad the update reads, and writes back to the grad tensor, under a GradScaler: divided
+// by the scale in float, as torch's fused kernels (grad /= *grad_scale_ptr), before maximize.
+FUSED_ADAMW_HD float adamw_unscale(float grad, float grad_scale) { return grad / grad_scale; }
+
 // One element, in float whatever the storage dtype. max_exp_avg_sq is read and written only
 // when s.amsgrad.
 FUSED_ADAMW_HD void adamw_update(float& param, float grad, float& exp_avg, float& exp_avg_sq,

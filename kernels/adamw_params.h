@@ -15,6 +15,7 @@
 //                 Row r has tiles_of(phase, numel) tiles (below), where phase is the param's
 //                 element offset inside its 16-byte vector.
 //   hparams       float32 [n_groups][kHparamCols]: one row per param group, columns kHp*.
+//   grad_scale, found_inf: GradScaler's values (below), or null.
 //
 // Tiles (kernels/adamw_tile.cuh): tile j of a row covers the elements whose position
 // u = phase + i (i the element index) lies in [j * kTileElems, (j + 1) * kTileElems). Tile
@@ -33,7 +34,7 @@ constexpr int64_t kTileElems = 16384;  // python/fused_adamw/_table.py TILE_ELEM
 
 // Columns of a row of the param table (python/fused_adamw/_table.py ROW_* mirrors them).
 constexpr int kRowParam = 0;         // T*: the param, updated in place
-constexpr int kRowGrad = 1;          // const T*: this step's grad, read only
+constexpr int kRowGrad = 1;          // T*: this step's grad; written only with grad_scale
 constexpr int kRowExpAvg = 2;        // T*: first moment
 constexpr int kRowExpAvgSq = 3;      // T*: second moment
 constexpr int kRowMaxExpAvgSq = 4;   // T*: amsgrad maxima; 0 when the row's group has no amsgrad
@@ -73,6 +74,15 @@ inline int64_t tiles_of(int64_t phase, int64_t numel) {
   return numel <= 0 ? 0 : (phase + numel + kTileElems - 1) / kTileElems;
 }
 
+// torch.amp.GradScaler's sync-free path (optimizer.grad_scale / optimizer.found_inf, both
+// float32 scalars on the table's device, or null):
+//   grad_scale  non-null: every grad is divided by *grad_scale (torch's fused kernels divide;
+//               the update uses the float quotient) and the quotient is written back to the
+//               grad in its dtype, so p.grad holds the unscaled grad after a taken step.
+//   found_inf   non-null and *found_inf != 0: the whole step is skipped: no step count,
+//               param, moment or grad is written (the grads stay scaled, as torch leaves them).
+//               Note != 0, not torch's == 1: infs on two devices sum to 2 and still skip.
+// Both are read on the device, so nothing waits for the host.
 struct AdamWParams {
   const int64_t* rows;         // [n_rows][kRowCols]
   const int64_t* tile_starts;  // [n_rows + 1]
@@ -80,9 +90,11 @@ struct AdamWParams {
   int64_t n_rows;
   int64_t n_tiles;
   int64_t n_groups;
-  DType dtype;        // the params' (and grads') storage dtype
-  DType state_dtype;  // exp_avg, exp_avg_sq, max_exp_avg_sq: dtype, or float32/bfloat16
-                      // (state_dtype=...); supported pairs: state_pair_supported
+  DType dtype;                // the params' (and grads') storage dtype
+  DType state_dtype;          // exp_avg, exp_avg_sq, max_exp_avg_sq: dtype, or float32/bfloat16
+                              // (state_dtype=...); supported pairs: state_pair_supported
+  const float* grad_scale;    // null: grads are already unscaled
+  const float* found_inf;     // null: the step is always taken
 };
 
 // The (param, state) dtype pairs the compiled loops take: the same dtype, 16-bit params with

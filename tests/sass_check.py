@@ -60,15 +60,21 @@ REGS_PER_SM = 65536  # every arch from sm_80 to sm_120
 THREADS = 256        # kThreads
 # The occupancy the design (and tests/test_work_split.py) assumes: resident blocks of 256
 # threads per SM by register file, per HAS_MAX. A change here is a design change.
-EXPECTED_MIN_BLOCKS = {False: 4, True: 3}
+# Keyed by (HAS_MAX, SCALED): GradScaler's kernels keep the unscaled grad vector and the scale
+# live through the update and are bounded one block lower (kernels/adamw_kernel.cu).
+EXPECTED_MIN_BLOCKS = {(False, False): 4, (True, False): 3, (False, True): 3, (True, True): 2}
 # Streams of 16-byte vectors per element update: (loads, stores).
-STREAMS = {False: (4, 3), True: (5, 4)}
+# Keyed by (amsgrad, scaled): scaled is GradScaler's path, which also stores the unscaled grad
+# (one more store). Each kernel has a loop per (amsgrad, scaled) it supports.
+STREAMS = {(False, False): (4, 3), (True, False): (5, 4), (False, True): (4, 4),
+           (True, True): (5, 5)}
 ELEMS_PER_VECTOR = {"float": 4, "__nv_bfloat16": 8, "__half": 8}
 ELEM_SIZE = {"float": 4, "__nv_bfloat16": 2, "__half": 2}
 SHORT = {"float": "fp32", "__nv_bfloat16": "bf16", "__half": "fp16"}
 
-EXPECTED_KERNELS = [f"adamw_kernel<{t}, {m}>" for t in ("float", "__nv_bfloat16", "__half")
-                    for m in ("false", "true")] + ["adamw_steps_kernel"]
+EXPECTED_KERNELS = [f"adamw_kernel<{t}, {m}, {sc}>" for t in ("float", "__nv_bfloat16", "__half")
+                    for m in ("false", "true") for sc in ("false", "true")] + [
+                        "adamw_steps_kernel"]
 
 _MANGLED_T = {"f": "float", "13__nv_bfloat16": "__nv_bfloat16", "6__half": "__half"}
 
@@ -201,14 +207,23 @@ _FUNC = re.compile(r"^\s*Function : (\S+)")
 
 
 def kernel_label(mangled: str) -> tuple[str, str | None, bool | None]:
-    """('adamw_kernel<float, false>', 'float', False) or ('adamw_steps_kernel', None, None)."""
-    m = re.search(r"adamw_kernelI(f|13__nv_bfloat16|6__half)Lb([01])E", mangled)
+    """('adamw_kernel<float, false, true>', 'float', False) or ('adamw_steps_kernel', None,
+    None): the label, the element type and HAS_MAX (SCALED: :func:`kernel_scaled`)."""
+    m = re.search(r"adamw_kernelI(f|13__nv_bfloat16|6__half)Lb([01])ELb([01])E", mangled)
     if m:
         t, has_max = _MANGLED_T[m.group(1)], m.group(2) == "1"
-        return f"adamw_kernel<{t}, {'true' if has_max else 'false'}>", t, has_max
+        scaled = m.group(3) == "1"
+        return (f"adamw_kernel<{t}, {'true' if has_max else 'false'}, "
+                f"{'true' if scaled else 'false'}>", t, has_max)
     if "adamw_steps_kernel" in mangled:
         return "adamw_steps_kernel", None, None
     return mangled, None, None
+
+
+def kernel_scaled(mangled: str) -> bool:
+    """The SCALED template argument (GradScaler's kernels) of an adamw_kernel."""
+    m = re.search(r"adamw_kernelI(?:f|13__nv_bfloat16|6__half)Lb[01]ELb([01])E", mangled)
+    return bool(m) and m.group(1) == "1"
 
 
 def parse_sass(text: str) -> dict[tuple[str, str], list[Insn]]:
@@ -343,11 +358,17 @@ class Loop:
 
     @property
     def kind(self) -> tuple[bool, int] | None:
-        """(amsgrad, unroll) when the 128-bit counts are a multiple of 4:3 or 5:4."""
-        for amsgrad, (ld, st) in STREAMS.items():
+        """((amsgrad, scaled), unroll) when the 128-bit counts are a multiple of a STREAMS
+        entry (4:3, 5:4, 4:4 or 5:5)."""
+        for kind, (ld, st) in STREAMS.items():
             if self.load128 and self.load128 % ld == 0 and self.store128 * ld == self.load128 * st:
-                return amsgrad, self.load128 // ld
+                return kind, self.load128 // ld
         return None
+
+
+def _kind_text(kind: tuple[bool, bool]) -> str:
+    amsgrad, scaled = kind
+    return ("amsgrad" if amsgrad else "non-amsgrad") + (" GradScaler" if scaled else "")
 
 
 def find_loops(insns: list[Insn]) -> list[Loop]:
@@ -467,7 +488,7 @@ def check_function(arch: str, mangled: str, insns: list[Insn], res: dict[str, in
     if has_max is None:  # the steps kernel: (256) only
         bound = min(255, REGS_PER_SM // THREADS)
     else:
-        want = EXPECTED_MIN_BLOCKS[has_max]
+        want = EXPECTED_MIN_BLOCKS[has_max, kernel_scaled(mangled)]
         bound = REGS_PER_SM // (THREADS * want)
         if min_blocks != want:
             failures.append(f"launch bound: min blocks per SM {min_blocks}, expected {want} "
@@ -491,23 +512,27 @@ def check_function(arch: str, mangled: str, insns: list[Insn], res: dict[str, in
                 failures.append(f"vec128: {where} has {lp.load128} 128-bit loads and "
                                 f"{lp.store128} stores (want a multiple of 4/3 or 5/4)")
                 continue
-            amsgrad, unroll = k
-            kinds.append(amsgrad)
+            kind, unroll = k
+            kinds.append(kind)
             if lp.generic128:
                 failures.append(f"global: {where}: {lp.generic128} of {lp.load128 + lp.store128}"
                                 " 128-bit accesses are generic LD/ST, not LDG/STG")
-            want_b = sum(STREAMS[amsgrad]) * ELEM_SIZE[t]
+            want_b = sum(STREAMS[kind]) * ELEM_SIZE[t]
             got_b = lp.bytes / (elems * unroll)
             if got_b != want_b:
                 failures.append(f"bytes: {where}: {got_b:g} B/elem, expected {want_b}")
         if not loops:
             failures.append("vec128: no loop with a 128-bit global access")
-        if False not in kinds:
-            failures.append("vec128: no non-amsgrad vector loop (4 loads / 3 stores)")
-        if has_max and True not in kinds:
-            failures.append("vec128: no amsgrad vector loop (5 loads / 4 stores)")
-        if not has_max and True in kinds:
+        scaled = kernel_scaled(mangled)
+        want = {(a, scaled) for a in ((False, True) if has_max else (False,))}
+        for kind in sorted(want - set(kinds)):
+            failures.append(f"vec128: no {_kind_text(kind)} vector loop "
+                            f"({STREAMS[kind][0]} loads / {STREAMS[kind][1]} stores)")
+        if not has_max and any(a for a, _ in kinds):
             failures.append("vec128: an amsgrad loop in a HAS_MAX=false kernel")
+        if any(sc != scaled for _, sc in kinds):
+            failures.append(f"vec128: a {'non-' if scaled else ''}GradScaler loop in a "
+                            f"SCALED={'true' if scaled else 'false'} kernel")
     return Result(arch, mangled, kernel, regs, bound, ptxas_cap, min_blocks, stack, local,
                   local_insns, loops, elems, has_max, failures)
 
@@ -558,8 +583,8 @@ def _arch_key(arch: str) -> int:
 def _kernel_cell(r: Result) -> str:
     if r.has_max is None:
         return r.kernel
-    t = r.kernel[len("adamw_kernel<"):].split(",")[0]
-    return f"{SHORT[t]}, HAS_MAX={'true' if r.has_max else 'false'}"
+    t, _, scaled = r.kernel[len("adamw_kernel<"):-1].split(", ")
+    return f"{SHORT[t]}, HAS_MAX={'true' if r.has_max else 'false'}, SCALED={scaled}"
 
 
 def table(results: list[Result]) -> str:

@@ -180,3 +180,22 @@ def test_bench_readme_cites_only_files_in_the_repository():
                if not (repo / t).exists() and not (repo / "bench" / t).exists()
                and not (repo / "bench" / "results" / t).exists()]
     assert not missing, f"bench/README.md cites paths that do not exist: {missing}"
+
+
+def test_training_step_bench_quick(tmp_path):
+    """bench/bench_training_step.py --quick on the CPU: the GradScaler case for both
+    implementations (GradScaler's sync-free path on CPU too), the graph case skipped with
+    its reason; one JSON line per row."""
+    import json
+    import subprocess
+
+    script = BENCH.parent / "bench_training_step.py"
+    r = subprocess.run([sys.executable, str(script), "--quick", "--device", "cpu", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "training_step.jsonl").read_text().splitlines()]
+    assert [(x["case"], x.get("impl")) for x in rows] == [
+        ("scaler", "fused_adamw"), ("scaler", "torch-fused"), ("graph", None)]
+    assert rows[2]["skipped"] == "CUDA graphs need a CUDA device"
+    assert all(x["median_s"] > 0 for x in rows[:2])
+    assert "scaler  fused_adamw" in r.stdout

@@ -102,8 +102,8 @@ if not CHILD:
         "tile_bound_le": [(KERNEL_CU, "tile < p.n_tiles;", "tile <= p.n_tiles;")],
         "stride_plus_1": [(KERNEL_CU, "tile += gridDim.x)", "tile += gridDim.x + 1)")],
         "vector_end_plus_1": [(KERNEL_CU, "v1 = w.u_end / N;", "v1 = w.u_end / N + 1;")],
-        "tail_start_minus_1": [(KERNEL_CU, "(r, w.phase, v1 * N, w.u_end, w.s);",
-                                "(r, w.phase, v1 * N - 1, w.u_end, w.s);")],
+        "tail_start_minus_1": [(KERNEL_CU, "(r, w.phase, v1 * N, w.u_end, w.s, scale);",
+                                "(r, w.phase, v1 * N - 1, w.u_end, w.s, scale);")],
         "grad_phase_ignored": [("adamw_tile.cuh",
                                 "uint64_t x = (a ^ static_cast<uint64_t>(r[kRowGrad])) |",
                                 "uint64_t x = (a ^ a) |")],
@@ -112,10 +112,19 @@ if not CHILD:
         "steps_bound_le": [(KERNEL_CU, "i < n_rows;", "i <= n_rows;")],
         "offset_32_bit": [(KERNEL_CU, "const int64_t off = (u - phase) * kSize;",
                            "const int64_t off = static_cast<int32_t>(u - phase) * kSize;")],
+        # GradScaler and the device guard (the header's mutants change the CPU loop too: the
+        # checks hold both to torch's arithmetic and to "nothing written", not only to each
+        # other).
+        "unscale_by_reciprocal": [("adamw_math.cuh", "return grad / grad_scale;",
+                                   "return grad * (1.0f / grad_scale);")],
+        "found_inf_eq_1": [("adamw_math.cuh", "*found_inf != 0.0f;", "*found_inf == 1.0f;")],
+        "grad_not_written_back": [(KERNEL_CU, "if (SCALED) store_global(grad + v, rg);", "")],
+        "restore_without_context": [(KERNEL_CU, "restore_ = primary_context_active(prev_) != 0;",
+                                     "restore_ = true;")],
     }
     MUTANT_CHECKS = ("(matches_cpu_loop and fp32-some-exact) or (every_phase and bf16-exact) "
                      "or tiles_run_once_on_their_block[5] or untouched or steps_kernel "
-                     "or offsets_past")
+                     "or offsets_past or grad_scaler or found_inf or restore_creates")
 
     def _detection(out: str) -> str | None:
         """How a failed child run caught the mutant, or None if it did not fail on a check."""
@@ -440,7 +449,7 @@ else:
             ref = case.clone()
             log = run_step(case, ref, cap)
             assert [r["kernel"] for r in log] == ["adamw_steps_kernel", "fn"]
-            assert log[0]["params"] == "const long int*, long int"
+            assert log[0]["params"] == "const long int*, long int, const float*"
             assert log[1]["params"] == "fused_adamw::AdamWParams"
             assert log[0]["grid"] == (min(3, cap) if cap else 3) and log[0]["block"] == 256
             assert log[1]["grid"] == (min(case.n_tiles, cap) if cap else case.n_tiles)
@@ -476,6 +485,71 @@ else:
             compare(case, ref)
             assert [r["device"] for r in _EMU.launch_log()] == [device, device]
             assert _EMU.current_device() == 2
+
+    @pytest.mark.parametrize("scale", [65536.0, 3.0])
+    @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+    def test_grad_scaler_unscales_in_place(dtype, scale):
+        """GradScaler's grad_scale: the kernel divides every grad by it, writes the quotient
+        back in the grad's dtype and steps with the float quotient, bit for bit with the CPU
+        loop (grads compared too), at every phase and on the vector and scalar paths; the
+        written grads are torch's (g.float() / scale).to(dtype). 3.0 is not a power of two,
+        so the division rounds and a multiply by 1/scale would differ."""
+        case = Case.new(dtype, matrix_specs(dtype), groups_with("some"), "guarded", seed=5)
+        ref = case.clone()
+        grads = [p.bufs["grad"].view.clone() for p in case.params]
+        sc = torch.tensor(scale, dtype=torch.float32)
+        fi = torch.zeros((), dtype=torch.float32)
+        amp = dict(grad_scale=sc.data_ptr(), found_inf=fi.data_ptr())
+        before = case.snapshot()
+        _EMU.set_order("threads", 3, 2)
+        case.step_cuda(_C, **amp)
+        ref.step_cpu(_C, **amp)
+        check_guards(case)
+        check_untouched(case, before)
+        compare(case, ref, "GradScaler: kernel vs CPU loop")
+        for p, g in zip(case.params, grads):
+            if p.spec.in_table:
+                want = (g.float() / scale).to(dtype)
+                assert torch.equal(bits(p.bufs["grad"].view), bits(want)), p.spec
+                assert p.step.item() == p.spec.step0 + 1
+
+    @pytest.mark.parametrize("found", [1.0, 2.0, float("inf")])
+    def test_found_inf_skips_everything(found):
+        """found_inf != 0 (2.0: infs on two devices, where torch's == 1 test would step):
+        neither kernel writes anything, step counts included; the CPU loop the same."""
+        case = Case.new(torch.bfloat16, matrix_specs(torch.bfloat16), groups_with("all"),
+                        "guarded", seed=6)
+        ref = case.clone()
+        before = case.snapshot()
+        steps = [p.step.item() for p in case.params]
+        sc = torch.tensor(1024.0)
+        fi = torch.tensor(found)
+        amp = dict(grad_scale=sc.data_ptr(), found_inf=fi.data_ptr())
+        case.step_cuda(_C, **amp)
+        ref.step_cpu(_C, **amp)
+        compare(case, ref, "found_inf: kernel vs CPU loop")
+        for i, p in enumerate(case.params):
+            assert p.step.item() == steps[i]
+            for name, b in p.bufs.items():
+                assert torch.equal(bits(b.store), bits(before[i][name])), (p.spec, name)
+        # The same table with found_inf 0 steps.
+        fi.zero_()
+        case.step_cuda(_C, **amp)
+        assert any(p.step.item() == steps[i] + 1 for i, p in enumerate(case.params))
+
+    def test_restore_creates_no_context_on_an_unused_device():
+        """A thread whose current device (0) has no context: stepping a table on device 1
+        must not restore device 0 with cudaSetDevice, which creates a context there since
+        CUDA 12 (~500 MB on GPU 0 of every rank). With a context on 0, 0 is restored."""
+        _EMU.set_device_count(2)
+        case = Case.new(torch.float32, [Spec(300)], groups_with("none")[:1])
+        _EMU.set_contexts(0)
+        case.step_cuda(_C, device=1)
+        assert _EMU.contexts() == 0b10, bin(_EMU.contexts())
+        assert _EMU.current_device() == 1
+        _EMU.set_current_device(0)  # the user now uses device 0: it has a context
+        case.step_cuda(_C, device=1)
+        assert _EMU.current_device() == 0 and _EMU.contexts() == 0b11
 
     def test_launch_errors_surface_as_runtime_error():
         _EMU.set_device_count(2)

@@ -610,3 +610,201 @@ def test_backends_without_the_modes_refuse_them_by_name(backend, monkeypatch):
                    master_weights="kahan")
     # auto skips it for a backend that can (on CPU: cpu, then torch)
     FusedAdamW([torch.nn.Parameter(torch.randn(4).bfloat16())], master_weights="kahan")
+
+
+# ------------------------------------------------------------------------------------------
+# with GradScaler's sync-free path and with init_state() (capturable=True)
+# ------------------------------------------------------------------------------------------
+
+def _amp_model():
+    torch.manual_seed(5)
+    return [torch.nn.Parameter(torch.randn(64, 33).bfloat16()),
+            torch.nn.Parameter(torch.randn(100).half()),
+            torch.nn.Parameter(torch.randn(17))]
+
+
+def _amp_opt(ps, mode, backend, state_dtype, **kw):
+    fp16_mode = None if mode == "remainder" else mode
+    return FusedAdamW([{"params": [ps[0], ps[2]], "master_weights": mode},
+                       {"params": [ps[1]] + ps[3:], "master_weights": fp16_mode}],
+                      lr=1e-3, weight_decay=0.01, backend=backend, state_dtype=state_dtype, **kw)
+
+
+def _tensors_of(opt, params):
+    """Every tensor a step may write: params and each state entry's tensors, cloned."""
+    out = [p.detach().clone() for p in params]
+    for p in params:
+        for k, v in sorted(opt.state[p].items()):
+            out.append(v.clone() if isinstance(v, torch.Tensor) else v)
+    return out
+
+
+def _same(xs, ys):
+    return len(xs) == len(ys) and all(
+        torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(xs, ys))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("state_dtype", [None, torch.float32])
+def test_gradscaler_unscales_and_skips_in_every_mode(backend, mode, state_dtype):
+    """GradScaler's values (opt.grad_scale / opt.found_inf, as scaler.step sets them) in a
+    master mode: a taken step unscales the grads, writes them back and steps exactly as an
+    optimizer given the unscaled grads; a step with found_inf != 0 (the first one included,
+    when the state is created) writes nothing at all: params, moments, step counts, the fp32
+    master, the remainder, the Kahan compensation, the stochastic seed, and the grads stay
+    scaled. The stochastic bits are drawn from the step count, so the steps after a skip draw
+    what an optimizer that never saw the skip draws: bit for bit equal to the reference."""
+    a, b = _amp_model(), _amp_model()
+    oa, ob = _amp_opt(a, mode, backend, state_dtype), _amp_opt(b, mode, backend, state_dtype)
+    gen = torch.Generator().manual_seed(3)
+    skips = {0, 3, 4, 7}
+    b_started = False
+    for i in range(10):
+        grads = []
+        for p in a:  # bounded away from 0 so that scaling and unscaling are exact in fp16
+            g = torch.randn(p.shape, generator=gen)
+            grads.append((g.sign() * (g.abs() + 0.1)).to(p.dtype))
+        scale = 2.0 ** (3 + i % 4)
+        for p, g in zip(a, grads):
+            p.grad = g * scale
+            if i in skips:
+                p.grad.view(-1)[i % p.numel()] = float("inf")
+        scaled = [p.grad.clone() for p in a]
+        if i == 0:
+            torch.manual_seed(11)  # the stochastic seeds: drawn when the state is created
+        before = _tensors_of(oa, a) if i > 0 else None
+        oa.grad_scale = torch.tensor(scale)
+        oa.found_inf = torch.tensor(1.0 if i in skips else 0.0)
+        oa.step()
+        del oa.grad_scale, oa.found_inf
+        if i in skips:
+            for p, g in zip(a, scaled):
+                assert torch.equal(p.grad, g), f"step {i}: a skipped step wrote a grad"
+            if before is not None:
+                assert _same(_tensors_of(oa, a), before), f"step {i}: a skipped step wrote"
+            else:  # the state exists (created, seed drawn) but no step was counted
+                assert all(oa.state[p]["step"].item() == 0 for p in a)
+            continue
+        for p, g in zip(a, grads):
+            assert torch.equal(p.grad, g), f"step {i}: p.grad is not the unscaled grad"
+        for q, g in zip(b, grads):
+            q.grad = g.clone()
+        if not b_started:
+            torch.manual_seed(11)
+            b_started = True
+        ob.step()
+        for p, q in zip(a, b):
+            assert torch.equal(p, q), f"step {i}"
+    assert _same(_tensors_of(oa, a), _tensors_of(ob, b))
+    assert oa.state[a[0]]["step"].item() == 10 - len(skips)
+    if mode in EXTRA:
+        assert EXTRA[mode] in oa.state[a[0]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_gradscaler_fast_path_equals_its_own_path_in_every_mode(backend, mode):
+    """A bf16 model under torch.amp.GradScaler (infs on some steps): the sync-free path
+    (grads unscaled and the skip decided in the step) against GradScaler's generic one
+    (its own unscale_, found_inf.item() on the host), bit for bit in params and state."""
+    def train(fast):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(),
+                                    torch.nn.Linear(16, 4)).bfloat16()
+        opt = FusedAdamW(model.parameters(), lr=1e-2, backend=backend, master_weights=mode,
+                         state_dtype=torch.float32)
+        if not fast:
+            opt._step_supports_amp_scaling = False
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 14, growth_interval=3)
+        gen = torch.Generator().manual_seed(1)
+        scales = []
+        for i in range(12):
+            x = torch.randn(5, 8, generator=gen).bfloat16()
+            if i in (2, 6, 7):
+                x[0, 0] = float("inf")
+            loss = model(x).float().pow(2).mean()
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale())
+        return list(model.parameters()), opt, scales
+
+    pa, oa, sa = train(True)
+    pb, ob, sb = train(False)
+    assert sa == sb and sa.count(2.0 ** 13) >= 1  # some steps were skipped
+    assert _same(_tensors_of(oa, pa), _tensors_of(ob, pb))
+    assert oa.state[pa[0]]["step"].item() == 12 - 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("state_dtype", [None, torch.float32])
+def test_init_state_allocates_the_modes_buffers(backend, mode, state_dtype):
+    """init_state() under a master mode: the moments in the state dtype, the mode's buffer
+    (the fp32 master equal to the param, a zero remainder or compensation) or its seed, for
+    every param (a float16 one that never has a grad too), step 0 and the params untouched.
+    The steps after it are bit for bit those of an optimizer that never saw init_state, and
+    write into the buffers init_state made (none is replaced: what a captured graph needs)."""
+    def model():
+        return _amp_model() + [torch.nn.Parameter(torch.randn(50).half())]  # never a grad
+
+    a, b = model(), model()
+    oa = _amp_opt(a, mode, backend, state_dtype, capturable=True)
+    ob = _amp_opt(b, mode, backend, state_dtype)
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in a[:3]]
+    for p, g in zip(a, grads):
+        p.grad = g.clone()
+    values = [p.detach().clone() for p in a]
+    torch.manual_seed(11)  # seeds drawn in table order: a[0], a[1], then a[3] (not in b)
+    oa.init_state()
+    oa.init_state()  # idempotent
+    for p, v in zip(a, values):
+        assert torch.equal(p, v)
+        st = oa.state[p]
+        low = p.dtype != torch.float32
+        pmode = None if not low else (None if mode == "remainder" and p.dtype == torch.float16
+                                      else mode)
+        assert st["step"].item() == 0
+        want = state_dtype or p.dtype
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert st[k].dtype == want and not st[k].any(), k
+        keys = {"step", "exp_avg", "exp_avg_sq"}
+        if pmode in EXTRA:
+            keys.add(EXTRA[pmode])
+            x = st[EXTRA[pmode]]
+            if pmode == "fp32":
+                assert x.dtype == torch.float32 and torch.equal(x, p.float())
+            else:
+                assert x.dtype == (torch.int16 if pmode == "remainder" else p.dtype)
+                assert not x.any()
+        if pmode == "stochastic":
+            keys.add("sr_seed")
+            assert isinstance(st["sr_seed"], int)
+        assert set(st) == keys, (p.dtype, set(st))
+    idle = _tensors_of(oa, a[3:])
+    ptrs = {(i, k): v.data_ptr() for i, p in enumerate(a) for k, v in oa.state[p].items()
+            if isinstance(v, torch.Tensor)}
+    if backend == "cpu":  # warm: no sync and no allocation (test_capture's recorder)
+        from test_capture import _problems, _Recorder
+        with _Recorder() as rec:
+            oa.step()
+        assert _problems(rec.ops) == [], rec.ops
+    else:
+        oa.step()
+    for q, g in zip(b, grads):
+        q.grad = g.clone()
+    torch.manual_seed(11)
+    ob.step()
+    for k in range(2):
+        for p, q, g in zip(a, b, grads):
+            p.grad = (g * (k + 2)).to(p.dtype)
+            q.grad = p.grad.clone()
+        oa.step()
+        ob.step()
+    assert _same(_tensors_of(oa, a[:3]), _tensors_of(ob, b[:3]))
+    assert _same(_tensors_of(oa, a[3:]), idle)
+    assert ptrs == {(i, k): v.data_ptr() for i, p in enumerate(a)
+                    for k, v in oa.state[p].items() if isinstance(v, torch.Tensor)}

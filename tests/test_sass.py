@@ -132,7 +132,9 @@ def test_vector_loop_bytes_per_element(results):
             continue
         size = 4 if r.elems == 4 else 2
         got = sorted({float(b) for b in r.bytes_text().split(", ")})
-        want = sorted({7.0 * size, 9.0 * size} if r.has_max else {7.0 * size})
+        extra = 1.0 if r.kernel.endswith(", true>") else 0.0  # SCALED: the grad stored back
+        want = sorted({(7.0 + extra) * size, (9.0 + extra) * size} if r.has_max
+                      else {(7.0 + extra) * size})
         assert got == want, (r.arch, r.kernel, got)
 
 
@@ -232,7 +234,11 @@ def test_checker_reports_narrow_stores_and_a_missing_bound(mutants):
             continue
         vec = [f for f in r.failures if f.startswith("vec128")]
         assert any("non-128-bit" in f for f in vec), (r.kernel, r.failures)
-        assert any("want a multiple of 4/3 or 5/4" in f for f in vec), (r.kernel, r.failures)
+        # The stores left 128-bit count 3: a ratio no kernel may have (or, in GradScaler's
+        # kernels, the 4:3 of a loop that does not store the grad back).
+        assert any("want a multiple of 4/3 or 5/4" in f
+                   or "non-GradScaler loop in a SCALED=true kernel" in f
+                   for f in vec), (r.kernel, r.failures)
         assert any(f.startswith("launch bound") for f in r.failures), (r.kernel, r.failures)
 
 
@@ -245,7 +251,7 @@ Fatbin elf code:
 ================
 arch = sm_90
 
-\t\tFunction : _ZN11fused_adamw12adamw_kernelIfLb0EEEvNS_11AdamWParamsE
+\t\tFunction : _ZN11fused_adamw12adamw_kernelIfLb0ELb0EEEvNS_11AdamWParamsE
         /*0000*/                   LDC R1, c[0x0][0x28] ;                  /* 0x0 */
         /*0010*/                   LDG.E.64 R2, desc[UR4][R2.64] ;         /* 0x0 */
         /*0020*/                   LDG.E.128.CONSTANT R4, desc[UR4][R8.64] ;   /* 0x0 */
@@ -271,11 +277,24 @@ def test_parser_finds_the_vector_loop():
     assert [(lp.start, lp.end) for lp in loops] == [(0x20, 0xa0)]  # not the scalar loop
     (lp,) = loops
     assert (lp.load128, lp.store128, lp.generic128, lp.narrow, lp.bytes) == (4, 3, 0, [], 112)
-    assert lp.kind == (False, 1)
+    assert lp.kind == ((False, False), 1)
     r = sc.check_function("sm_90", key[1], insns, {"REG": 40, "STACK": 0, "LOCAL": 0}, 64,
                           (256, 4))
     assert r.ok, r.failures
     assert r.bytes_text() == "28"
+    # GradScaler's kernel (SCALED=true) must store the grad back: 4 loads / 4 stores
+    scaled_name = key[1].replace("Lb0ELb0E", "Lb0ELb1E")
+    r = sc.check_function("sm_90", scaled_name, insns, {"REG": 40, "STACK": 0, "LOCAL": 0}, 85,
+                          (256, 3))  # one block less per SM (EXPECTED_MIN_BLOCKS)
+    assert "vec128: no non-amsgrad GradScaler vector loop (4 loads / 4 stores)" in r.failures
+    assert "vec128: a non-GradScaler loop in a SCALED=true kernel" in r.failures
+    stored = _LISTING.replace("        /*0090*/", "        /*0088*/                   "
+                              "STG.E.128 desc[UR4][R8.64], R4 ;   /* 0x0 */\n        /*0090*/")
+    (_, insns), = sc.parse_sass(stored).items()
+    r = sc.check_function("sm_90", scaled_name, insns, {"REG": 40, "STACK": 0, "LOCAL": 0}, 85,
+                          (256, 3))  # one block less per SM (EXPECTED_MIN_BLOCKS)
+    assert r.ok, r.failures
+    assert r.bytes_text() == "32"
     # a generic store, a spill and a narrow access are each reported
     bad = (_LISTING.replace("STG.E.128 desc[UR4][R20.64]", "ST.E.128 desc[UR4][R20.64]")
            .replace("FFMA R4, R4, R5, R6", "STL [R1], R4"))

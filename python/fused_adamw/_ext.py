@@ -84,6 +84,14 @@ def build_info() -> dict:
 # ------------------------------------------------------------------------------------------
 
 
+def amp_args(table) -> dict:
+    """The ``grad_scale``/``found_inf`` keywords of ``_C.step_cpu``/``_C.step_cuda``: addresses
+    of the table's GradScaler scalars (float32, on its device) or 0."""
+    scale, found = table.grad_scale, table.found_inf
+    return {"grad_scale": 0 if scale is None else scale.data_ptr(),
+            "found_inf": 0 if found is None else found.data_ptr()}
+
+
 def table_args(table) -> tuple:
     """The 7 leading arguments of ``_C.step_cpu``/``_C.step_cuda`` for ``table``
     (a ``fused_adamw._table.Table``): rows, tile_starts and hparams addresses, n_rows, n_tiles,

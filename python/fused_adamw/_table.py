@@ -339,6 +339,11 @@ class Table:
         # Staged tensors (see the module docstring): copied in before and out after the launch.
         self.stage_in: list[tuple[torch.Tensor, torch.Tensor]] = []  # (scratch, source)
         self.stage_out: list[tuple[torch.Tensor, torch.Tensor]] = []  # (destination, scratch)
+        self.stage_grads: list[tuple[torch.Tensor, torch.Tensor]] = []  # (grad, scratch)
+        # GradScaler's values for this step (float32 0-d tensors on this device, or None):
+        # set by the optimizer around the launch, read by every backend.
+        self.grad_scale: torch.Tensor | None = None
+        self.found_inf: torch.Tensor | None = None
         self.torch_lists: dict | None = None  # the torch backend's per-group lists (cached)
         self.rebuilds = 0  # how many times rows were built (tests and the bench read it)
 
@@ -413,7 +418,7 @@ class Table:
                     f"{tuple(g.shape)}, {g.dtype} on {g.device}; they must match")
             gi = self.groups[i]
             amsgrad = bool(groups[gi]["amsgrad"])
-            mode = groups[gi].get("master_weights") if self.dtype in LOW_PRECISION else None
+            mode = self.mode_of(groups[gi])
             st = dict.get(state, p)
             fix_step = False
             if st:
@@ -531,7 +536,7 @@ class Table:
             self.kernel_grads = []
 
     def _build_rows(self, plan: Plan, opt) -> None:
-        self.stage_in, self.stage_out = [], []
+        self.stage_in, self.stage_out, self.stage_grads = [], [], []
         rows = []
         fast = True
         for rp in plan.rows:
@@ -539,24 +544,8 @@ class Table:
             dense = is_dense(lp)
             like = lp if dense else torch.empty_like(lp)
             phase = lp.data_ptr() % ALIGN_BYTES if dense else 0
-            st = rp.state
-            if st is None:
-                # An entry that tracks edits (unless opt.state was replaced by a dict of the
-                # user's: then the optimizer re-reads state every step).
-                try:
-                    st = opt.state[rp.param]
-                except KeyError:  # a plain dict
-                    st = opt.state[rp.param] = {}
-                st["step"] = torch.zeros((), dtype=torch.float32, device=lp.device)
-                sd = None if self.state_dtype == self.dtype else self.state_dtype
-                st["exp_avg"] = self._wrap(rp.param, zeros_at_phase(like, phase, sd))
-                st["exp_avg_sq"] = self._wrap(rp.param, zeros_at_phase(like, phase, sd))
-            if rp.amsgrad and "max_exp_avg_sq" not in st:
-                # amsgrad switched on after the first steps: the maxima start at zero (torch
-                # raises a KeyError here).
-                sd = None if self.state_dtype == self.dtype else self.state_dtype
-                st["max_exp_avg_sq"] = self._wrap(rp.param, zeros_at_phase(like, phase, sd))
-            extra, seed = self._master_state(rp, st, lp, like, phase)
+            st = self.new_state(opt, rp.param, rp.state, rp.amsgrad, like, phase, rp.mode)
+            extra, seed = self._master_state(rp.param, rp.mode, st, lp, like, phase)
             if rp.fix_step:  # a Python number, another dtype or device: torch's fused layout
                 step = st["step"]
                 step = local(step) if is_dtensor(step) else step
@@ -609,13 +598,46 @@ class Table:
         self.rebuilds += 1
         self._rebuild_packed()
 
-    def _master_state(self, rp: _RowPlan, st: dict, lp: torch.Tensor, like: torch.Tensor,
-                      phase: int) -> tuple:
+    def mode_of(self, group: dict) -> str | None:
+        """The master mode a row of ``group`` runs under here: the group's master_weights for
+        16-bit params, None for float32 tables (the option means nothing there)."""
+        return group.get("master_weights") if self.dtype in LOW_PRECISION else None
+
+    def new_state(self, opt, param, st, amsgrad: bool, like=None, phase=None,
+                  mode: str | None = None) -> dict:
+        """``param``'s state entry, with torch's keys allocated where missing: step 0 and zero
+        moments in the table's state_dtype at the param's 16-byte phase (``like``/``phase`` as
+        _build_rows computes them), and the master mode's buffer or seed (_master_state).
+        The step count stays 0: nothing here counts a step."""
+        lp = local(param)
+        if like is None:
+            dense = is_dense(lp)
+            like = lp if dense else torch.empty_like(lp)
+            phase = lp.data_ptr() % ALIGN_BYTES if dense else 0
+        sd = None if self.state_dtype == self.dtype else self.state_dtype
+        if st is None:
+            # An entry that tracks edits (unless opt.state was replaced by a dict of the
+            # user's: then the optimizer re-reads state every step).
+            try:
+                st = opt.state[param]
+            except KeyError:  # a plain dict
+                st = opt.state[param] = {}
+            st["step"] = torch.zeros((), dtype=torch.float32, device=like.device)
+            st["exp_avg"] = self._wrap(param, zeros_at_phase(like, phase, sd))
+            st["exp_avg_sq"] = self._wrap(param, zeros_at_phase(like, phase, sd))
+        if amsgrad and "max_exp_avg_sq" not in st:
+            # amsgrad switched on after the first steps: the maxima start at zero (torch
+            # raises a KeyError here).
+            st["max_exp_avg_sq"] = self._wrap(param, zeros_at_phase(like, phase, sd))
+        self._master_state(param, mode, st, lp, like, phase)
+        return st
+
+    def _master_state(self, param, mode: str | None, st: dict, lp: torch.Tensor,
+                      like: torch.Tensor, phase: int) -> tuple:
         """The row's master-mode buffer and seed, created when missing: the fp32 master
         from the param (a torch checkpoint, a mode switched on, a mangled buffer dropped at
         load), a zero remainder or compensation (param and master are then equal), a seed
         drawn from torch's default generator (torch.manual_seed makes it reproducible)."""
-        mode = rp.mode
         if mode is None:
             return None, 0
         if mode == "stochastic":
@@ -628,7 +650,7 @@ class Table:
             buf = zeros_at_phase(like, phase, extra_dtype(mode, self.dtype))
             if mode == "fp32":
                 buf.copy_(lp)
-            st[key] = self._wrap(rp.param, buf)
+            st[key] = self._wrap(param, buf)
         return st[key], 0
 
     @staticmethod
@@ -644,6 +666,8 @@ class Table:
         self.stage_in.append((scratch, source))
         if out:
             self.stage_out.append((source, scratch))
+        else:  # a grad: written back only when a GradScaler unscales it (stage_after)
+            self.stage_grads.append((source, scratch))
         return scratch
 
     @staticmethod
@@ -673,8 +697,8 @@ class Table:
         host = self.host_packed
         if self.device.type != "cpu":
             host = host.clone()  # the previous upload may still read the old host buffer
-        host[ROW_GRAD: self.n_rows * ROW_COLS: ROW_COLS] = torch.tensor(grad_ptrs,
-                                                                       dtype=torch.int64)
+        # Written through numpy: no torch op (capturable steps dispatch no allocation).
+        host.numpy()[ROW_GRAD: self.n_rows * ROW_COLS: ROW_COLS] = grad_ptrs
         self._upload(host)
 
     def _upload(self, host: torch.Tensor) -> None:
@@ -695,8 +719,11 @@ class Table:
             torch._foreach_copy_([s for s, _ in self.stage_in], [src for _, src in self.stage_in])
 
     def stage_after(self) -> None:
-        if self.stage_out:
-            torch._foreach_copy_([d for d, _ in self.stage_out], [s for _, s in self.stage_out])
+        # NOTE on GradScaler: a skipped step writes nothing, so copying the untouched scratch
+        # back is a no-op; an unscaled grad goes back to p.grad as the kernels write it.
+        out = self.stage_out + (self.stage_grads if self.grad_scale is not None else [])
+        if out:
+            torch._foreach_copy_([d for d, _ in out], [s for _, s in out])
 
     # -------------------------------------------------------------------------- kernels' view
 

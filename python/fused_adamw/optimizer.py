@@ -121,8 +121,12 @@ _ARGS_DOC = r"""
         amsgrad: use the maximum of past squared-gradient averages. Default: False.
         foreach: accepted for compatibility and ignored: every step is fused. Default: None.
         maximize: maximize the objective instead of minimizing it. Default: False.
-        capturable: accepted for compatibility. Step counts always live on the param's
-            device; CUDA-graph capture of ``step()`` is not supported yet. Default: False.
+        capturable: ``step()`` may be captured into a CUDA graph: after warm-up (one eager
+            step or :meth:`init_state`) it makes no host sync, no allocation and no host
+            decision that depends on this step's data; capture of a group with
+            capturable=False is refused. Step counts always live on the param's device and
+            a Tensor lr is read on the device, so this changes no arithmetic; accepted on
+            every device (on the CPU it only guarantees no sync). Default: False.
         differentiable: autograd sees the update (meta-learning). No fused kernel offers
             that: such groups are stepped by torch's own single-tensor Adam, at its speed.
             Default: False.
@@ -238,17 +242,24 @@ class FusedAdam(torch.optim.Optimizer):
         self.state = _State(self._owner)
         self._state_obj = self.state
 
+    # torch.amp.GradScaler.step() sets ``self.grad_scale`` and ``self.found_inf`` (instance
+    # attributes, deleted after the step) and skips its own inf check and unscale: the kernels
+    # unscale in place and skip a step with infs on the device, with no host sync.
+    _step_supports_amp_scaling = True
+
     def _reset_caches(self) -> None:
         self._tables: dict | None = None  # (device, dtype) -> _table.Table
         self._layout: tuple | None = None  # what the tables were built from
         self._hparams: dict = {}  # (device, opmath dtype) -> (host rows, device tensor)
+        self._has_cuda = False  # some table is on a CUDA device (capture is possible)
 
     # ------------------------------------------------------------------ torch plumbing
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state = {k: v for k, v in state.items()
-                 if k not in ("_tables", "_layout", "_hparams", "_owner", "_state_obj")}
+                 if k not in ("_tables", "_layout", "_hparams", "_owner", "_state_obj",
+                              "_has_cuda", "grad_scale", "found_inf")}
         state["_backend_request"] = self._backend_request
         state["_decouple_lr"] = self._decouple_lr
         state["_master_weights"] = self._master_weights
@@ -446,6 +457,7 @@ class FusedAdam(torch.optim.Optimizer):
         self._tables = tables
         self._layout = key
         self._hparams = {}
+        self._has_cuda = any(k[0].type == "cuda" for k in tables)
 
     def _refresh_hparams(self) -> None:
         """This step's hyperparameter rows on every device: one small upload when a value
@@ -459,7 +471,13 @@ class FusedAdam(torch.optim.Optimizer):
             key = (t.device, _table.opmath_dtype(t.dtype))
             cached = self._hparams.get(key)
             if cached is None or cached[0] != rows or tensors:
-                if cached is None or cached[0] != rows:
+                if (cached is not None and cached[0] != rows and t.device.type == "cpu"
+                        and cached[1].shape[0] == len(rows)):
+                    # CPU: rewritten in place through numpy (no torch op, no allocation);
+                    # the CPU kernels have finished with it.
+                    table = cached[1]
+                    table.numpy()[:] = rows
+                elif cached is None or cached[0] != rows:
                     host = torch.tensor(rows, dtype=key[1])
                     if t.device.type == "cuda":
                         host = host.pin_memory()
@@ -494,8 +512,14 @@ class FusedAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # GradScaler's sync-free path (see _step_supports_amp_scaling); None without a scaler.
+        grad_scale = _amp_value(self, "grad_scale")
+        found_inf = _amp_value(self, "found_inf")
         key = self._layout_key()
+        capturing = self._capturing()
         if self._tables is None or self._layout_changed(key):
+            if capturing:
+                _refuse_capture("the param groups changed since the last step")
             self._build_tables(key)
         # optimizer.state replaced by the user's own dict: it stays theirs (as with torch), and
         # its edits cannot be tracked, so every step re-reads it.
@@ -505,24 +529,101 @@ class FusedAdam(torch.optim.Optimizer):
             tables = list(self._tables.values())
             plans = [t.prepare(self, dirty, amsgrad_sig) for t in tables]  # raises before changes
         except _table.Repartition:  # a param changed dtype or device: new tables
+            if capturing:
+                _refuse_capture("a param changed dtype or device")
             self._build_tables(key)
             tables = list(self._tables.values())
             plans = [t.prepare(self, True, amsgrad_sig) for t in tables]
+        if capturing:
+            self._check_capturable(plans)
         self._refresh_hparams()
         for t, plan in zip(tables, plans):
             t.commit(plan, self)
         self._owner.dirty = False
         for t in tables:
             if t.n_rows:
-                t.stage_before()
-                t.backend.step(t)
-                t.stage_after()
+                t.grad_scale = _on_device(grad_scale, t.device)
+                t.found_inf = _on_device(found_inf, t.device)
+                try:
+                    t.stage_before()
+                    t.backend.step(t)
+                    t.stage_after()
+                finally:
+                    t.grad_scale = t.found_inf = None
             t.release()
         if any(key[4]):
-            self._differentiable_step()
+            self._differentiable_step(grad_scale, found_inf)
         return loss
 
-    def _differentiable_step(self) -> None:
+    # ------------------------------------------------------------------ capture
+
+    def _capturing(self) -> bool:
+        """Whether this step is being captured into a CUDA graph (on the current stream)."""
+        if not self._has_cuda:
+            return False
+        return torch.cuda.is_current_stream_capturing()
+
+    def _check_capturable(self, plans) -> None:
+        """Under CUDA-graph capture: refuses, before anything changes, what a replay could not
+        repeat (host work that depends on this step, allocations, uncaptured groups)."""
+        for gi, g in enumerate(self.param_groups):
+            if not g.get("capturable"):
+                raise RuntimeError(
+                    f"FusedAdamW.step() is being captured into a CUDA graph, but param group {gi} "
+                    "has capturable=False. Construct the optimizer with capturable=True (or set "
+                    f"param_groups[{gi}]['capturable'] = True) before capturing")
+            if g.get("differentiable"):
+                _refuse_capture(f"param group {gi} has differentiable=True (torch's "
+                                "single-tensor path, which syncs)")
+        for t, plan in zip(self._tables.values(), plans):
+            if plan.kind == "grads":
+                _refuse_capture(
+                    "the grads are not the tensors of the previous step (a captured step reads "
+                    "the grads' addresses when it is captured; keep them static, e.g. "
+                    "zero_grad(set_to_none=False))")
+            if plan.kind != "same" or t.stage_in:
+                _refuse_capture(
+                    "the optimizer state or its tables are not built yet for these params and "
+                    "grads (or a param needs staged copies)")
+        for gi, g in enumerate(self.param_groups):
+            beta1, beta2 = g["betas"]
+            for name, v in (("lr", g["lr"]), ("betas[0]", beta1), ("betas[1]", beta2),
+                            ("eps", g["eps"]), ("weight_decay", g["weight_decay"])):
+                if isinstance(v, Tensor) and not v.is_cuda:
+                    raise RuntimeError(
+                        f"FusedAdamW.step() is being captured into a CUDA graph, but {name} of "
+                        f"param group {gi} is a Tensor on {v.device}: a captured step reads it "
+                        "on the device; put it on the params' GPU")
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Allocates every param's state (torch's keys: ``step`` 0 and zero moments, as the
+        first step would) and builds the step's tables for the grads present now, without
+        stepping: no step count moves and no param changes.
+
+        CUDA-graph capture of ``step()`` needs every buffer before it is captured; this gives
+        them without a warm-up step that counts (Megatron-LM #5976 was a fake step that did).
+        Call it after a backward that gives the grads the graph will use, then capture.
+        Idempotent; state already there is kept."""
+        key = self._layout_key()
+        if self._tables is None or self._layout_changed(key):
+            self._build_tables(key)
+        for t in self._tables.values():
+            for p, gi in zip(t.params, t.groups):
+                st = dict.get(self.state, p) or None
+                group = self.param_groups[gi]
+                t.new_state(self, p, st, bool(group["amsgrad"]), mode=t.mode_of(group))
+        self._owner.dirty = True
+        amsgrad_sig = tuple(bool(g["amsgrad"]) for g in self.param_groups)
+        tables = list(self._tables.values())
+        plans = [t.prepare(self, True, amsgrad_sig) for t in tables]
+        self._refresh_hparams()
+        for t, plan in zip(tables, plans):
+            t.commit(plan, self)
+            t.release()
+        self._owner.dirty = False
+
+    def _differentiable_step(self, grad_scale=None, found_inf=None) -> None:
         """Groups with ``differentiable=True``: autograd must see the update, which no fused
         kernel offers, so they are stepped by torch's own single-tensor Adam
         (``torch.optim.adam.adam(differentiable=True)``) with torch's state, on the tensors
@@ -530,6 +631,10 @@ class FusedAdam(torch.optim.Optimizer):
         tests, not for speed."""
         from torch.optim.adam import adam as torch_adam
 
+        # torch's single-tensor Adam takes no GradScaler values: unscale here, and skip on an
+        # inf (a host read: differentiable=True is torch's slow path anyway).
+        if found_inf is not None and bool(found_inf.reshape(()).item() != 0):
+            return
         with torch.enable_grad():
             for gi, group in enumerate(self.param_groups):
                 if not group.get("differentiable"):
@@ -545,6 +650,9 @@ class FusedAdam(torch.optim.Optimizer):
                     if p.grad.is_sparse:
                         raise RuntimeError("FusedAdamW does not support sparse gradients; "
                                            "use torch.optim.SparseAdam")
+                    if grad_scale is not None:
+                        with torch.no_grad():
+                            p.grad.div_(grad_scale.to(p.grad.device))
                     st = self.state[p]
                     if len(st) == 0:
                         st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -618,6 +726,42 @@ class FusedAdamW(FusedAdam):
             group["decoupled_weight_decay"] = True  # as torch's AdamW.__setstate__
 
 
+# A Tensor hyperparameter's placeholder in a host row (the device copy fills it). One object, so
+# that list equality (identity first) finds unchanged rows equal and nothing is re-uploaded.
+_TENSOR_VALUE = float("nan")
+
+
+def _amp_value(opt, name: str) -> Tensor | None:
+    """``opt.grad_scale`` / ``opt.found_inf`` as GradScaler sets them (None when unset),
+    checked: a one-element floating-point Tensor."""
+    value = opt.__dict__.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, Tensor) or value.numel() != 1 or not value.is_floating_point():
+        raise TypeError(
+            f"optimizer.{name} must be None or a one-element float Tensor (what "
+            f"torch.amp.GradScaler sets), got "
+            f"{type(value).__name__ if not isinstance(value, Tensor) else value.shape}")
+    return value
+
+
+def _on_device(value: Tensor | None, device: torch.device) -> Tensor | None:
+    """A GradScaler value as the kernels read it: a float32 0-d tensor on ``device`` (a
+    device-side copy when it lives elsewhere: no host sync)."""
+    if value is None:
+        return None
+    if value.device != device or value.dtype != torch.float32 or value.dim() != 0:
+        value = value.to(device, torch.float32, non_blocking=True).reshape(())
+    return value
+
+
+def _refuse_capture(why: str):
+    raise RuntimeError(
+        f"FusedAdamW.step() cannot be captured into a CUDA graph now: {why}. Before "
+        "capturing, run one eager step or call optimizer.init_state() with the grads the graph "
+        "will use")
+
+
 def _lr_snapshot(lr) -> float:
     """A group's max_lr default: its lr now, as a float (never the Tensor itself)."""
     return float(lr.detach().reshape(())) if isinstance(lr, Tensor) else float(lr)
@@ -666,7 +810,7 @@ def _hparam_row(group: dict, index: int = 0) -> tuple[list[float], list[tuple[in
                        (_table.HP_BETA2, beta2), (_table.HP_EPS, group["eps"]),
                        (_table.HP_WEIGHT_DECAY, group["weight_decay"])):
         if isinstance(value, Tensor):
-            row[col] = float("nan")
+            row[col] = _TENSOR_VALUE  # one object: rows compare equal step to step
             tensors.append((col, value))
         else:
             row[col] = float(value)

@@ -473,7 +473,7 @@ class Emu:
             "set_block_filter": ([ctypes.POINTER(i64), i64, i32], None),
             "set_tile_trace": ([i32], None), "tile_trace": ([ctypes.POINTER(i64), i64], i64),
             "error_name": ([i32], s), "error_code": ([s], i32), "runtime_version": ([], i32),
-            "reset": ([], None),
+            "reset": ([], None), "contexts": ([], u64), "set_contexts": ([u64], None),
         }
         for name, (args, res) in sig.items():
             fn = getattr(lib, f"fused_adamw_emu_{name}")
@@ -514,6 +514,13 @@ class Emu:
 
     def set_current_device(self, d: int) -> int:
         return self._set_current_device(d)
+
+    def contexts(self) -> int:
+        """Devices with an active primary context, as a bit mask (bit d: device d)."""
+        return self._contexts()
+
+    def set_contexts(self, mask: int) -> None:
+        self._set_contexts(mask)
 
     def inject_error(self, site: str, error: str, skip: int = 0) -> None:
         self._inject_error(site.encode(), self.code(error), skip)

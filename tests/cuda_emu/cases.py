@@ -218,11 +218,12 @@ class Case:
         return (ptr, ptr + 8 * ROW_COLS * n_rows, hp.data_ptr(), n_rows, n_tiles, len(self.groups),
                 DTYPE_CODES[self.dtype])
 
-    def step_cuda(self, C, device=0, stream=0):
-        C.step_cuda(*self.args(), self.has_max, device, stream)
+    def step_cuda(self, C, device=0, stream=0, **amp):
+        """``amp``: grad_scale / found_inf addresses (GradScaler's scalars), as _C takes them."""
+        C.step_cuda(*self.args(), self.has_max, device, stream, **amp)
 
-    def step_cpu(self, C, threads=1):
-        C.step_cpu(*self.args(), threads)
+    def step_cpu(self, C, threads=1, **amp):
+        C.step_cpu(*self.args(), threads, **amp)
 
     @property
     def n_tiles(self) -> int:

@@ -45,6 +45,11 @@ void set_driver_version(int v);
 int current_device();
 int set_current_device(int device);  // returns the cudaError_t
 
+// Devices whose primary context is active (bit d): what cuDevicePrimaryCtxGetState reports;
+// cudaSetDevice(d) sets bit d (CUDA 12+ creates the context there). reset(): device 0 only.
+uint64_t contexts();
+void set_contexts(uint64_t mask);
+
 // The next call of `site` after `skip` calls returns `code` (once). Sites: "launch",
 // "cudaSetDevice", "cudaGetDevice", "cudaGetDeviceCount", "cudaFuncGetAttributes",
 // "cudaDeviceGetAttribute".

@@ -49,6 +49,9 @@ struct State {
   std::atomic<bool> trace_on{false};
   std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> trace;
   int64_t current_launch = -1;
+  // Devices whose primary context is active (bit d), as the driver reports them to
+  // cuDevicePrimaryCtxGetState; cudaSetDevice activates one, as CUDA 12+ does.
+  uint64_t contexts = 1;
 };
 
 State& state() {
@@ -261,6 +264,18 @@ void set_driver_version(int v) {
 
 int current_device() { return tl_device; }
 
+uint64_t contexts() {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  return s.contexts;
+}
+
+void set_contexts(uint64_t mask) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.contexts = mask;
+}
+
 int set_current_device(int device) { return static_cast<int>(cudaSetDevice(device)); }
 
 void inject_error(const std::string& site, int code, int skip) {
@@ -315,6 +330,7 @@ void reset() {
     s.trace_on.store(false);
     s.trace.clear();
     s.current_launch = -1;
+    s.contexts = 1;  // device 0 in use, as in a process that has touched cuda:0
   }
   tl_device = 0;
   tl_last_error = cudaSuccess;
@@ -358,6 +374,31 @@ cudaError_t CUDARTAPI cudaSetDevice(int device) {
   if (n <= 0) return fail(cudaErrorNoDevice);
   if (device < 0 || device >= n) return fail(cudaErrorInvalidDevice);
   tl_device = device;
+  // CUDA 12+: cudaSetDevice creates the context
+  fused_adamw_emu::set_contexts(fused_adamw_emu::contexts() | (uint64_t{1} << device));
+  return cudaSuccess;
+}
+
+// The driver's cuDevicePrimaryCtxGetState over the fake devices (CUresult 0: success, 101:
+// CUDA_ERROR_INVALID_DEVICE).
+static int emu_primary_ctx_get_state(int device, unsigned int* flags, int* active) {
+  const int n = fused_adamw_emu::device_count();
+  if (device < 0 || device >= n) return 101;
+  *flags = 0;
+  *active = (fused_adamw_emu::contexts() >> device) & 1u ? 1 : 0;
+  return 0;
+}
+
+cudaError_t CUDARTAPI cudaGetDriverEntryPointByVersion(const char* symbol, void** funcPtr,
+                                                       unsigned int, unsigned long long,
+                                                       cudaDriverEntryPointQueryResult* status) {
+  if (std::string(symbol) == "cuDevicePrimaryCtxGetState") {
+    *funcPtr = reinterpret_cast<void*>(&emu_primary_ctx_get_state);
+    if (status) *status = cudaDriverEntryPointSuccess;
+    return cudaSuccess;
+  }
+  *funcPtr = nullptr;
+  if (status) *status = cudaDriverEntryPointSymbolNotFound;
   return cudaSuccess;
 }
 
@@ -581,5 +622,11 @@ __attribute__((visibility("default"))) int fused_adamw_emu_runtime_version() {
   return CUDART_VERSION;
 }
 __attribute__((visibility("default"))) void fused_adamw_emu_reset() { fused_adamw_emu::reset(); }
+__attribute__((visibility("default"))) uint64_t fused_adamw_emu_contexts() {
+  return fused_adamw_emu::contexts();
+}
+__attribute__((visibility("default"))) void fused_adamw_emu_set_contexts(uint64_t mask) {
+  fused_adamw_emu::set_contexts(mask);
+}
 
 }  // extern "C"

@@ -34,8 +34,16 @@ class CudaBackend:
         if device.type != "cuda":
             raise ValueError(f"backend 'cuda' steps CUDA tables; this one is on {device}")
         index = device.index if device.index is not None else torch.cuda.current_device()
-        _ext.C.step_cuda(*_ext.table_args(table), table.has_max, index,
-                         torch.cuda.current_stream(index).cuda_stream)
+        args = (*_ext.table_args(table), table.has_max, index)
+        amp = _ext.amp_args(table)
+        if torch.cuda.current_device() != index:
+            # torch's guard: on exit it restores the previous device without creating a
+            # context there (c10::cuda::MaybeExchangeDevice); the launcher's own guard then
+            # finds the device current. The launch goes to that device's current stream.
+            with torch.cuda.device(index):
+                _ext.C.step_cuda(*args, torch.cuda.current_stream(index).cuda_stream, **amp)
+        else:
+            _ext.C.step_cuda(*args, torch.cuda.current_stream(index).cuda_stream, **amp)
 
 
     def feature_reason(self, dtype: torch.dtype, state_dtype: torch.dtype,

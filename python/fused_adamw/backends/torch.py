@@ -33,6 +33,29 @@ class TorchBackend:
         plan = table.torch_lists
         if plan is None:
             plan = table.torch_lists = _plan(table)
+        found_inf = table.found_inf
+        if found_inf is None:
+            self._step(table, plan)
+            return
+        # GradScaler's skip without a host read: the step runs, then every tensor it wrote
+        # takes back its old value where found_inf != 0 (torch.where: infs and NaNs of the
+        # discarded update cannot leak, as they would through arithmetic masking). That
+        # includes the master mode's buffers (master, remainder, Kahan compensation); the
+        # stochastic mode's counter is the step count, restored with the steps.
+        written = list(plan["steps"]) + [t for _, _, lists in plan["groups"]
+                                         for k in ("param", "exp_avg", "exp_avg_sq",
+                                                   "max_exp_avg_sq", "extra")
+                                         if lists[k] is not None for t in lists[k]
+                                         if t is not None]
+        if table.grad_scale is not None:
+            written += list(table.kernel_grads)
+        saved = torch._foreach_mul(written, 1)  # copies (a fallback backend: memory for no sync)
+        self._step(table, plan)
+        skip = found_inf != 0
+        for t, old in zip(written, saved):
+            torch.where(skip, old, t, out=t)
+
+    def _step(self, table: _table.Table, plan: dict) -> None:
         torch._foreach_add_(plan["steps"], 1)
         op = _table.opmath_dtype(table.dtype)
         hp = table.hparams
@@ -52,8 +75,12 @@ class TorchBackend:
             moments = [lists["exp_avg"], lists["exp_avg_sq"]]
             if amsgrad:
                 moments.append(lists["max_exp_avg_sq"])
+            grads_in = g
             if table.dtype != op:
                 g = [t.to(op) for t in g]
+            if table.grad_scale is not None:  # adamw_unscale, written back to the grads
+                g = torch._foreach_div(g, table.grad_scale.to(op))
+                torch._foreach_copy_(grads_in, g)
             # The float each param steps from (adamw_math.cuh, "Low-precision params").
             if mode == _FP32:
                 work_p = [torch.where(p.view(torch.int16) == m.to(p.dtype).view(torch.int16),

@@ -92,6 +92,12 @@ def adamw_scalars(lr, beta1, beta2, eps, weight_decay, max_lr, step, l2,
 
 
 @triton.jit
+def adamw_unscale(grad, grad_scale):
+    """Mirror of ``adamw_unscale`` in adamw_math.cuh: GradScaler's division, in fp32."""
+    return tl.div_rn(grad, grad_scale)
+
+
+@triton.jit
 def adamw_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
                  lr, beta1, beta2, eps, weight_decay, decay, bias_correction1,
                  bias_correction2_sqrt, maximize, amsgrad, l2):
@@ -172,6 +178,8 @@ def adamw_kernel(
     hparams_ptr,  # *fp32 [n_groups, HPARAM_COLS]: lr, beta1, beta2, eps, wd, maximize, amsgrad,
     #               decay mode, max_lr
     n_rows,  # rows in the table
+    grad_scale_ptr,  # *fp32 GradScaler's scale (grads divided by it and written back), or None
+    found_inf_ptr,  # *fp32 GradScaler's found_inf (!= 0: nothing is written), or None
     DTYPE: tl.constexpr,  # the storage element type of every row (tl.float32, bfloat16, float16)
     ELEM_BYTES: tl.constexpr,  # its size
     HAS_MAX: tl.constexpr,  # some row uses amsgrad
@@ -192,6 +200,10 @@ def adamw_kernel(
     j = tile - tl.load(tile_starts_ptr + r)
     begin = tl.maximum(j * TILE_ELEMS, phase) - phase  # element indices [begin, end)
     end = tl.minimum((j + 1) * TILE_ELEMS, phase + numel) - phase
+    if found_inf_ptr is not None:  # adamw_step_skipped: an empty range writes nothing
+        end = tl.where(tl.load(found_inf_ptr) != 0.0, begin, end)
+    if grad_scale_ptr is not None:
+        grad_scale = tl.load(grad_scale_ptr)
     param_ptr = param_addr.to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))  # _table.ROW_GRAD
     exp_avg_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))  # _table.ROW_EXP_AVG
@@ -242,6 +254,9 @@ def adamw_kernel(
             max_exp_avg_sq = exp_avg_sq  # unused: amsgrad is the constant False
 
         # ------------------------------------------------------------ compute in fp32
+        if grad_scale_ptr is not None:  # adamw_unscale, written back to the grad
+            grad = adamw_unscale(grad, grad_scale)
+            tl.store(grad_ptr + offsets, to_storage(grad, grad_ptr, BF16_BY_HAND), mask=mask)
         param, exp_avg, exp_avg_sq, max_exp_avg_sq = adamw_update(
             param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
             lr, beta1, beta2, eps, weight_decay, decay, bias_correction1, bias_correction2_sqrt,
@@ -263,6 +278,7 @@ def adamw_kernel(
 def adamw_steps_kernel(
     rows_ptr,  # *int64 [n_rows, ROW_COLS]
     n_rows,  # rows in the table
+    found_inf_ptr,  # *fp32 GradScaler's found_inf, or None
     ROW_COLS: tl.constexpr,  # _table.ROW_COLS
     BLOCK_SIZE: tl.constexpr,  # rows per program
 ):
@@ -272,7 +288,10 @@ def adamw_steps_kernel(
     mask = rows < n_rows
     step_ptrs = tl.load(rows_ptr + rows * ROW_COLS + 5, mask=mask, other=0)  # _table.ROW_STEP
     step_ptrs = step_ptrs.to(tl.pointer_type(tl.float32))
-    tl.store(step_ptrs, tl.load(step_ptrs, mask=mask) + 1.0, mask=mask)
+    increment = 1.0
+    if found_inf_ptr is not None:  # GradScaler found an inf: no step count moves (step + 0)
+        increment = tl.where(tl.load(found_inf_ptr) != 0.0, 0.0, 1.0)
+    tl.store(step_ptrs, tl.load(step_ptrs, mask=mask) + increment, mask=mask)
 
 
 # ------------------------------------------------------------------------------------------
@@ -291,11 +310,11 @@ def launch(table: _table.Table) -> None:
     rows = packed[: table.n_rows * _table.ROW_COLS]
     tile_starts = packed[table.n_rows * _table.ROW_COLS:]
     adamw_steps_kernel[(triton.cdiv(table.n_rows, _STEPS_BLOCK),)](
-        rows, table.n_rows, ROW_COLS=_table.ROW_COLS, BLOCK_SIZE=_STEPS_BLOCK)
+        rows, table.n_rows, table.found_inf, ROW_COLS=_table.ROW_COLS, BLOCK_SIZE=_STEPS_BLOCK)
     if table.n_tiles == 0:
         return
     adamw_kernel[(table.n_tiles,)](
-        rows, tile_starts, table.hparams, table.n_rows,
+        rows, tile_starts, table.hparams, table.n_rows, table.grad_scale, table.found_inf,
         DTYPE=_TL_DTYPES[table.dtype],
         ELEM_BYTES=table.itemsize,
         HAS_MAX=table.has_max,
