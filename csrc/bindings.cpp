@@ -42,10 +42,19 @@ namespace {
 
 AdamWParams make_params(std::uintptr_t rows, std::uintptr_t tile_starts, std::uintptr_t hparams,
                         int64_t n_rows, int64_t n_tiles, int64_t n_groups, int dtype,
-                        std::uintptr_t grad_scale, std::uintptr_t found_inf) {
+                        int state_dtype, std::uintptr_t grad_scale, std::uintptr_t found_inf) {
   if (dtype < 0 || dtype > 2) {
     throw py::value_error("dtype code must be 0 (float32), 1 (bfloat16) or 2 (float16), got " +
                           std::to_string(dtype));
+  }
+  if (state_dtype == -1) state_dtype = dtype;  // the default: moments of the params' dtype
+  if (state_dtype < 0 || state_dtype > 2 ||
+      !fused_adamw::state_pair_supported(static_cast<DType>(dtype),
+                                         static_cast<DType>(state_dtype))) {
+    throw py::value_error("state_dtype code " + std::to_string(state_dtype) +
+                          " is not supported with dtype code " + std::to_string(dtype) +
+                          " (the same dtype, float32 moments for 16-bit params, or bfloat16 "
+                          "moments for float32 params)");
   }
   if (n_rows < 0 || n_tiles < 0 || n_groups < 0) {
     throw py::value_error("n_rows, n_tiles and n_groups must be >= 0");
@@ -67,6 +76,7 @@ AdamWParams make_params(std::uintptr_t rows, std::uintptr_t tile_starts, std::ui
   p.n_tiles = n_tiles;
   p.n_groups = n_groups;
   p.dtype = static_cast<DType>(dtype);
+  p.state_dtype = static_cast<DType>(state_dtype);
   p.grad_scale = reinterpret_cast<const float*>(grad_scale);
   p.found_inf = reinterpret_cast<const float*>(found_inf);
   return p;
@@ -74,9 +84,9 @@ AdamWParams make_params(std::uintptr_t rows, std::uintptr_t tile_starts, std::ui
 
 void step_cpu(std::uintptr_t rows, std::uintptr_t tile_starts, std::uintptr_t hparams,
               int64_t n_rows, int64_t n_tiles, int64_t n_groups, int dtype, int num_threads,
-              std::uintptr_t grad_scale, std::uintptr_t found_inf) {
+              int state_dtype, std::uintptr_t grad_scale, std::uintptr_t found_inf) {
   const AdamWParams p = make_params(rows, tile_starts, hparams, n_rows, n_tiles, n_groups, dtype,
-                                    grad_scale, found_inf);
+                                    state_dtype, grad_scale, found_inf);
   py::gil_scoped_release release;
   fused_adamw::adamw_step_cpu(p, num_threads);
 }
@@ -100,10 +110,10 @@ constexpr bool kHasCuda = true;
 
 void step_cuda(std::uintptr_t rows, std::uintptr_t tile_starts, std::uintptr_t hparams,
                int64_t n_rows, int64_t n_tiles, int64_t n_groups, int dtype, bool has_max,
-               int device, std::uintptr_t stream, std::uintptr_t grad_scale,
+               int device, std::uintptr_t stream, int state_dtype, std::uintptr_t grad_scale,
                std::uintptr_t found_inf) {
   const AdamWParams p = make_params(rows, tile_starts, hparams, n_rows, n_tiles, n_groups, dtype,
-                                    grad_scale, found_inf);
+                                    state_dtype, grad_scale, found_inf);
   std::string err;
   {
     py::gil_scoped_release release;
@@ -126,7 +136,7 @@ constexpr const char* kNoCuda =
     "fused_adamw._C was built without CUDA (no nvcc at build time, or FUSED_ADAMW_NO_CUDA=1)";
 
 void step_cuda(std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t, int64_t, int,
-               bool, int, std::uintptr_t, std::uintptr_t, std::uintptr_t) {
+               bool, int, std::uintptr_t, int, std::uintptr_t, std::uintptr_t) {
   throw std::runtime_error(kNoCuda);
 }
 void set_grid_cap(int64_t) {}
@@ -151,9 +161,10 @@ PYBIND11_MODULE(_C, m) {
   m.attr("hparam_cols") = fused_adamw::kHparamCols;
 
   const char* args_doc =
-      "Arguments: data pointers (int) of rows (int64 [n_rows, 8]: per param the addresses of "
+      "Arguments: data pointers (int) of rows (int64 [n_rows, 10]: per param the addresses of "
       "its param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq (0 without amsgrad) and step "
-      "tensors, its numel and its group), tile_starts (int64 [n_rows + 1]) and hparams "
+      "tensors, its numel, its group, its master mode's extra buffer (0 if none) and its "
+      "stochastic rounding seed), tile_starts (int64 [n_rows + 1]) and hparams "
       "(float32 [n_groups, 16]); n_rows, n_tiles, n_groups, the dtype code (0 float32, "
       "1 bfloat16, 2 float16). Layout: kernels/adamw_params.h. Nothing is checked beyond "
       "nulls and alignment: the caller (fused_adamw._table) validates the tensors. Every "
@@ -164,21 +175,22 @@ PYBIND11_MODULE(_C, m) {
   m.def("step_cpu", &step_cpu,
         (std::string("One AdamW step over a table in host memory, on num_threads threads "
                      "(the GIL released). ") +
-         args_doc + " Last: num_threads.")
+         args_doc + " Then num_threads; state_dtype: the moments' dtype code (-1: dtype).")
             .c_str(),
         py::arg("rows"), py::arg("tile_starts"), py::arg("hparams"), py::arg("n_rows"),
         py::arg("n_tiles"), py::arg("n_groups"), py::arg("dtype"), py::arg("num_threads"),
-        py::arg("grad_scale") = 0, py::arg("found_inf") = 0);
+        py::arg("state_dtype") = -1, py::arg("grad_scale") = 0, py::arg("found_inf") = 0);
   m.def("step_cuda", &step_cuda,
         (std::string("Launches one AdamW step over a table in device memory on `stream` "
                      "(cudaStream_t as int; 0 = legacy default) of `device`; asynchronous, "
                      "the GIL released. Raises RuntimeError with the CUDA error. ") +
-         args_doc + " Then has_max (some row uses amsgrad), device, stream.")
+         args_doc + " Then has_max (some row uses amsgrad), device, stream; state_dtype: "
+                    "the moments' dtype code (-1: dtype).")
             .c_str(),
         py::arg("rows"), py::arg("tile_starts"), py::arg("hparams"), py::arg("n_rows"),
         py::arg("n_tiles"), py::arg("n_groups"), py::arg("dtype"), py::arg("has_max"),
-        py::arg("device"), py::arg("stream"), py::arg("grad_scale") = 0,
-        py::arg("found_inf") = 0);
+        py::arg("device"), py::arg("stream"), py::arg("state_dtype") = -1,
+        py::arg("grad_scale") = 0, py::arg("found_inf") = 0);
   m.def("_set_grid_cap", &set_grid_cap,
         "Tests only: caps the CUDA update's grid so that its tile loop strides (<= 0: no cap).",
         py::arg("cap"));

@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -67,6 +68,7 @@ struct F32 {
   using Storage = float;
   static FUSED_ADAMW_INLINE float load(float x) { return x; }
   static FUSED_ADAMW_INLINE float store(float f) { return f; }
+  static FUSED_ADAMW_INLINE float stochastic(float f, uint32_t) { return f; }  // never used
 };
 
 struct BF16 {
@@ -78,6 +80,9 @@ struct BF16 {
     const uint32_t rounding_bias = ((u >> 16) & 1u) + 0x7FFFu;
     const uint16_t rounded = static_cast<uint16_t>((u + rounding_bias) >> 16);
     return f != f ? uint16_t(0x7FC0) : rounded;
+  }
+  static FUSED_ADAMW_INLINE float stochastic(float f, uint32_t r) {
+    return round_bf16_stochastic(f, r);
   }
 };
 
@@ -115,6 +120,9 @@ struct F16 {
     const uint32_t nonsign = exp_bits + mantissa_bits;
     return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
   }
+  static FUSED_ADAMW_INLINE float stochastic(float f, uint32_t r) {
+    return round_f16_stochastic(f, r);
+  }
 };
 
 // ------------------------------------------------------------------------------------------
@@ -124,18 +132,20 @@ struct F16 {
 // The weight decay form of a tile (the header's s.l2 and weight_decay != 0, made constant).
 enum class Decay { kNone, kDecoupled, kL2 };
 
+// D: the param's storage, DS: the moments' (state_dtype; D itself by default).
 // SCALED: GradScaler's grad_scale is set: the grad is divided by `scale` (adamw_unscale) and
 // the quotient stored back, as the CUDA kernel does.
-template <typename D, bool AMSGRAD, bool MAXIMIZE, Decay DECAY, bool SCALED>
+template <typename D, typename DS, bool AMSGRAD, bool MAXIMIZE, Decay DECAY, bool SCALED>
 FUSED_ADAMW_INLINE void tile_loop(const int64_t* r, int64_t first, int64_t n, AdamWScalars s,
                                   float scale) {
   using T = typename D::Storage;
+  using S = typename DS::Storage;
   T* __restrict__ param = reinterpret_cast<T*>(r[kRowParam]) + first;
   T* __restrict__ grad = reinterpret_cast<T*>(r[kRowGrad]) + first;
-  T* __restrict__ exp_avg = reinterpret_cast<T*>(r[kRowExpAvg]) + first;
-  T* __restrict__ exp_avg_sq = reinterpret_cast<T*>(r[kRowExpAvgSq]) + first;
-  T* __restrict__ max_exp_avg_sq =
-      AMSGRAD ? reinterpret_cast<T*>(r[kRowMaxExpAvgSq]) + first : nullptr;
+  S* __restrict__ exp_avg = reinterpret_cast<S*>(r[kRowExpAvg]) + first;
+  S* __restrict__ exp_avg_sq = reinterpret_cast<S*>(r[kRowExpAvgSq]) + first;
+  S* __restrict__ max_exp_avg_sq =
+      AMSGRAD ? reinterpret_cast<S*>(r[kRowMaxExpAvgSq]) + first : nullptr;
   s.amsgrad = AMSGRAD;
   s.maximize = MAXIMIZE;
   s.l2 = DECAY == Decay::kL2;  // folds the header's "s.l2" test away
@@ -143,9 +153,9 @@ FUSED_ADAMW_INLINE void tile_loop(const int64_t* r, int64_t first, int64_t n, Ad
   // With kDecoupled the test is true for the whole tile; gcc unswitches it out of the loop.
   for (int64_t i = 0; i < n; ++i) {
     float pf = D::load(param[i]);
-    float mf = D::load(exp_avg[i]);
-    float vf = D::load(exp_avg_sq[i]);
-    float xf = AMSGRAD ? D::load(max_exp_avg_sq[i]) : 0.0f;
+    float mf = DS::load(exp_avg[i]);
+    float vf = DS::load(exp_avg_sq[i]);
+    float xf = AMSGRAD ? DS::load(max_exp_avg_sq[i]) : 0.0f;
     float gf = D::load(grad[i]);
     if (SCALED) {
       gf = adamw_unscale(gf, scale);
@@ -153,41 +163,132 @@ FUSED_ADAMW_INLINE void tile_loop(const int64_t* r, int64_t first, int64_t n, Ad
     }
     adamw_update(pf, gf, mf, vf, xf, s);
     param[i] = D::store(pf);
-    exp_avg[i] = D::store(mf);
-    exp_avg_sq[i] = D::store(vf);
-    if (AMSGRAD) max_exp_avg_sq[i] = D::store(xf);
+    exp_avg[i] = DS::store(mf);
+    exp_avg_sq[i] = DS::store(vf);
+    if (AMSGRAD) max_exp_avg_sq[i] = DS::store(xf);
   }
 }
 
-template <typename D, bool AMSGRAD, bool SCALED>
+// A 16-bit param under a master mode (adamw_math.cuh, "Low-precision params"): the same
+// adamw_update, from and to the mode's values. Maximize and the decay form stay runtime tests
+// of the header here (one loop per mode, not 6 per mode: these loops are memory-bound on the
+// extra buffer anyway). SCALED as in tile_loop: the grad is unscaled and written back first;
+// a skipped step (found_inf) never gets here, so masters, remainders, Kahan buffers and the
+// stochastic key's step all stay as they were.
+template <typename D, typename DS, bool AMSGRAD, int MODE, bool SCALED>
+FUSED_ADAMW_INLINE void tile_loop_master(const int64_t* r, int64_t first, int64_t n,
+                                         AdamWScalars s, float scale) {
+  using T = typename D::Storage;
+  using S = typename DS::Storage;
+  T* __restrict__ param = reinterpret_cast<T*>(r[kRowParam]) + first;
+  T* __restrict__ grad = reinterpret_cast<T*>(r[kRowGrad]) + first;
+  S* __restrict__ exp_avg = reinterpret_cast<S*>(r[kRowExpAvg]) + first;
+  S* __restrict__ exp_avg_sq = reinterpret_cast<S*>(r[kRowExpAvgSq]) + first;
+  S* __restrict__ max_exp_avg_sq =
+      AMSGRAD ? reinterpret_cast<S*>(r[kRowMaxExpAvgSq]) + first : nullptr;
+  float* __restrict__ master =
+      MODE == kMasterFp32 ? reinterpret_cast<float*>(r[kRowExtra]) + first : nullptr;
+  int16_t* __restrict__ rem =
+      MODE == kMasterRemainder ? reinterpret_cast<int16_t*>(r[kRowExtra]) + first : nullptr;
+  T* __restrict__ comp = MODE == kMasterKahan ? reinterpret_cast<T*>(r[kRowExtra]) + first
+                                              : nullptr;
+  const uint32_t key = MODE == kMasterStochastic
+                           ? sr_key(r[kRowSeed], *reinterpret_cast<const float*>(r[kRowStep]))
+                           : 0u;
+  s.amsgrad = AMSGRAD;
+  for (int64_t i = 0; i < n; ++i) {
+    float pf;
+    if constexpr (MODE == kMasterFp32) {
+      const float m = master[i];
+      pf = D::store(m) == param[i] ? m : D::load(param[i]);  // a written param wins
+    } else if constexpr (MODE == kMasterRemainder) {
+      pf = remainder_join(param[i], rem[i]);
+    } else {
+      pf = D::load(param[i]);
+    }
+    const float p0 = pf;
+    float mf = DS::load(exp_avg[i]);
+    float vf = DS::load(exp_avg_sq[i]);
+    float xf = AMSGRAD ? DS::load(max_exp_avg_sq[i]) : 0.0f;
+    float gf = D::load(grad[i]);
+    if (SCALED) {
+      gf = adamw_unscale(gf, scale);
+      grad[i] = D::store(gf);
+    }
+    adamw_update(pf, gf, mf, vf, xf, s);
+    if constexpr (MODE == kMasterFp32) {
+      master[i] = pf;
+      param[i] = D::store(pf);
+    } else if constexpr (MODE == kMasterRemainder) {
+      remainder_split(pf, param[i], rem[i]);
+    } else if constexpr (MODE == kMasterKahan) {
+      float y;
+      const T ps = D::store(kahan_sum(p0, pf, D::load(comp[i]), y));
+      param[i] = ps;
+      comp[i] = D::store(kahan_residual(y, p0, D::load(ps)));
+    } else {  // kMasterStochastic
+      param[i] = D::store(D::stochastic(pf, sr_bits(key, first + i)));
+    }
+    exp_avg[i] = DS::store(mf);
+    exp_avg_sq[i] = DS::store(vf);
+    if (AMSGRAD) max_exp_avg_sq[i] = DS::store(xf);
+  }
+}
+
+template <typename D, typename DS, bool AMSGRAD, bool SCALED>
+FUSED_ADAMW_INLINE void tile_dispatch_master(const int64_t* r, int64_t first, int64_t n,
+                                             const AdamWScalars& s, int mode, float scale) {
+  switch (mode) {
+    case kMasterFp32:
+      return tile_loop_master<D, DS, AMSGRAD, kMasterFp32, SCALED>(r, first, n, s, scale);
+    case kMasterRemainder:
+      if constexpr (std::is_same<D, BF16>::value) {
+        return tile_loop_master<D, DS, AMSGRAD, kMasterRemainder, SCALED>(r, first, n, s,
+                                                                          scale);
+      }
+      return;  // refused for float16 by the optimizer (_table checks it too)
+    case kMasterKahan:
+      return tile_loop_master<D, DS, AMSGRAD, kMasterKahan, SCALED>(r, first, n, s, scale);
+    case kMasterStochastic:
+      return tile_loop_master<D, DS, AMSGRAD, kMasterStochastic, SCALED>(r, first, n, s, scale);
+  }
+}
+
+template <typename D, typename DS, bool AMSGRAD, bool SCALED>
 FUSED_ADAMW_INLINE void tile_dispatch(const int64_t* r, int64_t first, int64_t n,
-                                      const AdamWScalars& s, float scale) {
+                                      const AdamWScalars& s, int mode, float scale) {
+  if constexpr (!std::is_same<D, F32>::value) {
+    if (mode != kMasterNone) {
+      return tile_dispatch_master<D, DS, AMSGRAD, SCALED>(r, first, n, s, mode, scale);
+    }
+  }
   const Decay decay = s.l2 ? Decay::kL2
-                            : (s.weight_decay != 0.0f ? Decay::kDecoupled : Decay::kNone);
+                           : (s.weight_decay != 0.0f ? Decay::kDecoupled : Decay::kNone);
   if (s.maximize) {
     switch (decay) {
       case Decay::kNone:
-        return tile_loop<D, AMSGRAD, true, Decay::kNone, SCALED>(r, first, n, s, scale);
+        return tile_loop<D, DS, AMSGRAD, true, Decay::kNone, SCALED>(r, first, n, s, scale);
       case Decay::kDecoupled:
-        return tile_loop<D, AMSGRAD, true, Decay::kDecoupled, SCALED>(r, first, n, s, scale);
+        return tile_loop<D, DS, AMSGRAD, true, Decay::kDecoupled, SCALED>(r, first, n, s, scale);
       case Decay::kL2:
-        return tile_loop<D, AMSGRAD, true, Decay::kL2, SCALED>(r, first, n, s, scale);
+        return tile_loop<D, DS, AMSGRAD, true, Decay::kL2, SCALED>(r, first, n, s, scale);
     }
   } else {
     switch (decay) {
       case Decay::kNone:
-        return tile_loop<D, AMSGRAD, false, Decay::kNone, SCALED>(r, first, n, s, scale);
+        return tile_loop<D, DS, AMSGRAD, false, Decay::kNone, SCALED>(r, first, n, s, scale);
       case Decay::kDecoupled:
-        return tile_loop<D, AMSGRAD, false, Decay::kDecoupled, SCALED>(r, first, n, s, scale);
+        return tile_loop<D, DS, AMSGRAD, false, Decay::kDecoupled, SCALED>(r, first, n, s,
+                                                                           scale);
       case Decay::kL2:
-        return tile_loop<D, AMSGRAD, false, Decay::kL2, SCALED>(r, first, n, s, scale);
+        return tile_loop<D, DS, AMSGRAD, false, Decay::kL2, SCALED>(r, first, n, s, scale);
     }
   }
 }
 
 // Tiles [t0, t1), in the CUDA kernel's tiling (kernels/adamw_tile.cuh). The CPU has no vector
 // phase to respect, so each tile is one loop over its elements.
-template <typename D>
+template <typename D, typename DS>
 FUSED_ADAMW_INLINE void run_tiles_impl(const AdamWParams& p, int64_t t0, int64_t t1) {
   if (t0 >= t1) return;
   // Tiles in order: the row is searched once, then followed (rows with no tile are skipped).
@@ -197,36 +298,49 @@ FUSED_ADAMW_INLINE void run_tiles_impl(const AdamWParams& p, int64_t t0, int64_t
     const TileWork w = tile_work_in_row(p, t, row, sizeof(typename D::Storage));
     const int64_t* r = p.rows + w.row * kRowCols;
     const int64_t first = w.u_begin - w.phase, n = w.u_end - w.u_begin;
+    const int mode = master_mode_of(p, r);
     if (p.grad_scale != nullptr) {
       const float scale = *p.grad_scale;
-      w.s.amsgrad ? tile_dispatch<D, true, true>(r, first, n, w.s, scale)
-                  : tile_dispatch<D, false, true>(r, first, n, w.s, scale);
+      w.s.amsgrad ? tile_dispatch<D, DS, true, true>(r, first, n, w.s, mode, scale)
+                  : tile_dispatch<D, DS, false, true>(r, first, n, w.s, mode, scale);
     } else {
-      w.s.amsgrad ? tile_dispatch<D, true, false>(r, first, n, w.s, 1.0f)
-                  : tile_dispatch<D, false, false>(r, first, n, w.s, 1.0f);
+      w.s.amsgrad ? tile_dispatch<D, DS, true, false>(r, first, n, w.s, mode, 1.0f)
+                  : tile_dispatch<D, DS, false, false>(r, first, n, w.s, mode, 1.0f);
     }
   }
 }
 
-// The three entry points each ISA clone is made of (target_clones wants plain functions).
+// The entry points each ISA clone is made of (target_clones wants plain functions): one per
+// supported (param, state) dtype pair (adamw_params.h state_pair_supported).
 FUSED_ADAMW_CLONES void run_tiles_f32(const AdamWParams& p, int64_t t0, int64_t t1) {
-  run_tiles_impl<F32>(p, t0, t1);
+  run_tiles_impl<F32, F32>(p, t0, t1);
 }
 FUSED_ADAMW_CLONES void run_tiles_bf16(const AdamWParams& p, int64_t t0, int64_t t1) {
-  run_tiles_impl<BF16>(p, t0, t1);
+  run_tiles_impl<BF16, BF16>(p, t0, t1);
 }
 FUSED_ADAMW_CLONES void run_tiles_f16(const AdamWParams& p, int64_t t0, int64_t t1) {
-  run_tiles_impl<F16>(p, t0, t1);
+  run_tiles_impl<F16, F16>(p, t0, t1);
+}
+FUSED_ADAMW_CLONES void run_tiles_f32_bf16(const AdamWParams& p, int64_t t0, int64_t t1) {
+  run_tiles_impl<F32, BF16>(p, t0, t1);
+}
+FUSED_ADAMW_CLONES void run_tiles_bf16_f32(const AdamWParams& p, int64_t t0, int64_t t1) {
+  run_tiles_impl<BF16, F32>(p, t0, t1);
+}
+FUSED_ADAMW_CLONES void run_tiles_f16_f32(const AdamWParams& p, int64_t t0, int64_t t1) {
+  run_tiles_impl<F16, F32>(p, t0, t1);
 }
 
 void run_tiles(const AdamWParams& p, int64_t t0, int64_t t1) {
+  const bool f32_state = p.state_dtype == DType::kFloat32 && p.dtype != DType::kFloat32;
   switch (p.dtype) {
     case DType::kFloat32:
-      return run_tiles_f32(p, t0, t1);
+      return p.state_dtype == DType::kBFloat16 ? run_tiles_f32_bf16(p, t0, t1)
+                                                : run_tiles_f32(p, t0, t1);
     case DType::kBFloat16:
-      return run_tiles_bf16(p, t0, t1);
+      return f32_state ? run_tiles_bf16_f32(p, t0, t1) : run_tiles_bf16(p, t0, t1);
     case DType::kFloat16:
-      return run_tiles_f16(p, t0, t1);
+      return f32_state ? run_tiles_f16_f32(p, t0, t1) : run_tiles_f16(p, t0, t1);
   }
 }
 

@@ -426,6 +426,12 @@ void set_grid_cap_for_testing(int64_t cap) { g_grid_cap = cap > 0 && cap < kMaxG
 std::string launch_adamw_cuda(const AdamWParams& p, bool has_max, int device,
                               std::uintptr_t stream) {
   if (p.n_rows <= 0) return "";
+  // Not compiled yet: moments of another dtype than the params' (state_dtype). The Python
+  // backend refuses it (and master modes) with the mode named; this guards the ABI.
+  if (p.state_dtype != p.dtype) {
+    return "launch_adamw_cuda: moments of another dtype than the params' (state_dtype) are "
+           "not supported by the CUDA kernel yet";
+  }
   KernelFn fn = kernel_for(p.dtype, has_max, p.grad_scale != nullptr);
   if (fn == nullptr) return "launch_adamw_cuda: unknown dtype code " +
                             std::to_string(static_cast<int>(p.dtype));

@@ -23,6 +23,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define FUSED_ADAMW_HD __host__ __device__ __forceinline__
@@ -111,5 +113,129 @@ FUSED_ADAMW_HD void adamw_update(float& param, float grad, float& exp_avg, float
   const float denom = sqrtf(second_moment) / s.bias_correction2_sqrt + s.eps;
   param = param - ((s.lr / s.bias_correction1) * exp_avg) / denom;
 }
+
+// ------------------------------------------------------------------------------------------
+// Low-precision params (issue #13): how a bfloat16/float16 param steps
+// ------------------------------------------------------------------------------------------
+//
+// adamw_update above runs unchanged in every mode, in float; a mode only says which float it
+// starts from and how the result is stored (hparams column kHpMasterMode, per param group;
+// float32 params ignore it). Per element, with P the 16-bit param, E its row's extra buffer:
+//
+//   kMasterNone        p = P;  update(p);  P = rn(p)                        (torch's)
+//   kMasterFp32        p = E (float), or P when rn(E) != P (the user wrote P: the param wins);
+//                      update(p);  E = p;  P = rn(p)
+//   kMasterRemainder   p = remainder_join(P, E);  update(p);  (P, E) = remainder_split(p)
+//                      (bfloat16 only: E int16, P and E are exactly the fp32 master's bits)
+//   kMasterKahan       p0 = P;  p = p0;  update(p);  s = kahan_sum(p0, p, E, y);  P = rn(s);
+//                      E = rn16(kahan_residual(y, p0, P))      (E of the param's dtype)
+//   kMasterStochastic  p = P;  update(p);  P = round_*_stochastic(p, sr_bits(key, i)), with
+//                      key = sr_key(seed, step) per param and i the element's index
+//
+// The stochastic-rounding bits come from a counter-based generator: a pure function of the
+// param's seed (its state's "sr_seed"), its step count after this step's increment and the
+// element's index in the param's storage order. So every backend draws the same bits, and a
+// resumed run (seed and step are in state_dict()) continues bit for bit.
+constexpr int kMasterNone = 0;
+constexpr int kMasterFp32 = 1;
+constexpr int kMasterRemainder = 2;
+constexpr int kMasterKahan = 3;
+constexpr int kMasterStochastic = 4;
+
+FUSED_ADAMW_HD uint32_t f32_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+FUSED_ADAMW_HD float bits_f32(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+// A 32-bit integer hash (lowbias32's shape; both multipliers < 2^31, so that the torch mirror
+// computes it exactly in int64).
+FUSED_ADAMW_HD uint32_t sr_mix(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x5bd1e995u;
+  x ^= x >> 16;
+  return x;
+}
+
+// Per param and step: its seed (63 bits) and its step count (an integer below 2^24 as float).
+FUSED_ADAMW_HD uint32_t sr_key(int64_t seed, float step) {
+  const uint64_t s = static_cast<uint64_t>(seed);
+  return sr_mix(static_cast<uint32_t>(s) ^
+                sr_mix(static_cast<uint32_t>(s >> 32) ^ sr_mix(static_cast<uint32_t>(step))));
+}
+
+// Per element: 32 random bits for element i (its index in the param's storage order).
+FUSED_ADAMW_HD uint32_t sr_bits(uint32_t key, int64_t i) {
+  const uint64_t u = static_cast<uint64_t>(i);
+  return sr_mix(sr_mix(key ^ static_cast<uint32_t>(u)) ^ static_cast<uint32_t>(u >> 32));
+}
+
+// x rounded to one of its two bfloat16 neighbours, up (in magnitude) with probability equal to
+// the dropped fraction: the low 16 bits of r added to the dropped 16 bits carry into the kept
+// ones exactly that often. Returns a float that is exactly a bfloat16 (NaN and inf as they are).
+FUSED_ADAMW_HD float round_bf16_stochastic(float x, uint32_t r) {
+  const uint32_t b = f32_bits(x);
+  if ((b & 0x7f800000u) == 0x7f800000u) return x;
+  return bits_f32((b + (r & 0xffffu)) & 0xffff0000u);
+}
+
+// The same for float16 (10 mantissa bits, normal from 2^-14): x / ulp is split into its floor
+// and fraction (both exact: scaling by a power of two), and the floor is raised by one ulp
+// when 24 random bits (r's high ones) fall below the fraction. Exactly a float16, or a value
+// beyond 65504 that the float16 store makes inf (as rounding to nearest does).
+FUSED_ADAMW_HD float round_f16_stochastic(float x, uint32_t r) {
+  const uint32_t e = (f32_bits(x) >> 23) & 0xffu;  // biased exponent
+  if (e == 0xffu) return x;
+  const uint32_t ee = e > 113u ? e : 113u;         // 113: 2^-14, float16's smallest normal
+  const float inv_ulp = bits_f32((264u - ee) << 23);  // 2^(137 - ee)
+  const float ulp = bits_f32((ee - 10u) << 23);       // 2^(ee - 137)
+  const float q = x * inv_ulp;
+  const float fl = floorf(q);
+  const float u = static_cast<float>(r >> 8) * 0x1p-24f;
+  return (fl + (u < q - fl ? 1.0f : 0.0f)) * ulp;
+}
+
+// "remainder" (bfloat16 params, TransformerEngine's store_param_remainders): the fp32 master's
+// high 16 bits rounded to nearest (halfway: away from zero) are the param, its low 16 bits,
+// as int16, the remainder. remainder_join(remainder_split(m)) == m for every non-NaN m: the
+// master trajectory is the "fp32" mode's, bit for bit. A param of +-0 with a negative
+// remainder (a user's zero written over a rounded-up param: never produced by the split)
+// joins as +-0 plus the remainder's bits, not as NaN.
+FUSED_ADAMW_HD float remainder_join(uint16_t p, int16_t rem) {
+  const uint32_t hi = static_cast<uint32_t>(p) - ((rem < 0 && (p & 0x7fffu) != 0) ? 1u : 0u);
+  return bits_f32(((hi & 0xffffu) << 16) | static_cast<uint16_t>(rem));
+}
+
+FUSED_ADAMW_HD void remainder_split(float m, uint16_t& p, int16_t& rem) {
+  const uint32_t b = f32_bits(m);
+  rem = static_cast<int16_t>(static_cast<uint16_t>(b & 0xffffu));
+  p = static_cast<uint16_t>((b >> 16) + (rem < 0 ? 1u : 0u));
+}
+
+// "kahan": the step's update p1 - p0 (both float: p0 the stored param, p1 adamw_update's
+// result) plus the compensation c, added to p0. The caller rounds the sum to the param's
+// dtype (ps) and stores kahan_residual(y, p0, ps), rounded to the same dtype, as the new c.
+FUSED_ADAMW_HD float kahan_sum(float p0, float p1, float c, float& y) {
+  y = (p1 - p0) + c;
+  return p0 + y;
+}
+
+FUSED_ADAMW_HD float kahan_residual(float y, float p0, float ps) { return y - (ps - p0); }
 
 }  // namespace fused_adamw

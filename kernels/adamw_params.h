@@ -7,9 +7,10 @@
 // contract:
 //
 //   rows          int64 [n_rows][kRowCols]: one row per param that steps now (it has a grad);
-//                 columns kRow* below. Every pointer addresses numel elements of the table's
-//                 dtype laid out in the same order in memory (the param's storage order), at
-//                 any element offset: a pointer need not be 16-byte aligned.
+//                 columns kRow* below. Every pointer addresses numel elements laid out in the
+//                 same order in memory (the param's storage order), at any element offset (a
+//                 pointer need not be 16-byte aligned): param and grad of the table's dtype,
+//                 the moments of its state_dtype, the extra buffer of its master mode's.
 //   tile_starts   int64 [n_rows + 1]: the first tile of each row; tile_starts[n_rows] = n_tiles.
 //                 Row r has tiles_of(phase, numel) tiles (below), where phase is the param's
 //                 element offset inside its 16-byte vector.
@@ -40,7 +41,14 @@ constexpr int kRowMaxExpAvgSq = 4;   // T*: amsgrad maxima; 0 when the row's gro
 constexpr int kRowStep = 5;          // float*: the param's step count (0-d float32 tensor)
 constexpr int kRowNumel = 6;         // int64: elements
 constexpr int kRowGroup = 7;         // int64: the row of hparams
-constexpr int kRowCols = 8;          // 64 bytes per row
+// Low-precision params (16-bit params with a master mode, hparams column kHpMasterMode):
+constexpr int kRowExtra = 8;         // the mode's buffer, numel elements with the param's
+                                     // layout: float* master (kMasterFp32), int16_t*
+                                     // remainder (kMasterRemainder), T* compensation
+                                     // (kMasterKahan); 0 for other modes and float32 tables
+constexpr int kRowSeed = 9;          // int64: the param's stochastic rounding seed (its
+                                     // state's "sr_seed"); 0 unless kMasterStochastic
+constexpr int kRowCols = 10;         // 80 bytes per row
 
 // Columns of the hparams table (python/fused_adamw/_table.py HP_* mirrors these names).
 constexpr int kHpLr = 0;
@@ -52,7 +60,9 @@ constexpr int kHpMaximize = 5;    // 0.0 or 1.0
 constexpr int kHpAmsgrad = 6;     // 0.0 or 1.0
 constexpr int kHpDecayMode = 7;   // 0.0: decoupled decay (AdamW), 1.0: L2 added to the grad (Adam)
 constexpr int kHpMaxLr = 8;       // decouple_lr: the group's max_lr (> 0); 0.0: torch's lr * wd
-constexpr int kHparamCols = 16;   // 64-byte rows; columns 9-15 spare (0.0)
+constexpr int kHpMasterMode = 9;  // master_weights of 16-bit params: kMaster* (adamw_math.cuh)
+                                  // as a float; ignored by float32 tables
+constexpr int kHparamCols = 16;   // 64-byte rows; columns 10-15 spare (0.0)
 
 enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
@@ -80,9 +90,20 @@ struct AdamWParams {
   int64_t n_rows;
   int64_t n_tiles;
   int64_t n_groups;
-  DType dtype;
-  const float* grad_scale;     // null: grads are already unscaled
-  const float* found_inf;      // null: the step is always taken
+  DType dtype;                // the params' (and grads') storage dtype
+  DType state_dtype;          // exp_avg, exp_avg_sq, max_exp_avg_sq: dtype, or float32/bfloat16
+                              // (state_dtype=...); supported pairs: state_pair_supported
+  const float* grad_scale;    // null: grads are already unscaled
+  const float* found_inf;     // null: the step is always taken
 };
+
+// The (param, state) dtype pairs the compiled loops take: the same dtype, 16-bit params with
+// float32 moments (classic mixed precision), float32 params with bfloat16 moments (as torch's
+// fused CUDA AdamW). float16 params with bfloat16 moments are refused (one more instantiation
+// of every kernel for a pairing no recipe uses).
+inline bool state_pair_supported(DType dtype, DType state_dtype) {
+  return dtype == state_dtype || (dtype != DType::kFloat32 && state_dtype == DType::kFloat32) ||
+         (dtype == DType::kFloat32 && state_dtype == DType::kBFloat16);
+}
 
 }  // namespace fused_adamw

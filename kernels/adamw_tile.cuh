@@ -58,6 +58,13 @@ FUSED_ADAMW_HD TileWork tile_work(const AdamWParams& p, int64_t tile, int64_t el
   return tile_work_in_row(p, tile, row_of_tile(p.tile_starts, p.n_rows, tile), elem_size);
 }
 
+// The master mode of row r (kMaster*, adamw_math.cuh): its group's kHpMasterMode for 16-bit
+// tables; float32 params always step as they are.
+FUSED_ADAMW_HD int master_mode_of(const AdamWParams& p, const int64_t* r) {
+  if (p.dtype == DType::kFloat32) return kMasterNone;
+  return static_cast<int>(p.hparams[r[kRowGroup] * kHparamCols + kHpMasterMode]);
+}
+
 // Whether every buffer of a row shares the param's 16-byte phase, so that whole 16-byte
 // vectors of all of them line up (the CUDA kernel's vector path).
 FUSED_ADAMW_HD bool row_vector_aligned(const int64_t* r, bool amsgrad) {

@@ -620,12 +620,14 @@ def _params(fn):
 @pytest.mark.parametrize("ours,theirs", [(FusedAdam, torch.optim.Adam),
                                          (FusedAdamW, torch.optim.AdamW)])
 def test_signature_is_torchs_plus_ours(ours, theirs):
-    """torch's parameters, kinds, defaults and order, then our keyword-only backend and
-    decouple_lr."""
-    assert _params(ours.__init__)[:-2] == _params(theirs.__init__)
-    assert _params(ours.__init__)[-2:] == [
+    """torch's parameters, kinds, defaults and order, then our keyword-only backend,
+    decouple_lr, master_weights and state_dtype."""
+    assert _params(ours.__init__)[:-4] == _params(theirs.__init__)
+    assert _params(ours.__init__)[-4:] == [
         ("backend", inspect.Parameter.KEYWORD_ONLY, "auto"),
-        ("decouple_lr", inspect.Parameter.KEYWORD_ONLY, False)]
+        ("decouple_lr", inspect.Parameter.KEYWORD_ONLY, False),
+        ("master_weights", inspect.Parameter.KEYWORD_ONLY, None),
+        ("state_dtype", inspect.Parameter.KEYWORD_ONLY, None)]
 
 
 def test_public_surface():

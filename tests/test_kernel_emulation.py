@@ -394,7 +394,7 @@ else:
         _EMU.set_tile_trace(True)
         update = run_step(case, ref)[1]
         rows = [p.spec for p in case.params]
-        starts = case.table()[0][len(rows) * 8:].tolist()
+        starts = case.table()[0][len(rows) * _table.ROW_COLS:].tolist()
         work = {}
         for _, block, thread, tile in _EMU.tile_trace():
             if thread == 0:
@@ -689,7 +689,7 @@ else:
                          addr0 + r["exp_avg_sq"], mx, steps[i].data_ptr(), layout[i][0],
                          layout[i][3]))
         packed, n_tiles = pack_table(rows, isz)
-        starts = packed[len(rows) * 8:].tolist()
+        starts = packed[len(rows) * _table.ROW_COLS:].tolist()
         hp = hparams(groups)
 
         def tile_of(row, i):  # the tile holding element i of a row
@@ -738,13 +738,13 @@ else:
                 checks.append((row, a, b, buf, twin_step))
             _EMU.set_block_filter(blocks, nth=1)  # launch 0, the steps kernel, runs whole
             _C._set_grid_cap(cap)
-            _C.step_cuda(packed.data_ptr(), packed.data_ptr() + 64 * len(rows), hp.data_ptr(),
+            _C.step_cuda(packed.data_ptr(), packed.data_ptr() + 8 * _table.ROW_COLS * len(rows), hp.data_ptr(),
                          len(rows), n_tiles, len(groups), 1, True, 0, 0)
             _C._set_grid_cap(0)
             update = _EMU.launch_log()[-1]
             assert (update["grid"], update["blocks_run"]) == (grid, len(blocks))
             tpacked, tn = pack_table(twin_rows, isz)
-            _C.step_cpu(tpacked.data_ptr(), tpacked.data_ptr() + 64 * len(twin_rows),
+            _C.step_cpu(tpacked.data_ptr(), tpacked.data_ptr() + 8 * _table.ROW_COLS * len(twin_rows),
                         hp.data_ptr(), len(twin_rows), tn, len(groups), 1, 1)
             for row, a, b, buf, _ in checks:
                 for name, (around, at, want, poison) in buf.items():

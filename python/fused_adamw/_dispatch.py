@@ -60,21 +60,45 @@ def check_name(name: str) -> str:
     return name
 
 
-def choose(name: str, device: torch.device, dtype: torch.dtype):
-    """The backend object that will step a bucket of (device, dtype)."""
+def feature_reason(name: str, dtype: torch.dtype, state_dtype: torch.dtype | None,
+                   modes) -> str | None:
+    """None when backend ``name`` computes params of ``dtype`` with moments of ``state_dtype``
+    (None: dtype) under master modes ``modes`` (issue #13), else why not."""
+    backend = _load(name)
+    state_dtype = dtype if state_dtype is None else state_dtype
+    modes = frozenset(m for m in modes if m is not None)
+    if backend is None or (not modes and state_dtype == dtype):
+        return None
+    fn = getattr(backend, "feature_reason", None)
+    return None if fn is None else fn(dtype, state_dtype, modes)
+
+
+def choose(name: str, device: torch.device, dtype: torch.dtype,
+           state_dtype: torch.dtype | None = None, modes=()):
+    """The backend object that will step a bucket of (device, dtype), with moments of
+    ``state_dtype`` and params under the master modes ``modes`` (16-bit params only)."""
     if name == "auto":
+        why = []
         for candidate in AUTO_ORDER.get(device.type, _DEFAULT_ORDER):
             reason = unavailable_reason(candidate, device, dtype)
             if reason is None:
-                return _loaded[candidate]
+                reason = feature_reason(candidate, dtype, state_dtype, modes)
+                if reason is None:
+                    return _loaded[candidate]
+                why.append(f"{candidate}: {reason}")
+                continue
             if candidate == "cuda" and device.type == "cuda":
                 _warn_cuda_kernel_missing(device, reason)
-        raise BackendUnavailableError(f"no backend can run on {device} with {dtype}")
+        raise BackendUnavailableError(f"no backend can run on {device} with {dtype}"
+                                      + (f" ({'; '.join(why)})" if why else ""))
     reason = unavailable_reason(name, device, dtype)
     if reason is not None:
         raise BackendUnavailableError(
             f'backend="{name}" cannot run on {device} with {dtype}: {reason}'
         )
+    reason = feature_reason(name, dtype, state_dtype, modes)
+    if reason is not None:
+        raise BackendUnavailableError(f'backend="{name}" on {device}: {reason}')
     return _loaded[name]
 
 

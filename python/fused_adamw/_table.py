@@ -53,7 +53,9 @@ ROW_MAX_EXP_AVG_SQ = 4
 ROW_STEP = 5
 ROW_NUMEL = 6
 ROW_GROUP = 7
-ROW_COLS = 8
+ROW_EXTRA = 8  # the master mode's buffer (master_param, param_remainder, kahan_compensation)
+ROW_SEED = 9  # the stochastic rounding seed (state "sr_seed")
+ROW_COLS = 10
 
 # Columns of the hyperparameter table (kernels/adamw_params.h kHp*).
 HP_LR = 0
@@ -65,9 +67,24 @@ HP_MAXIMIZE = 5
 HP_AMSGRAD = 6
 HP_DECAY_MODE = 7  # 0.0: decoupled decay (AdamW), 1.0: L2 added to the grad (Adam)
 HP_MAX_LR = 8  # decouple_lr: the group's max_lr; 0.0: torch's decay lr * weight_decay
-HPARAM_COLS = 16  # 64-byte rows; columns 9-15 spare
+HP_MASTER_MODE = 9  # master_weights of 16-bit params (MASTER_MODES); float32 tables ignore it
+HPARAM_COLS = 16  # 64-byte rows; columns 10-15 spare
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+# master_weights (kernels/adamw_math.cuh kMaster*) and the state key of each mode's buffer.
+MASTER_MODES = {None: 0, "fp32": 1, "remainder": 2, "kahan": 3, "stochastic": 4}
+EXTRA_KEYS = {"fp32": "master_param", "remainder": "param_remainder",
+              "kahan": "kahan_compensation"}
+SEED_KEY = "sr_seed"  # a Python int in state[p] (torch's load casts tensors, not ints)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def extra_dtype(mode: str | None, dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype of a mode's buffer for params of ``dtype`` (None: the mode has none)."""
+    if dtype not in LOW_PRECISION or mode not in EXTRA_KEYS:
+        return None
+    return {"fp32": torch.float32, "remainder": torch.int16, "kahan": dtype}[mode]
 
 
 def tiles_of(phase: int, numel: int) -> int:
@@ -76,11 +93,11 @@ def tiles_of(phase: int, numel: int) -> int:
     return 0 if numel <= 0 else (phase + numel + TILE_ELEMS - 1) // TILE_ELEMS
 
 
-def pack_table(rows: list[tuple[int, int, int, int, int, int, int, int]],
-               itemsize: int) -> tuple[torch.Tensor, int]:
-    """Packs rows ``(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, numel, group)``
-    (addresses as ints) into one CPU int64 tensor: rows, then tile_starts. Returns it and the
-    number of tiles."""
+def pack_table(rows: list[tuple], itemsize: int) -> tuple[torch.Tensor, int]:
+    """Packs rows ``(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, numel, group,
+    extra, seed)`` (addresses as ints; ``extra`` and ``seed`` may be left out: 0) into one CPU
+    int64 tensor: rows, then tile_starts. Returns it and the number of tiles."""
+    rows = [tuple(r) + (0,) * (ROW_COLS - len(r)) for r in rows]
     n = len(rows)
     packed = torch.empty(n * ROW_COLS + n + 1, dtype=torch.int64)
     if n:
@@ -209,20 +226,25 @@ def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool((marks > 1).any())
 
 
-def zeros_at_phase(like: torch.Tensor, phase_bytes: int) -> torch.Tensor:
+def zeros_at_phase(like: torch.Tensor, phase_bytes: int,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """``torch.zeros_like(like)`` (same strides: ``like`` is dense) whose data sits
     ``phase_bytes`` into a 16-byte vector, so that it shares the vector grid of a param there.
 
     NOTE on the extra bytes: at phase 0 (nearly every param: allocators hand out 16-byte
     aligned memory) this is exactly zeros_like. Otherwise the storage has phase_bytes / itemsize
     leading elements more than torch's state, which torch.save also writes (under 16 bytes).
+    ``dtype`` (state_dtype, a master buffer): another element type at the same *element*
+    phase (the param's phase in elements, times this dtype's size).
     """
+    dtype = like.dtype if dtype is None else dtype
     itemsize = like.element_size()
     if phase_bytes == 0 or phase_bytes % itemsize:
-        return torch.zeros_like(like, memory_format=torch.preserve_format)
+        return torch.zeros_like(like, memory_format=torch.preserve_format, dtype=dtype)
     extra = phase_bytes // itemsize
-    base = torch.zeros(extra + like.numel(), dtype=like.dtype, device=like.device)
+    base = torch.zeros(extra + like.numel(), dtype=dtype, device=like.device)
     return base.as_strided(like.shape, like.stride(), extra)
+
 
 
 def describe(name: str, t: torch.Tensor) -> str:
@@ -247,6 +269,8 @@ class Row:
     exp_avg_sq: torch.Tensor
     max_exp_avg_sq: torch.Tensor | None
     step: torch.Tensor  # 0-d float32 on the param's device
+    extra: torch.Tensor | None = None  # the master mode's buffer (real view)
+    seed: int = 0  # stochastic rounding seed
 
 
 @dataclass
@@ -261,6 +285,7 @@ class _RowPlan:
     state: dict | None  # None: torch creates state at the first step with a grad: so do we
     amsgrad: bool
     fix_step: bool  # the step entry is not a 0-d float32 tensor on the param's device
+    mode: str | None = None  # the group's master_weights (16-bit params only; else None)
 
 
 @dataclass
@@ -283,8 +308,10 @@ class Table:
     optimizer's ``hparams``."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, params: list, groups: list[int],
-                 names: list[str]) -> None:
+                 names: list[str], state_dtype: torch.dtype | None = None) -> None:
         self.device, self.dtype = device, dtype
+        # The moments' dtype (state_dtype; the params' by default, as torch).
+        self.state_dtype = dtype if state_dtype is None else state_dtype
         self.itemsize = torch.empty((), dtype=dtype).element_size()
         self.params, self.groups, self.names = params, groups, names
         self.has_dtensor = any(map(is_dtensor, params))
@@ -391,6 +418,7 @@ class Table:
                     f"{tuple(g.shape)}, {g.dtype} on {g.device}; they must match")
             gi = self.groups[i]
             amsgrad = bool(groups[gi]["amsgrad"])
+            mode = self.mode_of(groups[gi])
             st = dict.get(state, p)
             fix_step = False
             if st:
@@ -401,7 +429,11 @@ class Table:
                 keys = ("exp_avg", "exp_avg_sq") + (
                     ("max_exp_avg_sq",) if amsgrad and "max_exp_avg_sq" in st else ())
                 for key in keys:
-                    self._check_state_tensor(name, lp, key, st[key])
+                    self._check_state_tensor(name, lp, key, st[key], self.state_dtype)
+                xkey = EXTRA_KEYS.get(mode)
+                if xkey is not None and xkey in st:
+                    self._check_state_tensor(name, lp, xkey, st[xkey],
+                                             extra_dtype(mode, self.dtype))
                 step = st["step"]
                 fix_step = not (isinstance(step, torch.Tensor) and step.dtype == torch.float32
                                 and step.dim() == 0 and step.device == lp.device
@@ -416,21 +448,29 @@ class Table:
                         raise TypeError(
                             f"the optimizer state 'step' of {name} is {step!r}; it must be a "
                             "number or a one-element tensor")
-            rows.append(_RowPlan(i, gi, p, lp, g, st or None, amsgrad, fix_step))
+            rows.append(_RowPlan(i, gi, p, lp, g, st or None, amsgrad, fix_step, mode))
         return Plan("rebuild", grads, mask, active_grads, [], data_ptrs, locals_, rows)
 
-    def _check_state_tensor(self, name: str, lp: torch.Tensor, key: str, t) -> None:
+    def _check_state_tensor(self, name: str, lp: torch.Tensor, key: str, t,
+                            dtype: torch.dtype) -> None:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"the optimizer state {key!r} of {name} is a {type(t).__name__}, "
                             "not a Tensor")
         lt = local(t)
-        if lt.dtype != lp.dtype:
+        expected = lp.dtype if dtype == self.dtype else dtype  # complex params: complex state
+        if lt.dtype != expected and lt.dtype == lp.dtype:
             raise RuntimeError(
-                f"{name} is {lp.dtype} but its optimizer state {key!r} is {lt.dtype} (did the "
-                "model change dtype after the optimizer stepped, e.g. model.half()?). "
-                "FusedAdamW does not convert state silently: to convert it on purpose, call "
-                "opt.load_state_dict(opt.state_dict()), which casts state to the params' dtype "
-                "as torch does")
+                f"{name} is {lp.dtype} and its param group keeps {key!r} in {expected} "
+                f"(state_dtype or master_weights), but the state holds {lt.dtype} (was the "
+                "setting changed after steps?). FusedAdamW does not convert state silently: to "
+                "convert it on purpose, call opt.load_state_dict(opt.state_dict())")
+        if lt.dtype != expected:
+            raise RuntimeError(
+                f"{name} is {lp.dtype} but its optimizer state {key!r} is {lt.dtype}, not "
+                f"{expected} (did the model change dtype after the optimizer stepped, e.g. "
+                "model.half()?). FusedAdamW does not convert state silently: to convert it on "
+                "purpose, call opt.load_state_dict(opt.state_dict()), which casts state to the "
+                "params' dtype as torch does (state_dtype and master buffers to their own)")
         if lt.device != lp.device:
             raise RuntimeError(
                 f"{name} is on {lp.device} but its optimizer state {key!r} is on {lt.device}; "
@@ -506,7 +546,8 @@ class Table:
             dense = is_dense(lp)
             like = lp if dense else torch.empty_like(lp)
             phase = lp.data_ptr() % ALIGN_BYTES if dense else 0
-            st = self.new_state(opt, rp.param, rp.state, rp.amsgrad, like, phase)
+            st = self.new_state(opt, rp.param, rp.state, rp.amsgrad, like, phase, rp.mode)
+            extra, seed = self._master_state(rp.param, rp.mode, st, lp, like, phase)
             if rp.fix_step:  # a Python number, another dtype or device: torch's fused layout
                 step = st["step"]
                 step = local(step) if is_dtensor(step) else step
@@ -525,8 +566,13 @@ class Table:
                 direct = self._direct_or_staged(walk, t, out=True)
                 fast = fast and direct is not None
                 tensors.append(direct if direct is not None else self._stage(walk, t, out=True))
+            if extra is not None:
+                t = real(local(extra))
+                direct = self._direct_or_staged(walk, t, out=True)
+                fast = fast and direct is not None
+                extra = direct if direct is not None else self._stage(walk, t, out=True)
             rows.append(Row(rp.index, rp.group, walk, grad, tensors[0], tensors[1], tensors[2],
-                            st["step"]))
+                            st["step"], extra, seed))
             if type(dict.get(opt.state, rp.param)) is dict and hasattr(opt.state, "_owner"):
                 opt.state[rp.param] = st  # a plain dict put in by update(): track its edits
         self.rows = rows
@@ -540,6 +586,8 @@ class Table:
         for rp in plan.rows:
             st = dict.get(opt.state, rp.param)
             keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if rp.amsgrad else ())
+            if rp.mode in EXTRA_KEYS:
+                keys += (EXTRA_KEYS[rp.mode],)
             state_tensors.extend(local(st[k]) for k in keys)
         self.state_tensors = state_tensors
         self.state_ptrs = list(map(_data_ptr, state_tensors))
@@ -552,15 +600,23 @@ class Table:
         self.rebuilds += 1
         self._rebuild_packed()
 
-    def new_state(self, opt, param, st, amsgrad: bool, like=None, phase=None) -> dict:
+    def mode_of(self, group: dict) -> str | None:
+        """The master mode a row of ``group`` runs under here: the group's master_weights for
+        16-bit params, None for float32 tables (the option means nothing there)."""
+        return group.get("master_weights") if self.dtype in LOW_PRECISION else None
+
+    def new_state(self, opt, param, st, amsgrad: bool, like=None, phase=None,
+                  mode: str | None = None) -> dict:
         """``param``'s state entry, with torch's keys allocated where missing: step 0 and zero
-        moments at the param's 16-byte phase (``like``/``phase`` as _build_rows computes them).
+        moments in the table's state_dtype at the param's 16-byte phase (``like``/``phase`` as
+        _build_rows computes them), and the master mode's buffer or seed (_master_state).
         The step count stays 0: nothing here counts a step."""
+        lp = local(param)
         if like is None:
-            lp = local(param)
             dense = is_dense(lp)
             like = lp if dense else torch.empty_like(lp)
             phase = lp.data_ptr() % ALIGN_BYTES if dense else 0
+        sd = None if self.state_dtype == self.dtype else self.state_dtype
         if st is None:
             # An entry that tracks edits (unless opt.state was replaced by a dict of the
             # user's: then the optimizer re-reads state every step).
@@ -569,13 +625,35 @@ class Table:
             except KeyError:  # a plain dict
                 st = opt.state[param] = {}
             st["step"] = torch.zeros((), dtype=torch.float32, device=like.device)
-            st["exp_avg"] = self._wrap(param, zeros_at_phase(like, phase))
-            st["exp_avg_sq"] = self._wrap(param, zeros_at_phase(like, phase))
+            st["exp_avg"] = self._wrap(param, zeros_at_phase(like, phase, sd))
+            st["exp_avg_sq"] = self._wrap(param, zeros_at_phase(like, phase, sd))
         if amsgrad and "max_exp_avg_sq" not in st:
             # amsgrad switched on after the first steps: the maxima start at zero (torch
             # raises a KeyError here).
-            st["max_exp_avg_sq"] = self._wrap(param, zeros_at_phase(like, phase))
+            st["max_exp_avg_sq"] = self._wrap(param, zeros_at_phase(like, phase, sd))
+        self._master_state(param, mode, st, lp, like, phase)
         return st
+
+    def _master_state(self, param, mode: str | None, st: dict, lp: torch.Tensor,
+                      like: torch.Tensor, phase: int) -> tuple:
+        """The row's master-mode buffer and seed, created when missing: the fp32 master
+        from the param (a torch checkpoint, a mode switched on, a mangled buffer dropped at
+        load), a zero remainder or compensation (param and master are then equal), a seed
+        drawn from torch's default generator (torch.manual_seed makes it reproducible)."""
+        if mode is None:
+            return None, 0
+        if mode == "stochastic":
+            seed = st.get(SEED_KEY)
+            if not isinstance(seed, int) or isinstance(seed, bool):
+                seed = st[SEED_KEY] = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+            return None, seed
+        key = EXTRA_KEYS[mode]
+        if key not in st:
+            buf = zeros_at_phase(like, phase, extra_dtype(mode, self.dtype))
+            if mode == "fp32":
+                buf.copy_(lp)
+            st[key] = self._wrap(param, buf)
+        return st[key], 0
 
     @staticmethod
     def _direct_or_staged(walk: torch.Tensor, t: torch.Tensor, out: bool):
@@ -607,7 +685,8 @@ class Table:
         return [(r.param.data_ptr(), g.data_ptr(), r.exp_avg.data_ptr(),
                  r.exp_avg_sq.data_ptr(),
                  r.max_exp_avg_sq.data_ptr() if r.max_exp_avg_sq is not None else 0,
-                 r.step.data_ptr(), r.param.numel(), r.group)
+                 r.step.data_ptr(), r.param.numel(), r.group,
+                 r.extra.data_ptr() if r.extra is not None else 0, r.seed)
                 for r, g in zip(self.rows, self.kernel_grads)]
 
     def _rebuild_packed(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 from itertools import chain
@@ -143,6 +144,19 @@ _ARGS_DOC = r"""
             is the schedule multiplier, so ``weight_decay`` keeps its meaning when the lr is
             tuned. For a constant lr, ``weight_decay_paper = lr * weight_decay_torch``.
             Needs decoupled weight decay. Default: False.
+        master_weights: how bfloat16 and float16 params are updated (float32 and float64
+            params in the same group are unaffected): None (torch's: the fp32 result is
+            rounded to nearest, updates below half an ulp are lost); ``"fp32"`` (an fp32
+            master copy in ``state[p]["master_param"]``, 4 B/param; the param is the master
+            rounded to nearest; a value written into the param wins at the next step);
+            ``"remainder"`` (bfloat16 only: the 16 low bits the param drops, int16 in
+            ``state[p]["param_remainder"]``, 2 B/param: param and remainder are exactly the
+            fp32 master); ``"kahan"`` (a compensation buffer of the param's dtype in
+            ``state[p]["kahan_compensation"]``, 2 B/param); ``"stochastic"`` (stochastic
+            rounding, 0 B/param; seed ``state[p]["sr_seed"]``, counter the step). Per param
+            group. Default: None.
+        state_dtype: dtype of exp_avg, exp_avg_sq and max_exp_avg_sq: None (the param's, as
+            torch), ``torch.float32`` or ``torch.bfloat16``. Per param group. Default: None.
 
     A group with decouple_lr carries ``"decouple_lr": True`` and ``"max_lr"`` besides torch's
     keys; other groups have exactly torch's keys (what ``torch.distributed.checkpoint`` needs
@@ -185,6 +199,8 @@ class FusedAdam(torch.optim.Optimizer):
         decoupled_weight_decay: bool = False,
         backend: str = "auto",
         decouple_lr: bool = False,
+        master_weights: str | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         if fused and differentiable:
             raise RuntimeError("`fused` does not support `differentiable`")  # torch's message
@@ -210,6 +226,12 @@ class FusedAdam(torch.optim.Optimizer):
         # Not in defaults: torch's add_param_group would give every group the key (see the
         # class docstring on group keys).
         self._decouple_lr = bool(decouple_lr)
+        # Likewise (issue #13): a group carries "master_weights" / "state_dtype" only when
+        # set; a checkpoint without them (torch's) gets these constructor values at load.
+        _check_master_weights(master_weights, "the constructor")
+        _check_state_dtype(state_dtype, "the constructor")
+        self._master_weights = master_weights
+        self._state_dtype = state_dtype
         self._reset_caches()
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -242,6 +264,8 @@ class FusedAdam(torch.optim.Optimizer):
                               "_has_cuda", "grad_scale", "found_inf", "_compile_key")}
         state["_backend_request"] = self._backend_request
         state["_decouple_lr"] = self._decouple_lr
+        state["_master_weights"] = self._master_weights
+        state["_state_dtype"] = self._state_dtype
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -253,7 +277,13 @@ class FusedAdam(torch.optim.Optimizer):
                                           for k, v in self.state.items()})
         self._state_obj = self.state
         self.__dict__.setdefault("_decouple_lr", False)
+        self.__dict__.setdefault("_master_weights", None)
+        self.__dict__.setdefault("_state_dtype", None)
         for group in self.param_groups:
+            if self._master_weights is not None:
+                group.setdefault("master_weights", self._master_weights)
+            if self._state_dtype is not None:
+                group.setdefault("state_dtype", self._state_dtype)
             for key, value in _FLAG_DEFAULTS.items():
                 group.setdefault(key, value)
             # as torch's Adam.__setstate__ (FusedAdamW forces True, as torch's AdamW)
@@ -293,11 +323,17 @@ class FusedAdam(torch.optim.Optimizer):
             param_group.get("eps", self.defaults["eps"]),
             param_group.get("weight_decay", self.defaults["weight_decay"]),
         )
+        group = {**param_group, "params": params}
+        for key, value in (("master_weights", self._master_weights),
+                           ("state_dtype", self._state_dtype)):
+            if value is not None:
+                group.setdefault(key, value)
+        _check_low_precision(group, index)
         for p in tensors:
             if isinstance(p, Tensor):
                 _dispatch.choose(self._backend_request, _table.local(p).device,
-                                 _table.storage_dtype(p))
-        group = {**param_group, "params": params}
+                                 _table.storage_dtype(p),
+                                 *_lowp_of(group, _table.storage_dtype(p)))
         if group.get("decouple_lr", self._decouple_lr):
             group["decouple_lr"] = True
             # max_lr: a float snapshot of the lr now (a Tensor lr is filled in place by
@@ -307,7 +343,65 @@ class FusedAdam(torch.optim.Optimizer):
         super().add_param_group(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, then each state key back in its own dtype: torch's
+        casts every state tensor of a floating-point param to the param's dtype, which would
+        turn bfloat16 moments of float32 params into float32, an fp32 master into the
+        param's 16 bits and an int16 remainder into bfloat16 by value. The moments come back
+        in the group's state_dtype (from the checkpoint's own tensors, so nothing is lost);
+        a master or remainder that reached us in another dtype (the checkpoint went through
+        torch's AdamW, which cast it) is dropped with a warning and rebuilt from the param at
+        the next step."""
+        saved = {k: dict(v) for k, v in state_dict.get("state", {}).items()}
         super().load_state_dict(state_dict)  # goes through __setstate__: tables rebuilt
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for pid, p in zip(ids, params):
+            st = dict.get(self.state, p)
+            src = saved.get(pid)
+            if not st or not src:
+                continue
+            group = group_of[id(p)]
+            dtype = _table.storage_dtype(p)
+            state_dtype, modes = _lowp_of(group, dtype)
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                t = src.get(key)
+                if isinstance(t, Tensor) and not p.is_complex() and state_dtype != p.dtype:
+                    st[key] = t.to(device=st[key].device, dtype=state_dtype, copy=True)
+            for mode, key in _table.EXTRA_KEYS.items():
+                t = src.get(key)
+                if not isinstance(t, Tensor):
+                    continue
+                want = _table.extra_dtype(mode, dtype)
+                if want is None or t.dtype != want or t.shape != p.shape:
+                    st.pop(key, None)
+                    if want is not None and mode in modes:
+                        warnings.warn(
+                            f"FusedAdamW.load_state_dict: {key!r} of a {p.dtype} param is "
+                            f"{t.dtype} in the checkpoint, not {want} (it went through "
+                            "another optimizer's load, e.g. torch.optim.AdamW, which casts "
+                            "state to the param's dtype): it is rebuilt from the param at "
+                            "the next step", stacklevel=2)
+                else:
+                    st[key] = t.to(device=_table.local(p).device, copy=True)
+
+    @torch.no_grad()
+    def sync_master(self) -> None:
+        """Makes every master buffer agree with its param exactly, after writing into
+        params under ``master_weights`` (``model.load_state_dict``, an EMA swap, a re-init):
+        the fp32 master becomes the param, a remainder or Kahan compensation zero. Not needed
+        for correctness: a written param wins at the next step in every mode ("fp32"
+        detects the write; "remainder" and "kahan" keep the param as written and add less than
+        one of its ulps from the old buffer); this drops that residue."""
+        for p, st in self.state.items():
+            if not isinstance(p, Tensor):
+                continue
+            lp = _table.local(p)
+            if "master_param" in st:
+                _table.local(st["master_param"]).copy_(lp)
+            for key in ("param_remainder", "kahan_compensation"):
+                if key in st:
+                    _table.local(st[key]).zero_()
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -328,7 +422,8 @@ class FusedAdam(torch.optim.Optimizer):
         groups = self.param_groups
         flat = list(chain.from_iterable(map(_params_of, groups)))
         return (groups, list(groups), list(map(len, map(_params_of, groups))), flat,
-                [bool(g.get("differentiable")) for g in groups])
+                [bool(g.get("differentiable")) for g in groups],
+                [(g.get("master_weights"), g.get("state_dtype")) for g in groups])
 
     def _layout_changed(self, key: tuple) -> bool:
         old = self._layout
@@ -337,23 +432,29 @@ class FusedAdam(torch.optim.Optimizer):
         return (key[0] is not old[0] or len(key[1]) != len(old[1])
                 or not all(map(operator.is_, key[1], old[1])) or key[2] != old[2]
                 or len(key[3]) != len(old[3]) or not all(map(operator.is_, key[3], old[3]))
-                or key[4] != old[4])
+                or key[4] != old[4] or key[5] != old[5])
 
     def _build_tables(self, key: tuple) -> None:
         by_key: dict = {}
         for gi, group in enumerate(self.param_groups):
             if group.get("differentiable"):
                 continue  # stepped by torch's differentiable code (_differentiable_step)
+            _check_low_precision(group, gi)  # edited groups are caught before any change
             for j, p in enumerate(group["params"]):
-                k = (_table.local(p).device, _table.storage_dtype(p))
-                entry = by_key.setdefault(k, ([], [], []))
+                dtype = _table.storage_dtype(p)
+                state_dtype, modes = _lowp_of(group, dtype)
+                # One table per (device, dtype, state dtype): the moments' dtype is uniform
+                # per launch (a template parameter of the compiled loops).
+                k = (_table.local(p).device, dtype, state_dtype)
+                entry = by_key.setdefault(k, ([], [], [], set()))
                 entry[0].append(p)
                 entry[1].append(gi)
                 entry[2].append(f"param {j} of param group {gi}")
+                entry[3].update(modes)
         tables = {}
-        for k, (params, groups, names) in by_key.items():
-            t = _table.Table(k[0], k[1], params, groups, names)
-            t.backend = _dispatch.choose(self._backend_request, *k)
+        for k, (params, groups, names, modes) in by_key.items():
+            t = _table.Table(k[0], k[1], params, groups, names, state_dtype=k[2])
+            t.backend = _dispatch.choose(self._backend_request, k[0], k[1], k[2], modes)
             tables[k] = t
         self._tables = tables
         self._layout = key
@@ -538,7 +639,8 @@ class FusedAdam(torch.optim.Optimizer):
                 if not p.requires_grad and p.grad is None:
                     continue  # frozen: never stepped, so no state (as torch: none is made)
                 st = dict.get(self.state, p) or None
-                t.new_state(self, p, st, bool(self.param_groups[gi]["amsgrad"]))
+                group = self.param_groups[gi]
+                t.new_state(self, p, st, bool(group["amsgrad"]), mode=t.mode_of(group))
         self._owner.dirty = True
         amsgrad_sig = tuple(bool(g["amsgrad"]) for g in self.param_groups)
         tables = list(self._tables.values())
@@ -636,11 +738,14 @@ class FusedAdamW(FusedAdam):
         fused: bool | None = None,
         backend: str = "auto",
         decouple_lr: bool = False,
+        master_weights: str | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=True, backend=backend, decouple_lr=decouple_lr,
+            master_weights=master_weights, state_dtype=state_dtype,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -744,7 +849,74 @@ def _hparam_row(group: dict, index: int = 0) -> tuple[list[float], list[tuple[in
     row[_table.HP_MAXIMIZE] = float(bool(group["maximize"]))
     row[_table.HP_AMSGRAD] = float(bool(group["amsgrad"]))
     row[_table.HP_DECAY_MODE], row[_table.HP_MAX_LR] = _decay_form(group, index)
+    row[_table.HP_MASTER_MODE] = float(_table.MASTER_MODES[group.get("master_weights")])
     return row, tensors
+
+
+# ------------------------------------------------------------------------------------------
+# low-precision training (issue #13): master_weights and state_dtype, per param group
+# ------------------------------------------------------------------------------------------
+
+_STATE_DTYPES = (None, torch.float32, torch.bfloat16)
+
+
+def _check_master_weights(value, where: str) -> None:
+    if not isinstance(value, (str, type(None))) or value not in _table.MASTER_MODES:
+        raise ValueError(f"{where}: master_weights must be None, 'fp32', 'remainder', 'kahan' "
+                         f"or 'stochastic', got {value!r}")
+
+
+def _check_state_dtype(value, where: str) -> None:
+    if not any(value is d for d in _STATE_DTYPES):
+        raise ValueError(f"{where}: state_dtype must be None (the param's dtype), "
+                         f"torch.float32 or torch.bfloat16, got {value!r}")
+
+
+def _lowp_of(group: dict, dtype: torch.dtype) -> tuple[torch.dtype, frozenset]:
+    """(the moments' dtype, the master modes) of a param of storage ``dtype`` in ``group``."""
+    sd = group.get("state_dtype")
+    mode = group.get("master_weights")
+    return (dtype if sd is None else sd,
+            frozenset((mode,)) if mode is not None and dtype in _table.LOW_PRECISION
+            else frozenset())
+
+
+def _check_low_precision(group: dict, index: int) -> None:
+    """A group's master_weights and state_dtype against its params: ValueError naming the
+    group and the param (when a group is added and at every table build)."""
+    where = f"param group {index}"
+    mode, sd = group.get("master_weights"), group.get("state_dtype")
+    _check_master_weights(mode, where)
+    _check_state_dtype(sd, where)
+    if mode is None and sd is None:
+        return
+    if group.get("differentiable"):
+        raise ValueError(f"{where}: master_weights and state_dtype are not available with "
+                         "differentiable=True (torch's differentiable Adam steps those groups)")
+    for j, p in enumerate(group["params"]):
+        if isinstance(p, tuple):
+            p = p[1]
+        if not isinstance(p, Tensor):
+            continue
+        dtype = _table.storage_dtype(p)
+        name = f"param {j} of {where}"
+        if p.is_complex() and ((mode is not None and dtype in _table.LOW_PRECISION)
+                               or sd not in (None, dtype)):
+            raise ValueError(f"{where}: master_weights and state_dtype do not take complex "
+                             f"16-bit params or other state dtypes; {name} is {p.dtype}")
+        if mode == "remainder" and dtype == torch.float16:
+            raise ValueError(
+                f"{where}: master_weights='remainder' keeps the 16 low bits a bfloat16 param "
+                f"drops from its fp32 master; {name} is float16, whose bits are not the high "
+                "half of a float32. Use 'fp32', 'kahan' or 'stochastic' for float16 params")
+        if sd is torch.bfloat16 and dtype == torch.float16:
+            raise ValueError(
+                f"{where}: state_dtype=torch.bfloat16 with float16 params ({name}) is not "
+                "supported (moments in the param's dtype, float32 or bfloat16 for float32 "
+                "params); use state_dtype=torch.float32 or None")
+        if sd is not None and dtype == torch.float64 and sd != dtype:
+            raise ValueError(f"{where}: state_dtype={sd} with float64 params ({name}) is not "
+                             "supported; use None")
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay) -> None:

@@ -139,3 +139,91 @@ def adamw_reference_fp64(params, grads_per_step, *, lr=1e-3, betas=(0.9, 0.999),
             denom = second.sqrt() / bc2 ** 0.5 + eps
             ps[i].addcdiv_(m[i], denom, value=-lr / bc1)
     return ps, m, v, vmax, step
+
+
+# ------------------------------------------------------------------------------------------
+# Low-precision params: mirrors of the helpers at the end of adamw_math.cuh, in whole-tensor
+# integer and float ops (uint32 arithmetic as int64 masked to 32 bits: every product of the
+# hash is below 2^63). Bit-exact with the header: tests/test_lowp.py holds them to each other.
+# ------------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def sr_mix(x: torch.Tensor) -> torch.Tensor:
+    """Mirror of ``sr_mix`` on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _M32
+    return x ^ (x >> 16)
+
+
+def sr_key(seed: int, step: torch.Tensor) -> torch.Tensor:
+    """Mirror of ``sr_key``: ``step`` a float tensor (the param's count after the increment)."""
+    s = seed & ((1 << 64) - 1)
+    st = step.to(torch.int64) & _M32
+    return sr_mix((s & _M32) ^ sr_mix(((s >> 32) & _M32) ^ sr_mix(st)))
+
+
+def sr_bits(key: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Mirror of ``sr_bits``: ``index`` int64, each element's index in storage order."""
+    return sr_mix(sr_mix(key ^ (index & _M32)) ^ ((index >> 32) & _M32))
+
+
+def _u32_to_f32(u: torch.Tensor) -> torch.Tensor:
+    return torch.where(u >= 1 << 31, u - (1 << 32), u).to(torch.int32).view(torch.float32)
+
+
+def _f32_to_u32(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int32).to(torch.int64) & _M32
+
+
+def round_bf16_stochastic(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Mirror of ``round_bf16_stochastic`` (float32 in, float32 out, exactly bfloat16)."""
+    b = _f32_to_u32(x)
+    out = _u32_to_f32((b + (r & 0xFFFF)) & 0xFFFF0000).view(x.shape)
+    return torch.where((b & 0x7F800000).view(x.shape) == 0x7F800000, x, out)
+
+
+def round_f16_stochastic(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Mirror of ``round_f16_stochastic``."""
+    e = (_f32_to_u32(x) >> 23) & 0xFF
+    ee = torch.clamp(e, min=113)
+    inv_ulp = _u32_to_f32((264 - ee) << 23).view(x.shape)
+    ulp = _u32_to_f32((ee - 10) << 23).view(x.shape)
+    q = x * inv_ulp
+    fl = torch.floor(q)
+    u = (r >> 8).to(torch.float32) * 2.0 ** -24
+    out = (fl + (u < q - fl).to(torch.float32)) * ulp
+    return torch.where(e.view(x.shape) == 0xFF, x, out)
+
+
+def remainder_join(p: torch.Tensor, rem: torch.Tensor) -> torch.Tensor:
+    """Mirror of ``remainder_join``: a bfloat16 param and its int16 remainder -> the float32
+    master."""
+    pu = p.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    r = rem.to(torch.int64)
+    hi = (pu - ((r < 0) & ((pu & 0x7FFF) != 0)).to(torch.int64)) & 0xFFFF
+    return _u32_to_f32((hi << 16) | (r & 0xFFFF)).view(p.shape)
+
+
+def remainder_split(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror of ``remainder_split``: the float32 master -> (bfloat16 param, int16 remainder)."""
+    b = _f32_to_u32(m)
+    low = b & 0xFFFF
+    rem = torch.where(low >= 0x8000, low - 0x10000, low)
+    hi = ((b >> 16) + (rem < 0).to(torch.int64)) & 0xFFFF
+    p = torch.where(hi >= 0x8000, hi - 0x10000, hi).to(torch.int16).view(torch.bfloat16)
+    return p.view(m.shape), rem.to(torch.int16).view(m.shape)
+
+
+def kahan_sum(p0: torch.Tensor, p1: torch.Tensor, c: torch.Tensor):
+    """Mirror of ``kahan_sum``: returns (s, y)."""
+    y = (p1 - p0) + c
+    return p0 + y, y
+
+
+def kahan_residual(y: torch.Tensor, p0: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
+    """Mirror of ``kahan_residual``."""
+    return y - (ps - p0)

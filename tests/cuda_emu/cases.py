@@ -212,9 +212,10 @@ class Case:
         return any(self.groups[p.spec.group]["amsgrad"] for p in self.params if p.spec.in_table)
 
     def args(self):
+        from fused_adamw._table import ROW_COLS
         packed, hp, n_rows, n_tiles = self.table()
         ptr = packed.data_ptr()
-        return (ptr, ptr + 8 * 8 * n_rows, hp.data_ptr(), n_rows, n_tiles, len(self.groups),
+        return (ptr, ptr + 8 * ROW_COLS * n_rows, hp.data_ptr(), n_rows, n_tiles, len(self.groups),
                 DTYPE_CODES[self.dtype])
 
     def step_cuda(self, C, device=0, stream=0, **amp):

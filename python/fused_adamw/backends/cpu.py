@@ -31,7 +31,12 @@ class CpuBackend:
         if table.device.type != "cpu":
             raise ValueError(f"backend 'cpu' steps CPU tables; this one is on {table.device}")
         _ext.C.step_cpu(*_ext.table_args(table), torch.get_num_threads(),
-                        **_ext.amp_args(table))
+                        _table.DTYPE_CODES[table.state_dtype], **_ext.amp_args(table))
+
+    def feature_reason(self, dtype: torch.dtype, state_dtype: torch.dtype,
+                       modes: frozenset) -> str | None:
+        """Every master mode and state_dtype pair of the optimizer runs here."""
+        return None
 
 
 BACKEND = CpuBackend()

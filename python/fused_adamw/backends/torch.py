@@ -3,7 +3,9 @@
 Steps a table's rows (params and grads where they live) with ``reference.adamw_update_``:
 ``torch._foreach_*`` ops over the rows of each param group, so the number of torch calls per
 step depends on the number of groups, not of params. 16-bit rows are computed on float32
-copies and stored back once. The per-group lists are built when the table's rows are and
+copies and stored back once (by the group's master mode: rounded to nearest, through an fp32
+master, a remainder, a Kahan compensation or stochastic rounding), moments of another
+state_dtype likewise. The per-group lists are built when the table's rows are and
 reused every step; fresh grads swap in without a Python loop over params.
 """
 
@@ -14,7 +16,9 @@ import operator
 import torch
 
 from .. import _table
-from ..reference import adamw_scalars, adamw_update_
+from ..reference import (adamw_scalars, adamw_update_, kahan_residual, kahan_sum,
+                         remainder_join, remainder_split, round_bf16_stochastic,
+                         round_f16_stochastic, sr_bits, sr_key)
 
 
 class TorchBackend:
@@ -35,11 +39,14 @@ class TorchBackend:
             return
         # GradScaler's skip without a host read: the step runs, then every tensor it wrote
         # takes back its old value where found_inf != 0 (torch.where: infs and NaNs of the
-        # discarded update cannot leak, as they would through arithmetic masking).
+        # discarded update cannot leak, as they would through arithmetic masking). That
+        # includes the master mode's buffers (master, remainder, Kahan compensation); the
+        # stochastic mode's counter is the step count, restored with the steps.
         written = list(plan["steps"]) + [t for _, _, lists in plan["groups"]
                                          for k in ("param", "exp_avg", "exp_avg_sq",
-                                                   "max_exp_avg_sq")
-                                         if lists[k] is not None for t in lists[k]]
+                                                   "max_exp_avg_sq", "extra")
+                                         if lists[k] is not None for t in lists[k]
+                                         if t is not None]
         if table.grad_scale is not None:
             written += list(table.kernel_grads)
         saved = torch._foreach_mul(written, 1)  # copies (a fallback backend: memory for no sync)
@@ -63,25 +70,65 @@ class TorchBackend:
                               hp[group, _table.HP_MAX_LR] if row[_table.HP_MAX_LR] else None,
                               bool(row[_table.HP_DECAY_MODE]))
             amsgrad = lists["max_exp_avg_sq"] is not None
-            bufs = [lists["param"], lists["exp_avg"], lists["exp_avg_sq"]]
+            mode = int(row[_table.HP_MASTER_MODE]) if table.dtype in _table.LOW_PRECISION else 0
+            params = lists["param"]
+            moments = [lists["exp_avg"], lists["exp_avg_sq"]]
             if amsgrad:
-                bufs.append(lists["max_exp_avg_sq"])
+                moments.append(lists["max_exp_avg_sq"])
             grads_in = g
-            if table.dtype == op:
-                work = bufs
-            else:
-                work = [[t.to(op) for t in b] for b in bufs]
+            if table.dtype != op:
                 g = [t.to(op) for t in g]
             if table.grad_scale is not None:  # adamw_unscale, written back to the grads
                 g = torch._foreach_div(g, table.grad_scale.to(op))
                 torch._foreach_copy_(grads_in, g)
-            adamw_update_(work[0], g, work[1], work[2], work[3] if amsgrad else None, s,
+            # The float each param steps from (adamw_math.cuh, "Low-precision params").
+            if mode == _FP32:
+                work_p = [torch.where(p.view(torch.int16) == m.to(p.dtype).view(torch.int16),
+                                      m, p.to(op))  # a written param wins
+                          for p, m in zip(params, lists["extra"])]
+            elif mode == _REMAINDER:
+                work_p = [remainder_join(p, r) for p, r in zip(params, lists["extra"])]
+            elif table.dtype != op:
+                work_p = [p.to(op) for p in params]
+            else:
+                work_p = params
+            p0 = [w.clone() for w in work_p] if mode == _KAHAN else None
+            work_m = (moments if table.state_dtype == op
+                      else [[t.to(op) for t in b] for b in moments])
+            adamw_update_(work_p, g, work_m[0], work_m[1], work_m[2] if amsgrad else None, s,
                           maximize=bool(row[_table.HP_MAXIMIZE]), amsgrad=amsgrad,
                           decay=row[_table.HP_WEIGHT_DECAY] != 0,
                           l2=bool(row[_table.HP_DECAY_MODE]))
-            if work is not bufs:
-                for b, w in zip(bufs, work):
+            if work_m is not moments:
+                for b, w in zip(moments, work_m):
                     torch._foreach_copy_(b, w)
+            if mode == _FP32:
+                torch._foreach_copy_(lists["extra"], work_p)
+                torch._foreach_copy_(params, work_p)
+            elif mode == _REMAINDER:
+                for p, r, w in zip(params, lists["extra"], work_p):
+                    pn, rn = remainder_split(w)
+                    p.copy_(pn)
+                    r.copy_(rn)
+            elif mode == _KAHAN:
+                for p, c, a, w in zip(params, lists["extra"], p0, work_p):
+                    total, y = kahan_sum(a, w, c.to(op))
+                    ps = total.to(p.dtype)
+                    p.copy_(ps)
+                    c.copy_(kahan_residual(y, a, ps.to(op)))
+            elif mode == _STOCHASTIC:
+                rnd = round_bf16_stochastic if table.dtype == torch.bfloat16 else \
+                    round_f16_stochastic
+                for p, w, seed, step in zip(params, work_p, lists["seeds"], lists["steps"]):
+                    index = torch.arange(p.numel(), device=p.device).as_strided(
+                        p.shape, p.stride())
+                    p.copy_(rnd(w, sr_bits(sr_key(seed, step), index)))
+            elif work_p is not params:
+                torch._foreach_copy_(params, work_p)
+
+
+_FP32, _REMAINDER, _KAHAN, _STOCHASTIC = (_table.MASTER_MODES[m] for m in
+                                          ("fp32", "remainder", "kahan", "stochastic"))
 
 
 def _plan(table: _table.Table) -> dict:
@@ -99,6 +146,8 @@ def _plan(table: _table.Table) -> dict:
             "exp_avg_sq": [r.exp_avg_sq for r in rows],
             "max_exp_avg_sq": [r.max_exp_avg_sq for r in rows] if amsgrad else None,
             "steps": [r.step for r in rows],
+            "extra": [r.extra for r in rows],
+            "seeds": [r.seed for r in rows],
         }
         groups.append((group, idx, lists))
     return {"groups": groups, "steps": [r.step for r in table.rows]}

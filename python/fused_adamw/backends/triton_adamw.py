@@ -377,4 +377,16 @@ class TritonBackend:
             launch(table)
 
 
+    def feature_reason(self, dtype: torch.dtype, state_dtype: torch.dtype,
+                       modes: frozenset) -> str | None:
+        """Low-precision features the Triton kernel does not have yet (issue #13): refused by name,
+        never computed as something else."""
+        if modes:
+            return (f"the Triton kernel does not support master_weights="
+                    f"{', '.join(map(repr, sorted(modes)))} yet (backends 'cpu' and 'torch' do)")
+        if state_dtype != dtype:
+            return (f"the Triton kernel does not support state_dtype={state_dtype} with {dtype} params "
+                    "yet (backends 'cpu' and 'torch' do)")
+        return None
+
 BACKEND = TritonBackend()
