@@ -861,3 +861,22 @@ def test_init_state_allocates_the_modes_buffers(backend, mode, state_dtype):
     assert _same(_tensors_of(oa, a[3:]), idle)
     assert ptrs == {(i, k): v.data_ptr() for i, p in enumerate(a)
                     for k, v in oa.state[p].items() if isinstance(v, torch.Tensor)}
+
+
+def test_auto_keeps_gpu_low_precision_tables_off_the_unvalidated_triton_paths():
+    """Never wrong first: on a GPU, auto gives a master-mode or state_dtype table to the torch
+    backend until the Triton kernel's low-precision paths have run on a GPU (they match the
+    CPU loop bit for bit in the interpreter); plain tables keep their usual choice, and
+    backend="triton" still runs them."""
+    from fused_adamw import _dispatch
+
+    cuda = torch.device("cuda", 0)
+    chosen = _dispatch.choose("auto", cuda, torch.bfloat16, torch.bfloat16,
+                              frozenset({"remainder"}))
+    assert chosen.name == "torch"
+    assert _dispatch.choose("auto", cuda, torch.float32, torch.bfloat16,
+                            frozenset()).name == "torch"
+    if _dispatch.unavailable_reason("triton", cuda, torch.bfloat16) is None:
+        assert _dispatch.choose("auto", cuda, torch.bfloat16).name in ("cuda", "triton")
+        assert _dispatch.choose("triton", cuda, torch.bfloat16, torch.bfloat16,
+                                frozenset({"remainder"})).name == "triton"

@@ -470,9 +470,16 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 _STEPS_BLOCK = 256
 
 
+def has_master(table: _table.Table) -> bool:
+    """16-bit params and some group with a master mode: only then are the mode branches
+    compiled in (the plain bf16/fp16 kernel stays the one without them)."""
+    return table.dtype != torch.float32 and any(
+        row[_table.HP_MASTER_MODE] != 0 for row in table.host_hparams)
+
+
 def variant(table: _table.Table) -> tuple:
     """What Triton compiles a separate kernel for (its constexprs and None arguments)."""
-    return (table.device, table.dtype, table.state_dtype, table.has_max,
+    return (table.device, table.dtype, table.state_dtype, table.has_max, has_master(table),
             table.grad_scale is None, table.found_inf is None)
 
 
@@ -499,7 +506,7 @@ def launch(table: _table.Table) -> None:
         STATE_DTYPE=_TL_DTYPES[table.state_dtype],
         ELEM_BYTES=table.itemsize,
         HAS_MAX=table.has_max,
-        HAS_MASTER=table.dtype != torch.float32,
+        HAS_MASTER=has_master(table),
         ROW_COLS=_table.ROW_COLS,
         HPARAM_COLS=_table.HPARAM_COLS,
         TILE_ELEMS=_table.TILE_ELEMS,
