@@ -5,8 +5,9 @@ an ulp), bit-identity of the "fp32" and "remainder" masters, stochastic rounding
 unbiasedness and reproducibility, checkpoints (ours, torch's, and ours through torch's
 AdamW), writes into master-weighted params, memory per param, and the errors. The header's
 helpers are compiled from kernels/adamw_math.cuh itself and held bit for bit to their torch
-mirrors (reference.py). Backends: "cpu" (the C++ loop over the header) and "torch"; "triton"
-and "cuda" must refuse the modes by name (not supported yet).
+mirrors (reference.py). Backends: "cpu" (the C++ loop over the header), "torch" and "triton"
+(its kernel mirrors the header's helpers: held bit for bit to the cpu backend, under
+TRITON_INTERPRET=1 on CPU); "cuda" must refuse the modes by name (not supported yet).
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ from fused_adamw import BackendUnavailableError, FusedAdam, FusedAdamW, _ext, re
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = [None, "fp32", "remainder", "kahan", "stochastic"]
-BACKENDS = ["torch"] + (["cpu"] if _ext.unavailable_reason() is None else [])
+
+
+def _triton_runs_here() -> bool:
+    from fused_adamw import _dispatch
+    be = _dispatch._load("triton")
+    return be is not None and be.unavailable_reason(torch.device("cpu"), torch.bfloat16) is None
+
+
+BACKENDS = (["torch"] + (["cpu"] if _ext.unavailable_reason() is None else [])
+            + (["triton"] if _triton_runs_here() else []))
 EXTRA = {"fp32": "master_param", "remainder": "param_remainder", "kahan": "kahan_compensation"}
 
 
@@ -377,6 +387,49 @@ def test_cpu_and_torch_backends_agree():
             assert ((pc.double() - pt.double()).abs() <= u).all(), mode
 
 
+PAIRS = [(torch.bfloat16, None), (torch.bfloat16, torch.float32), (torch.float16, None),
+         (torch.float16, torch.float32), (torch.float32, None), (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("dtype,state_dtype", PAIRS)
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_and_cpu_backends_agree_bit_for_bit(dtype, state_dtype, mode):
+    """The Triton kernel mirrors the header's helpers line for line (the stochastic hash
+    included), so it is held to the cpu backend bit for bit: params, moments, amsgrad maxima,
+    the mode's buffer, with weight decay, and with GradScaler's values (a skipped step among
+    them), for every mode and supported (param, state) dtype pair."""
+    if "cpu" not in BACKENDS or "triton" not in BACKENDS:
+        pytest.skip("needs _C and Triton's interpreter (TRITON_INTERPRET=1)")
+    if mode == "remainder" and dtype == torch.float16:
+        pytest.skip("remainder is bfloat16 only")
+    torch.manual_seed(4)
+    n = 20000  # two tiles: the second one's element indices feed the stochastic bits
+    p0 = torch.randn(n)
+    grads = [torch.randn(n) for _ in range(6)]
+
+    def train(backend):
+        torch.manual_seed(7)  # the stochastic seed
+        p = torch.nn.Parameter(p0.to(dtype).clone())  # float32: .to() would alias p0
+        opt = FusedAdamW([p], lr=1e-2, weight_decay=0.1, amsgrad=True, backend=backend,
+                         master_weights=mode, state_dtype=state_dtype)
+        for i, g in enumerate(grads):
+            p.grad = g.to(dtype)
+            if i >= 3:  # GradScaler's sync-free path; step 4 is skipped
+                p.grad = p.grad * 8
+                opt.grad_scale = torch.tensor(8.0)
+                opt.found_inf = torch.tensor(1.0 if i == 4 else 0.0)
+            opt.step()
+        return _tensors_of(opt, [p]) + [p.grad.clone()]
+
+    a, b = train("cpu"), train("triton")
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor) and x.dim():
+            assert torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+        else:
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+
+
 # ------------------------------------------------------------------------------------------
 # checkpoints
 # ------------------------------------------------------------------------------------------
@@ -593,7 +646,7 @@ def test_errors_name_the_group_and_the_mode():
     FusedAdam([b], master_weights="kahan", state_dtype=torch.float32)  # FusedAdam too
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["cuda"])
 def test_backends_without_the_modes_refuse_them_by_name(backend, monkeypatch):
     from fused_adamw import _dispatch
     be = _dispatch._load(backend)
@@ -808,3 +861,22 @@ def test_init_state_allocates_the_modes_buffers(backend, mode, state_dtype):
     assert _same(_tensors_of(oa, a[3:]), idle)
     assert ptrs == {(i, k): v.data_ptr() for i, p in enumerate(a)
                     for k, v in oa.state[p].items() if isinstance(v, torch.Tensor)}
+
+
+def test_auto_keeps_gpu_low_precision_tables_off_the_unvalidated_triton_paths():
+    """Never wrong first: on a GPU, auto gives a master-mode or state_dtype table to the torch
+    backend until the Triton kernel's low-precision paths have run on a GPU (they match the
+    CPU loop bit for bit in the interpreter); plain tables keep their usual choice, and
+    backend="triton" still runs them."""
+    from fused_adamw import _dispatch
+
+    cuda = torch.device("cuda", 0)
+    chosen = _dispatch.choose("auto", cuda, torch.bfloat16, torch.bfloat16,
+                              frozenset({"remainder"}))
+    assert chosen.name == "torch"
+    assert _dispatch.choose("auto", cuda, torch.float32, torch.bfloat16,
+                            frozenset()).name == "torch"
+    if _dispatch.unavailable_reason("triton", cuda, torch.bfloat16) is None:
+        assert _dispatch.choose("auto", cuda, torch.bfloat16).name in ("cuda", "triton")
+        assert _dispatch.choose("triton", cuda, torch.bfloat16, torch.bfloat16,
+                                frozenset({"remainder"})).name == "triton"

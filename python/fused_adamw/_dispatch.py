@@ -81,6 +81,14 @@ def choose(name: str, device: torch.device, dtype: torch.dtype,
         why = []
         for candidate in AUTO_ORDER.get(device.type, _DEFAULT_ORDER):
             reason = unavailable_reason(candidate, device, dtype)
+            if (reason is None and candidate == "triton" and device.type != "cpu"
+                    and (any(m is not None for m in modes)
+                         or state_dtype not in (None, dtype))):
+                # NOTE on never wrong: the Triton kernel's low-precision paths match the CPU
+                # loop bit for bit in the interpreter but have never been compiled for or run
+                # on a GPU; auto takes the torch backend there until they have been.
+                # backend="triton" runs them.
+                reason = "its low-precision paths are not yet validated on a GPU"
             if reason is None:
                 reason = feature_reason(candidate, dtype, state_dtype, modes)
                 if reason is None:

@@ -52,10 +52,11 @@ class CudaBackend:
         never computed as something else."""
         if modes:
             return (f"the CUDA kernel does not support master_weights="
-                    f"{', '.join(map(repr, sorted(modes)))} yet (backends 'cpu' and 'torch' do)")
+                    f"{', '.join(map(repr, sorted(modes)))} yet "
+                    "(backends 'cpu', 'torch' and 'triton' do)")
         if state_dtype != dtype:
             return (f"the CUDA kernel does not support state_dtype={state_dtype} with {dtype} params "
-                    "yet (backends 'cpu' and 'torch' do)")
+                    "yet (backends 'cpu', 'torch' and 'triton' do)")
         return None
 
 BACKEND = CudaBackend()

@@ -126,6 +126,111 @@ def adamw_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
 
 
 # ------------------------------------------------------------------------------------------
+# Low-precision params: the mode helpers at the end of kernels/adamw_math.cuh, line for line.
+# All integer work is on uint32 blocks (wrapping multiplies, logical shifts, as the header's
+# uint32_t); the float ones contain no product that feeds an add other than exact ones
+# (round_f16_stochastic's x * inv_ulp scales by a power of two), so contraction cannot
+# change them.
+# ------------------------------------------------------------------------------------------
+
+MASTER_NONE: tl.constexpr = tl.constexpr(0)  # _table.MASTER_MODES, adamw_math.cuh kMaster*
+MASTER_FP32: tl.constexpr = tl.constexpr(1)
+MASTER_REMAINDER: tl.constexpr = tl.constexpr(2)
+MASTER_KAHAN: tl.constexpr = tl.constexpr(3)
+MASTER_STOCHASTIC: tl.constexpr = tl.constexpr(4)
+
+
+@triton.jit
+def f32_bits(f):
+    return f.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def bits_f32(u):
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def sr_mix(x):
+    """Mirror of ``sr_mix`` (x: uint32)."""
+    x ^= x >> 16
+    x *= tl.full((), 0x7feb352d, tl.uint32)
+    x ^= x >> 15
+    x *= tl.full((), 0x5bd1e995, tl.uint32)
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def sr_key(seed, step):
+    """Mirror of ``sr_key``: seed int64, step the float32 step count."""
+    # int64 -> uint32 keeps the low 32 bits; the arithmetic shift of the int64 has the same
+    # low 32 bits as the header's shift of the uint64
+    s = seed.to(tl.int64)
+    return sr_mix(s.to(tl.uint32) ^
+                  sr_mix((s >> 32).to(tl.uint32) ^ sr_mix(step.to(tl.uint32))))
+
+
+@triton.jit
+def sr_bits(key, i):
+    """Mirror of ``sr_bits``: key uint32, i the int64 element indices."""
+    u = i.to(tl.int64)  # as in sr_key: the low 32 bits of each half
+    return sr_mix(sr_mix(key ^ u.to(tl.uint32)) ^ (u >> 32).to(tl.uint32))
+
+
+@triton.jit
+def round_bf16_stochastic(x, r):
+    """Mirror of ``round_bf16_stochastic`` (a select for the header's early return)."""
+    b = f32_bits(x)
+    rounded = bits_f32((b + (r & 0xffff)) & tl.full((), 0xffff0000, tl.uint32))
+    return tl.where((b & 0x7f800000) == 0x7f800000, x, rounded)
+
+
+@triton.jit
+def round_f16_stochastic(x, r):
+    """Mirror of ``round_f16_stochastic`` (a select for the header's early return)."""
+    e = (f32_bits(x) >> 23) & 0xff  # biased exponent
+    ee = tl.maximum(e, tl.full((), 113, tl.uint32))  # 113: 2^-14, float16's smallest normal
+    inv_ulp = bits_f32((264 - ee) << 23)  # 2^(137 - ee)
+    ulp = bits_f32((ee - 10) << 23)  # 2^(ee - 137)
+    q = x * inv_ulp
+    fl = tl.floor(q)
+    u = (r >> 8).to(tl.float32) * 5.9604644775390625e-08  # 0x1p-24f
+    rounded = (fl + tl.where(u < q - fl, 1.0, 0.0)) * ulp
+    return tl.where(e == 0xff, x, rounded)
+
+
+@triton.jit
+def remainder_join(p, rem):
+    """Mirror of ``remainder_join``: p the param's bits (uint16), rem int16; float32."""
+    pu = p.to(tl.uint32)
+    hi = pu - tl.where((rem < 0) & ((pu & 0x7fff) != 0), 1, 0).to(tl.uint32)
+    return bits_f32(((hi & 0xffff) << 16) | rem.to(tl.uint16, bitcast=True).to(tl.uint32))
+
+
+@triton.jit
+def remainder_split(m):
+    """Mirror of ``remainder_split``: returns (p as uint16 bits, rem as int16)."""
+    b = f32_bits(m)
+    rem = (b & 0xffff).to(tl.uint16).to(tl.int16, bitcast=True)
+    p = ((b >> 16) + tl.where(rem < 0, 1, 0).to(tl.uint32)).to(tl.uint16)
+    return p, rem
+
+
+@triton.jit
+def kahan_sum(p0, p1, c):
+    """Mirror of ``kahan_sum``: returns (p0 + y, y)."""
+    y = (p1 - p0) + c
+    return p0 + y, y
+
+
+@triton.jit
+def kahan_residual(y, p0, ps):
+    """Mirror of ``kahan_residual``."""
+    return y - (ps - p0)
+
+
+# ------------------------------------------------------------------------------------------
 # The kernel.
 # ------------------------------------------------------------------------------------------
 
@@ -176,18 +281,21 @@ def adamw_kernel(
     rows_ptr,  # *int64 [n_rows, ROW_COLS]: addresses of param, grad, exp_avg, exp_avg_sq, max, step; numel; group
     tile_starts_ptr,  # *int64 [n_rows + 1]: the first tile of each row
     hparams_ptr,  # *fp32 [n_groups, HPARAM_COLS]: lr, beta1, beta2, eps, wd, maximize, amsgrad,
-    #               decay mode, max_lr
+    #               decay mode, max_lr, master mode (column 9, 16-bit tables)
     n_rows,  # rows in the table
     grad_scale_ptr,  # *fp32 GradScaler's scale (grads divided by it and written back), or None
     found_inf_ptr,  # *fp32 GradScaler's found_inf (!= 0: nothing is written), or None
-    DTYPE: tl.constexpr,  # the storage element type of every row (tl.float32, bfloat16, float16)
+    DTYPE: tl.constexpr,  # the params' (and grads') storage type (tl.float32, bfloat16, float16)
+    STATE_DTYPE: tl.constexpr,  # the moments' (state_dtype; DTYPE by default)
     ELEM_BYTES: tl.constexpr,  # its size
     HAS_MAX: tl.constexpr,  # some row uses amsgrad
+    HAS_MASTER: tl.constexpr,  # 16-bit params: rows may have a master mode (hparams column 9)
     ROW_COLS: tl.constexpr,  # _table.ROW_COLS
     HPARAM_COLS: tl.constexpr,  # _table.HPARAM_COLS
     TILE_ELEMS: tl.constexpr,  # _table.TILE_ELEMS
     LIBDEVICE_POW: tl.constexpr,  # libdevice powf (GPU) or float64 exp2/log2 (interpreter)
-    BF16_BY_HAND: tl.constexpr,  # round fp32 -> bf16 with integer ops (interpreter, see to_storage)
+    BF16_BY_HAND: tl.constexpr,  # DTYPE is bf16 rounded with integer ops (interpreter, to_storage)
+    STATE_BF16_BY_HAND: tl.constexpr,  # the same for STATE_DTYPE
     BLOCK_SIZE: tl.constexpr,  # elements per iteration of the tile loop
 ):
     # ---------------------------------------------------------------- map program id to tile
@@ -206,9 +314,10 @@ def adamw_kernel(
         grad_scale = tl.load(grad_scale_ptr)
     param_ptr = param_addr.to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))  # _table.ROW_GRAD
-    exp_avg_ptr = tl.load(row + 2).to(tl.pointer_type(DTYPE))  # _table.ROW_EXP_AVG
-    exp_avg_sq_ptr = tl.load(row + 3).to(tl.pointer_type(DTYPE))  # _table.ROW_EXP_AVG_SQ
+    exp_avg_ptr = tl.load(row + 2).to(tl.pointer_type(STATE_DTYPE))  # _table.ROW_EXP_AVG
+    exp_avg_sq_ptr = tl.load(row + 3).to(tl.pointer_type(STATE_DTYPE))  # _table.ROW_EXP_AVG_SQ
     step_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))  # _table.ROW_STEP
+    step = tl.load(step_ptr)  # after this step's increment (adamw_steps_kernel)
 
     # ---------------------------------------------------------------- load this param's scalars
     hp = hparams_ptr + tl.load(row + 7) * HPARAM_COLS  # _table.ROW_GROUP
@@ -220,11 +329,22 @@ def adamw_kernel(
         tl.load(hp + 3).to(tl.float32),  # _table.HP_EPS
         tl.load(hp + 4).to(tl.float32),  # _table.HP_WEIGHT_DECAY
         tl.load(hp + 8).to(tl.float32),  # _table.HP_MAX_LR
-        tl.load(step_ptr),
+        step,
         tl.load(hp + 7) != 0.0,  # _table.HP_DECAY_MODE
         LIBDEVICE_POW,
     )
     maximize = tl.load(hp + 5) != 0.0  # _table.HP_MAXIMIZE
+    # ---------------------------------------------------------------- the master mode's buffer
+    # master_mode_of (adamw_tile.cuh): float32 tables ignore the column. The extra buffer is
+    # typed per mode (float master, int16 remainder, DTYPE compensation); the stochastic key
+    # is computed once per tile from the row's seed and step count, as the CPU loop.
+    if HAS_MASTER:
+        mode = tl.load(hp + 9).to(tl.int32)  # _table.HP_MASTER_MODE
+        extra_addr = tl.load(row + 8)  # _table.ROW_EXTRA
+        master_ptr = extra_addr.to(tl.pointer_type(tl.float32))
+        rem_ptr = extra_addr.to(tl.pointer_type(tl.int16))
+        comp_ptr = extra_addr.to(tl.pointer_type(DTYPE))
+        key = sr_key(tl.load(row + 9), step)  # _table.ROW_SEED
     if HAS_MAX:
         max_addr = tl.load(row + 4)  # _table.ROW_MAX_EXP_AVG_SQ, 0 without amsgrad
         amsgrad = (tl.load(hp + 6) != 0.0) & (max_addr != 0)  # _table.HP_AMSGRAD
@@ -232,7 +352,8 @@ def adamw_kernel(
         # traffic, and the param's address stands in for a null one) elsewhere. NOTE on the
         # integer bound: `mask & amsgrad` with a scalar bool fails in the interpreter of
         # triton 3.9 (numpy bitwise_and on int1).
-        max_exp_avg_sq_ptr = tl.where(amsgrad, max_addr, param_addr).to(tl.pointer_type(DTYPE))
+        max_exp_avg_sq_ptr = tl.where(amsgrad, max_addr, param_addr).to(
+            tl.pointer_type(STATE_DTYPE))
         amsgrad_end = tl.where(amsgrad, end, begin)
     else:
         amsgrad = False
@@ -242,7 +363,19 @@ def adamw_kernel(
         offsets = block_start + tl.arange(0, BLOCK_SIZE)
         mask = offsets < end
         # ------------------------------------------------------------ load, storage dtype -> fp32
-        param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+        param_raw = tl.load(param_ptr + offsets, mask=mask)
+        param = param_raw.to(tl.float32)
+        if HAS_MASTER:  # the float the update starts from (adamw_math.cuh's table of modes)
+            if mode == MASTER_FP32:
+                m = tl.load(master_ptr + offsets, mask=mask)
+                # a written param wins: the header compares the stored bits
+                same = (to_storage(m, param_ptr, BF16_BY_HAND).to(tl.uint16, bitcast=True)
+                        == param_raw.to(tl.uint16, bitcast=True))
+                param = tl.where(same, m, param)
+            elif mode == MASTER_REMAINDER:
+                param = remainder_join(param_raw.to(tl.uint16, bitcast=True),
+                                       tl.load(rem_ptr + offsets, mask=mask))
+        p0 = param
         grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
         exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
         exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
@@ -264,14 +397,49 @@ def adamw_kernel(
         )
 
         # ------------------------------------------------------------ store, fp32 -> storage dtype
-        tl.store(param_ptr + offsets, to_storage(param, param_ptr, BF16_BY_HAND), mask=mask)
-        tl.store(exp_avg_ptr + offsets, to_storage(exp_avg, exp_avg_ptr, BF16_BY_HAND), mask=mask)
-        tl.store(exp_avg_sq_ptr + offsets, to_storage(exp_avg_sq, exp_avg_sq_ptr, BF16_BY_HAND),
+        if HAS_MASTER:
+            store_param(param, p0, offsets, mask, param_ptr, mode, master_ptr, rem_ptr, comp_ptr,
+                        key, BF16_BY_HAND)
+        else:
+            tl.store(param_ptr + offsets, to_storage(param, param_ptr, BF16_BY_HAND), mask=mask)
+        tl.store(exp_avg_ptr + offsets, to_storage(exp_avg, exp_avg_ptr, STATE_BF16_BY_HAND),
                  mask=mask)
+        tl.store(exp_avg_sq_ptr + offsets,
+                 to_storage(exp_avg_sq, exp_avg_sq_ptr, STATE_BF16_BY_HAND), mask=mask)
         if HAS_MAX:
             tl.store(max_exp_avg_sq_ptr + offsets,
-                     to_storage(max_exp_avg_sq, max_exp_avg_sq_ptr, BF16_BY_HAND),
+                     to_storage(max_exp_avg_sq, max_exp_avg_sq_ptr, STATE_BF16_BY_HAND),
                      mask=amsgrad_mask)
+
+
+@triton.jit
+def store_param(param, p0, offsets, mask, param_ptr, mode, master_ptr, rem_ptr, comp_ptr, key,
+                BF16_BY_HAND: tl.constexpr):
+    """The param's store under its row's master mode (tile_loop_master in csrc/cpu_adamw.cpp):
+    ``param`` is adamw_update's result, ``p0`` the float it started from."""
+    if mode == MASTER_FP32:
+        tl.store(master_ptr + offsets, param, mask=mask)
+        tl.store(param_ptr + offsets, to_storage(param, param_ptr, BF16_BY_HAND), mask=mask)
+    elif mode == MASTER_REMAINDER:  # bfloat16 only (the optimizer refuses it for float16)
+        p, rem = remainder_split(param)
+        tl.store(param_ptr + offsets, p.to(param_ptr.dtype.element_ty, bitcast=True), mask=mask)
+        tl.store(rem_ptr + offsets, rem, mask=mask)
+    elif mode == MASTER_KAHAN:
+        s, y = kahan_sum(p0, param, tl.load(comp_ptr + offsets, mask=mask).to(tl.float32))
+        ps = to_storage(s, param_ptr, BF16_BY_HAND)
+        tl.store(param_ptr + offsets, ps, mask=mask)
+        tl.store(comp_ptr + offsets,
+                 to_storage(kahan_residual(y, p0, ps.to(tl.float32)), comp_ptr, BF16_BY_HAND),
+                 mask=mask)
+    elif mode == MASTER_STOCHASTIC:
+        r = sr_bits(key, offsets)
+        if param_ptr.dtype.element_ty == tl.bfloat16:
+            param = round_bf16_stochastic(param, r)
+        else:
+            param = round_f16_stochastic(param, r)
+        tl.store(param_ptr + offsets, to_storage(param, param_ptr, BF16_BY_HAND), mask=mask)
+    else:  # MASTER_NONE
+        tl.store(param_ptr + offsets, to_storage(param, param_ptr, BF16_BY_HAND), mask=mask)
 
 
 @triton.jit
@@ -302,10 +470,17 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 _STEPS_BLOCK = 256
 
 
+def has_master(table: _table.Table) -> bool:
+    """16-bit params and some group with a master mode: only then are the mode branches
+    compiled in (the plain bf16/fp16 kernel stays the one without them)."""
+    return table.dtype != torch.float32 and any(
+        row[_table.HP_MASTER_MODE] != 0 for row in table.host_hparams)
+
+
 def variant(table: _table.Table) -> tuple:
     """What Triton compiles a separate kernel for (its constexprs and None arguments)."""
-    return (table.device, table.dtype, table.has_max, table.grad_scale is None,
-            table.found_inf is None)
+    return (table.device, table.dtype, table.state_dtype, table.has_max, has_master(table),
+            table.grad_scale is None, table.found_inf is None)
 
 
 # Variants launched at least once in this process: a CUDA-graph capture of a step whose kernel
@@ -328,13 +503,16 @@ def launch(table: _table.Table) -> None:
     adamw_kernel[(table.n_tiles,)](
         rows, tile_starts, table.hparams, table.n_rows, table.grad_scale, table.found_inf,
         DTYPE=_TL_DTYPES[table.dtype],
+        STATE_DTYPE=_TL_DTYPES[table.state_dtype],
         ELEM_BYTES=table.itemsize,
         HAS_MAX=table.has_max,
+        HAS_MASTER=has_master(table),
         ROW_COLS=_table.ROW_COLS,
         HPARAM_COLS=_table.HPARAM_COLS,
         TILE_ELEMS=_table.TILE_ELEMS,
         LIBDEVICE_POW=not _INTERPRET,
         BF16_BY_HAND=_INTERPRET and table.dtype == torch.bfloat16,
+        STATE_BF16_BY_HAND=_INTERPRET and table.state_dtype == torch.bfloat16,
         BLOCK_SIZE=_BLOCK_SIZE,
         num_warps=_NUM_WARPS,
     )
@@ -379,14 +557,8 @@ class TritonBackend:
 
     def feature_reason(self, dtype: torch.dtype, state_dtype: torch.dtype,
                        modes: frozenset) -> str | None:
-        """Low-precision features the Triton kernel does not have yet (issue #13): refused by name,
-        never computed as something else."""
-        if modes:
-            return (f"the Triton kernel does not support master_weights="
-                    f"{', '.join(map(repr, sorted(modes)))} yet (backends 'cpu' and 'torch' do)")
-        if state_dtype != dtype:
-            return (f"the Triton kernel does not support state_dtype={state_dtype} with {dtype} params "
-                    "yet (backends 'cpu' and 'torch' do)")
+        """Every master mode and state_dtype pair of the optimizer runs here (issue #13)."""
         return None
+
 
 BACKEND = TritonBackend()
