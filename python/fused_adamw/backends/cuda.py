@@ -36,6 +36,12 @@ class CudaBackend:
         index = device.index if device.index is not None else torch.cuda.current_device()
         args = (*_ext.table_args(table), table.has_max, index)
         amp = _ext.amp_args(table)
+        # The moments' dtype, and whether a 16-bit table's groups may carry a master mode:
+        # then the launcher runs the low-precision kernel, which reads each row's mode (the
+        # hparams are on the device; their host copy says which kernel to launch).
+        amp["state_dtype"] = _table.DTYPE_CODES[table.state_dtype]
+        amp["master_modes"] = table.dtype != torch.float32 and any(
+            row[_table.HP_MASTER_MODE] != 0 for row in table.host_hparams)
         if torch.cuda.current_device() != index:
             # torch's guard: on exit it restores the previous device without creating a
             # context there (c10::cuda::MaybeExchangeDevice); the launcher's own guard then
