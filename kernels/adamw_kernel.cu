@@ -422,10 +422,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   if (adamw_step_skipped(p.found_inf)) return;
   const bool scaled = p.grad_scale != nullptr;
   const float scale = scaled ? *p.grad_scale : 1.0f;
-  for (int64_t tile = blockIdx.x; tile < p.n_tiles; tile += gridDim.x) {
-    FUSED_ADAMW_TILE_HOOK(tile);
-    const TileWork w = tile_work(p, tile, kSize);
-    const int64_t* r = p.rows + w.row * kRowCols;
+  for (int64_t t = blockIdx.x; t < p.n_tiles; t += gridDim.x) {  // t: the tile
+    FUSED_ADAMW_TILE_HOOK(t);
+    const TileWork w = tile_work(p, t, kSize);
+    const int64_t* const r = p.rows + w.row * kRowCols;
     if constexpr (std::is_same<T, float>::value) {  // float32 params: no master mode
       adamw_lowp_range<T, S, kMasterNone>(r, w.phase, w.u_begin, w.u_end, w.s, scaled, scale);
       continue;
