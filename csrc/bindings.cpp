@@ -111,13 +111,13 @@ constexpr bool kHasCuda = true;
 void step_cuda(std::uintptr_t rows, std::uintptr_t tile_starts, std::uintptr_t hparams,
                int64_t n_rows, int64_t n_tiles, int64_t n_groups, int dtype, bool has_max,
                int device, std::uintptr_t stream, int state_dtype, std::uintptr_t grad_scale,
-               std::uintptr_t found_inf) {
+               std::uintptr_t found_inf, bool master_modes) {
   const AdamWParams p = make_params(rows, tile_starts, hparams, n_rows, n_tiles, n_groups, dtype,
                                     state_dtype, grad_scale, found_inf);
   std::string err;
   {
     py::gil_scoped_release release;
-    err = fused_adamw::launch_adamw_cuda(p, has_max, device, stream);
+    err = fused_adamw::launch_adamw_cuda(p, has_max, device, stream, master_modes);
   }
   if (!err.empty()) throw std::runtime_error("fused_adamw CUDA step failed: " + err);
 }
@@ -136,7 +136,7 @@ constexpr const char* kNoCuda =
     "fused_adamw._C was built without CUDA (no nvcc at build time, or FUSED_ADAMW_NO_CUDA=1)";
 
 void step_cuda(std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t, int64_t, int,
-               bool, int, std::uintptr_t, int, std::uintptr_t, std::uintptr_t) {
+               bool, int, std::uintptr_t, int, std::uintptr_t, std::uintptr_t, bool) {
   throw std::runtime_error(kNoCuda);
 }
 void set_grid_cap(int64_t) {}
@@ -185,12 +185,14 @@ PYBIND11_MODULE(_C, m) {
                      "(cudaStream_t as int; 0 = legacy default) of `device`; asynchronous, "
                      "the GIL released. Raises RuntimeError with the CUDA error. ") +
          args_doc + " Then has_max (some row uses amsgrad), device, stream; state_dtype: "
-                    "the moments' dtype code (-1: dtype).")
+                    "the moments' dtype code (-1: dtype); master_modes: some group of a "
+                    "16-bit table may have a master mode (hparams column 9), so the "
+                    "low-precision kernel runs (it reads each row's mode).")
             .c_str(),
         py::arg("rows"), py::arg("tile_starts"), py::arg("hparams"), py::arg("n_rows"),
         py::arg("n_tiles"), py::arg("n_groups"), py::arg("dtype"), py::arg("has_max"),
         py::arg("device"), py::arg("stream"), py::arg("state_dtype") = -1,
-        py::arg("grad_scale") = 0, py::arg("found_inf") = 0);
+        py::arg("grad_scale") = 0, py::arg("found_inf") = 0, py::arg("master_modes") = false);
   m.def("_set_grid_cap", &set_grid_cap,
         "Tests only: caps the CUDA update's grid so that its tile loop strides (<= 0: no cap).",
         py::arg("cap"));

@@ -24,6 +24,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "adamw_kernel.h"
 #include "adamw_math.cuh"
@@ -313,6 +314,149 @@ __global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<T, HAS_MAX, SCALE
   }
 }
 
+// ------------------------------------------------------------------------------------------
+// low-precision tables (issue #13): master modes and moments of another dtype
+// ------------------------------------------------------------------------------------------
+
+// Stochastic rounding of a float to T's neighbours (adamw_math.cuh); float32 params have no
+// master mode, so their form is never called.
+template <typename T>
+__device__ __forceinline__ float round_stochastic(float f, uint32_t r);
+template <>
+__device__ __forceinline__ float round_stochastic<__nv_bfloat16>(float f, uint32_t r) {
+  return round_bf16_stochastic(f, r);
+}
+template <>
+__device__ __forceinline__ float round_stochastic<__half>(float f, uint32_t r) {
+  return round_f16_stochastic(f, r);
+}
+template <>
+__device__ __forceinline__ float round_stochastic<float>(float f, uint32_t) {
+  return f;
+}
+
+// Positions [u0, u1) of a row of a low-precision table, one element at a time (thread t takes
+// u0 + t, u0 + t + kThreads...), under master mode MODE (kMaster*, adamw_math.cuh): params of
+// T, moments of S. The element's arithmetic is csrc/cpu_adamw.cpp's tile_loop_master (and
+// tile_loop for kMasterNone) line for line, so that the two agree bit for bit. amsgrad and
+// GradScaler are uniform runtime branches here (s.amsgrad, scaled): one loop per mode.
+template <typename T, typename S, int MODE>
+__device__ __forceinline__ void adamw_lowp_range(const int64_t* r, int64_t phase, int64_t u0,
+                                                 int64_t u1, const AdamWScalars& s,
+                                                 bool scaled, float scale) {
+  using PT = typename Vec<T>::Scalar;
+  using ST = typename Vec<S>::Scalar;
+  PT* const param = reinterpret_cast<PT*>(r[kRowParam]);
+  PT* const grad = reinterpret_cast<PT*>(r[kRowGrad]);
+  ST* const exp_avg = reinterpret_cast<ST*>(r[kRowExpAvg]);
+  ST* const exp_avg_sq = reinterpret_cast<ST*>(r[kRowExpAvgSq]);
+  ST* const max_exp_avg_sq = reinterpret_cast<ST*>(r[kRowMaxExpAvgSq]);
+  const uint32_t key =
+      MODE == kMasterStochastic
+          ? sr_key(r[kRowSeed], *reinterpret_cast<const float*>(r[kRowStep]))
+          : 0u;
+  for (int64_t u = u0 + threadIdx.x; u < u1; u += kThreads) {
+    const int64_t i = u - phase;  // the element's index in the param's storage order
+    // -------------------------------- load --------------------------------
+    float fp;
+    if constexpr (MODE == kMasterFp32) {
+      const float m = reinterpret_cast<const float*>(r[kRowExtra])[i];
+      const PT pb = param[i];
+      fp = Vec<T>::one_from_float(m) == pb ? m : Vec<T>::one_to_float(pb);  // a written param wins
+    } else if constexpr (MODE == kMasterRemainder) {
+      fp = remainder_join(param[i], reinterpret_cast<const int16_t*>(r[kRowExtra])[i]);
+    } else {
+      fp = Vec<T>::one_to_float(param[i]);
+    }
+    const float p0 = fp;
+    float fm = Vec<S>::one_to_float(exp_avg[i]);
+    float fv = Vec<S>::one_to_float(exp_avg_sq[i]);
+    float fx = s.amsgrad ? Vec<S>::one_to_float(max_exp_avg_sq[i]) : 0.0f;
+    float fg = Vec<T>::one_to_float(grad[i]);
+    // ------------------------------- compute ------------------------------
+    if (scaled) {
+      fg = adamw_unscale(fg, scale);
+      grad[i] = Vec<T>::one_from_float(fg);
+    }
+    adamw_update(fp, fg, fm, fv, fx, s);
+    // -------------------------------- store -------------------------------
+    if constexpr (MODE == kMasterFp32) {
+      reinterpret_cast<float*>(r[kRowExtra])[i] = fp;
+      param[i] = Vec<T>::one_from_float(fp);
+    } else if constexpr (MODE == kMasterRemainder) {
+      uint16_t pb;
+      int16_t rem;
+      remainder_split(fp, pb, rem);
+      param[i] = pb;
+      reinterpret_cast<int16_t*>(r[kRowExtra])[i] = rem;
+    } else if constexpr (MODE == kMasterKahan) {
+      PT* const comp = reinterpret_cast<PT*>(r[kRowExtra]);
+      float y;
+      const PT ps = Vec<T>::one_from_float(kahan_sum(p0, fp, Vec<T>::one_to_float(comp[i]), y));
+      param[i] = ps;
+      comp[i] = Vec<T>::one_from_float(kahan_residual(y, p0, Vec<T>::one_to_float(ps)));
+    } else if constexpr (MODE == kMasterStochastic) {
+      param[i] = Vec<T>::one_from_float(round_stochastic<T>(fp, sr_bits(key, i)));
+    } else {
+      param[i] = Vec<T>::one_from_float(fp);
+    }
+    exp_avg[i] = Vec<S>::one_from_float(fm);
+    exp_avg_sq[i] = Vec<S>::one_from_float(fv);
+    if (s.amsgrad) max_exp_avg_sq[i] = Vec<S>::one_from_float(fx);
+  }
+}
+
+// The low-precision kernels: params of T with moments of S (a pair of state_pair_supported)
+// and, for 16-bit params, each row's master mode read per tile from its group's hparams
+// (kHpMasterMode), as the CPU loop does. A mode the CPU loop does not run (remainder with
+// float16 params, an unknown code) leaves the tile untouched there, and here.
+// NOTE on the scalar path: every access is one element (coalesced across the warp, 2 or 4
+// bytes per thread), not the plain kernels' 16-byte vectors: correctness first (these tables
+// carry one more stream, or moments of another width than the param, so the plain kernels'
+// one-phase vector loop does not apply as is). amsgrad and GradScaler are runtime branches,
+// so there is one kernel per dtype pair: 5 per arch (kernels/NOTES.md).
+template <typename T, typename S>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    adamw_lowp_kernel(const AdamWParams p) {  // every pointer a device pointer
+  constexpr int64_t kSize = sizeof(typename Vec<T>::Scalar);
+  if (adamw_step_skipped(p.found_inf)) return;
+  const bool scaled = p.grad_scale != nullptr;
+  const float scale = scaled ? *p.grad_scale : 1.0f;
+  for (int64_t t = blockIdx.x; t < p.n_tiles; t += gridDim.x) {  // t: the tile
+    FUSED_ADAMW_TILE_HOOK(t);
+    const TileWork w = tile_work(p, t, kSize);
+    const int64_t* const r = p.rows + w.row * kRowCols;
+    if constexpr (std::is_same<T, float>::value) {  // float32 params: no master mode
+      adamw_lowp_range<T, S, kMasterNone>(r, w.phase, w.u_begin, w.u_end, w.s, scaled, scale);
+      continue;
+    }
+    switch (master_mode_of(p, r)) {
+      case kMasterNone:
+        adamw_lowp_range<T, S, kMasterNone>(r, w.phase, w.u_begin, w.u_end, w.s, scaled, scale);
+        break;
+      case kMasterFp32:
+        adamw_lowp_range<T, S, kMasterFp32>(r, w.phase, w.u_begin, w.u_end, w.s, scaled, scale);
+        break;
+      case kMasterRemainder:
+        if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+          adamw_lowp_range<T, S, kMasterRemainder>(r, w.phase, w.u_begin, w.u_end, w.s, scaled,
+                                                   scale);
+        }
+        break;  // float16: refused by the optimizer; the CPU loop leaves the tile too
+      case kMasterKahan:
+        adamw_lowp_range<T, S, kMasterKahan>(r, w.phase, w.u_begin, w.u_end, w.s, scaled,
+                                             scale);
+        break;
+      case kMasterStochastic:
+        adamw_lowp_range<T, S, kMasterStochastic>(r, w.phase, w.u_begin, w.u_end, w.s, scaled,
+                                                  scale);
+        break;
+      default:
+        break;
+    }
+  }
+}
+
 // Advances every row's step count by one (before the update reads it), unless GradScaler
 // found an inf (then no step count moves: steps advance only for steps taken).
 __global__ void __launch_bounds__(kThreads)
@@ -349,6 +493,21 @@ KernelFn kernel_for(DType dtype, bool has_max, bool scaled) {
   return nullptr;
 }
 
+// The low-precision kernel of a (param, state) pair of state_pair_supported, or null.
+KernelFn lowp_kernel_for(DType dtype, DType state_dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return state_dtype == DType::kBFloat16 ? adamw_lowp_kernel<float, __nv_bfloat16> : nullptr;
+    case DType::kBFloat16:
+      if (state_dtype == DType::kBFloat16) return adamw_lowp_kernel<__nv_bfloat16, __nv_bfloat16>;
+      return state_dtype == DType::kFloat32 ? adamw_lowp_kernel<__nv_bfloat16, float> : nullptr;
+    case DType::kFloat16:
+      if (state_dtype == DType::kFloat16) return adamw_lowp_kernel<__half, __half>;
+      return state_dtype == DType::kFloat32 ? adamw_lowp_kernel<__half, float> : nullptr;
+  }
+  return nullptr;
+}
+
 constexpr KernelFn kAllKernels[] = {
     adamw_kernel<float, false, false>,         adamw_kernel<float, true, false>,
     adamw_kernel<__nv_bfloat16, false, false>, adamw_kernel<__nv_bfloat16, true, false>,
@@ -356,6 +515,9 @@ constexpr KernelFn kAllKernels[] = {
     adamw_kernel<float, false, true>,          adamw_kernel<float, true, true>,
     adamw_kernel<__nv_bfloat16, false, true>,  adamw_kernel<__nv_bfloat16, true, true>,
     adamw_kernel<__half, false, true>,         adamw_kernel<__half, true, true>,
+    adamw_lowp_kernel<float, __nv_bfloat16>,   adamw_lowp_kernel<__nv_bfloat16, __nv_bfloat16>,
+    adamw_lowp_kernel<__nv_bfloat16, float>,   adamw_lowp_kernel<__half, __half>,
+    adamw_lowp_kernel<__half, float>,
 };
 
 std::string cuda_error(const char* what, cudaError_t err) {
@@ -424,17 +586,20 @@ int64_t g_grid_cap = kMaxGrid;  // set_grid_cap_for_testing
 void set_grid_cap_for_testing(int64_t cap) { g_grid_cap = cap > 0 && cap < kMaxGrid ? cap : kMaxGrid; }
 
 std::string launch_adamw_cuda(const AdamWParams& p, bool has_max, int device,
-                              std::uintptr_t stream) {
+                              std::uintptr_t stream, bool master_modes) {
   if (p.n_rows <= 0) return "";
-  // Not compiled yet: moments of another dtype than the params' (state_dtype). The Python
-  // backend refuses it (and master modes) with the mode named; this guards the ABI.
-  if (p.state_dtype != p.dtype) {
-    return "launch_adamw_cuda: moments of another dtype than the params' (state_dtype) are "
-           "not supported by the CUDA kernel yet";
+  // Moments of another dtype, or 16-bit params some of whose groups have a master mode: the
+  // low-precision kernel (it reads each row's mode; rows without one step as the plain
+  // kernel's, on its scalar path). Else the plain kernels, unchanged.
+  const bool lowp =
+      p.state_dtype != p.dtype || (master_modes && p.dtype != DType::kFloat32);
+  KernelFn fn = lowp ? lowp_kernel_for(p.dtype, p.state_dtype)
+                     : kernel_for(p.dtype, has_max, p.grad_scale != nullptr);
+  if (fn == nullptr) {
+    return "launch_adamw_cuda: unsupported dtype codes " +
+           std::to_string(static_cast<int>(p.dtype)) + " (params), " +
+           std::to_string(static_cast<int>(p.state_dtype)) + " (moments)";
   }
-  KernelFn fn = kernel_for(p.dtype, has_max, p.grad_scale != nullptr);
-  if (fn == nullptr) return "launch_adamw_cuda: unknown dtype code " +
-                            std::to_string(static_cast<int>(p.dtype));
   DeviceGuard guard(device);
   if (guard.error() != cudaSuccess) {
     cudaGetLastError();  // clear it: the next step's launch check would report it as its own

@@ -16,8 +16,13 @@ namespace fused_adamw {
 // uses amsgrad. The previous current device is restored when it has a context (a restore
 // must not create one). Returns "" on success. p.grad_scale / p.found_inf: GradScaler's
 // device scalars or null (kernels/adamw_params.h).
+// master_modes: some group of the table may have a master mode (hparams column
+// kHpMasterMode != 0; the hparams live on the device, so the caller says so): 16-bit tables
+// then run the low-precision kernel, which reads each row's mode. A table with a mode and
+// master_modes false would step that row as mode none: python/fused_adamw/backends/cuda.py
+// passes it from the host copy of the hparams.
 std::string launch_adamw_cuda(const AdamWParams& p, bool has_max, int device,
-                              std::uintptr_t stream);
+                              std::uintptr_t stream, bool master_modes = false);
 
 // Caps the update's grid (<= 0: no cap beyond the hardware's), so that tests make the tile
 // loop stride. Process-wide; for tests only.

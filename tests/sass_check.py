@@ -72,8 +72,20 @@ ELEMS_PER_VECTOR = {"float": 4, "__nv_bfloat16": 8, "__half": 8}
 ELEM_SIZE = {"float": 4, "__nv_bfloat16": 2, "__half": 2}
 SHORT = {"float": "fp32", "__nv_bfloat16": "bf16", "__half": "fp16"}
 
+# The low-precision kernels (issue #13: master modes, state_dtype), one per supported
+# (param, state) pair (kernels/adamw_params.h state_pair_supported): adamw_lowp_kernel<T, S>.
+# NOTE on their exemption from vec128 and bytes: they run one element per access (scalar by
+# design, kernels/adamw_kernel.cu "NOTE on the scalar path"), so they have no 128-bit loop to
+# check; they are held to the other checks (no local memory, registers within their bound,
+# the declared bound equal to LOWP_MIN_BLOCKS) and must have NO 128-bit loop: a vector path
+# added later has to come with its STREAMS here.
+LOWP_PAIRS = [("float", "__nv_bfloat16"), ("__nv_bfloat16", "__nv_bfloat16"),
+              ("__nv_bfloat16", "float"), ("__half", "__half"), ("__half", "float")]
+LOWP_MIN_BLOCKS = 4  # (256, 4): 64 registers, as the plain kernels without amsgrad
+
 EXPECTED_KERNELS = [f"adamw_kernel<{t}, {m}, {sc}>" for t in ("float", "__nv_bfloat16", "__half")
                     for m in ("false", "true") for sc in ("false", "true")] + [
+                        f"adamw_lowp_kernel<{t}, {st}>" for t, st in LOWP_PAIRS] + [
                         "adamw_steps_kernel"]
 
 _MANGLED_T = {"f": "float", "13__nv_bfloat16": "__nv_bfloat16", "6__half": "__half"}
@@ -215,9 +227,22 @@ def kernel_label(mangled: str) -> tuple[str, str | None, bool | None]:
         scaled = m.group(3) == "1"
         return (f"adamw_kernel<{t}, {'true' if has_max else 'false'}, "
                 f"{'true' if scaled else 'false'}>", t, has_max)
+    lp = kernel_lowp(mangled)
+    if lp:
+        return f"adamw_lowp_kernel<{lp[0]}, {lp[1]}>", lp[0], None
     if "adamw_steps_kernel" in mangled:
         return "adamw_steps_kernel", None, None
     return mangled, None, None
+
+
+def kernel_lowp(mangled: str) -> tuple[str, str] | None:
+    """(T, S) of an adamw_lowp_kernel<T, S>, else None (S2_: the same type as T)."""
+    m = re.search(r"adamw_lowp_kernelI(f|13__nv_bfloat16|6__half)(f|13__nv_bfloat16|6__half|"
+                  r"S\d*_)E", mangled)
+    if not m:
+        return None
+    t = _MANGLED_T[m.group(1)]
+    return t, _MANGLED_T.get(m.group(2), t)
 
 
 def kernel_scaled(mangled: str) -> bool:
@@ -485,7 +510,20 @@ def check_function(arch: str, mangled: str, insns: list[Insn], res: dict[str, in
     if local_insns or stack != 0 or local != 0:
         failures.append(f"local memory: {local_insns} LDL/STL, STACK:{stack}, LOCAL:{local}")
     regs = res.get("REG", -1)
-    if has_max is None:  # the steps kernel: (256) only
+    lowp = kernel_lowp(mangled) is not None
+    if lowp:
+        want = LOWP_MIN_BLOCKS
+        bound = REGS_PER_SM // (THREADS * want)
+        if min_blocks != want:
+            failures.append(f"launch bound: min blocks per SM {min_blocks}, expected {want} "
+                            "(tests/sass_check.py LOWP_MIN_BLOCKS)")
+        if maxntid is not None and maxntid != THREADS:
+            failures.append(f"launch bound: .maxntid {maxntid}, expected {THREADS}")
+        wide = [lp for lp in vector_loops(insns) if lp.load128 or lp.store128]
+        if wide:
+            failures.append(f"vec128: the scalar low-precision kernel has {len(wide)} loop(s) "
+                            "with 128-bit accesses: give them STREAMS and checks")
+    elif has_max is None:  # the steps kernel: (256) only
         bound = min(255, REGS_PER_SM // THREADS)
     else:
         want = EXPECTED_MIN_BLOCKS[has_max, kernel_scaled(mangled)]

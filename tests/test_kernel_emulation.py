@@ -121,10 +121,19 @@ if not CHILD:
         "grad_not_written_back": [(KERNEL_CU, "if (SCALED) store_global(grad + v, rg);", "")],
         "restore_without_context": [(KERNEL_CU, "restore_ = primary_context_active(prev_) != 0;",
                                      "restore_ = true;")],
+        # Low-precision tables (issue #13): the fp32 master always taken (a param the user
+        # wrote is lost), the stochastic bits drawn by position instead of element index
+        # (shifted by the param's phase), the Kahan compensation dropped.
+        "master_always_wins": [(KERNEL_CU, "fp = Vec<T>::one_from_float(m) == pb ? m : "
+                                "Vec<T>::one_to_float(pb);", "fp = m;")],
+        "sr_bits_by_position": [(KERNEL_CU, "round_stochastic<T>(fp, sr_bits(key, i))",
+                                 "round_stochastic<T>(fp, sr_bits(key, u))")],
+        "kahan_ignores_compensation": [(KERNEL_CU, "Vec<T>::one_to_float(comp[i]), y)",
+                                        "0.0f, y)")],
     }
     MUTANT_CHECKS = ("(matches_cpu_loop and fp32-some-exact) or (every_phase and bf16-exact) "
                      "or tiles_run_once_on_their_block[5] or untouched or steps_kernel "
-                     "or offsets_past or grad_scaler or found_inf or restore_creates")
+                     "or offsets_past or grad_scaler or found_inf or restore_creates or lowp_matches")
 
     def _detection(out: str) -> str | None:
         """How a failed child run caught the mutant, or None if it did not fail on a check."""
@@ -352,6 +361,117 @@ else:
             case.step_cpu(_C)
             ref.step_cpu(real, 2)
             compare(case, ref, f"{dtype}: emulation module's CPU loop vs fused_adamw._C's")
+
+    # -- low-precision tables (issue #13): master modes and state_dtype ---------------------
+
+    BF, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+    # Every supported (param, state) pair (kernels/adamw_params.h state_pair_supported) under
+    # every master mode its params take ("remainder": bfloat16 only; float32 params ignore the
+    # mode, so their group's column is set anyway and must change nothing). None with the
+    # same dtype is the plain kernel (the matrix above).
+    LOWP = ([(BF, BF, m) for m in ("fp32", "remainder", "kahan", "stochastic")]
+            + [(BF, F32, m) for m in (None, "fp32", "remainder", "kahan", "stochastic")]
+            + [(F16, F16, m) for m in ("fp32", "kahan", "stochastic")]
+            + [(F16, F32, m) for m in (None, "fp32", "kahan", "stochastic")]
+            + [(F32, BF, m) for m in (None, "fp32")])
+    SHORT = {BF: "bf16", F16: "fp16", F32: "fp32"}
+
+    def lowp_groups(dtype, mode) -> list[dict]:
+        """The matrix's groups, amsgrad on some, with `mode` on groups 0 and 2, none on
+        group 1 and another mode on group 3: rows of several modes in one launch."""
+        other = "kahan" if mode == "stochastic" else "stochastic"
+        masters = [mode, None, mode, other if mode is not None else None]
+        return [dict(g, master=masters[i]) for i, g in enumerate(groups_with("some"))]
+
+    @pytest.mark.parametrize("dtype,sdtype,mode", LOWP,
+                             ids=[f"{SHORT[a]}-{SHORT[b]}-{m}" for a, b, m in LOWP])
+    def test_lowp_matches_cpu_loop(dtype, sdtype, mode):
+        """Three steps of a low-precision table, bit for bit with the CPU loop (params,
+        moments, the modes' buffers, grads, guards; poisoned extra and max pointers of rows
+        that have no such buffer untouched): a full grid forward, a grid of 3 reversed with
+        GradScaler (scale 3.0: the grad written back), a grid of 1 shuffled on threads."""
+        layout = "exact" if LOWP.index((dtype, sdtype, mode)) % 2 else "guarded"
+        case = Case.new(dtype, matrix_specs(dtype), lowp_groups(dtype, mode), layout, seed=21,
+                        state_dtype=sdtype)
+        assert case.lowp
+        ref = case.clone()
+        gen = torch.Generator().manual_seed(22)
+        sc, fi = torch.tensor(3.0), torch.zeros(())
+        schedule = [(0, ("forward",), 1, {}),
+                    (3, ("reverse",), 2, dict(grad_scale=sc.data_ptr(), found_inf=fi.data_ptr())),
+                    (1, ("threads", 11, 2), 1, {})]
+        for k, (cap, order, threads, amp) in enumerate(schedule):
+            if k:
+                case.new_grads(gen)
+                ref.copy_grads_from(case)
+            before = case.snapshot()
+            _EMU.set_order(*order)
+            _C._set_grid_cap(cap)
+            case.step_cuda(_C, **amp)
+            _C._set_grid_cap(0)
+            ref.step_cpu(_C, threads, **amp)
+            check_guards(case)
+            check_untouched(case, before)
+            compare(case, ref, f"lowp {dtype}/{sdtype} {mode}: step {k}, cap {cap}, {order}")
+            if k == 0:
+                check_covered(case)
+            for p, b in zip(case.params, before):  # the param moved where it steps
+                if p.spec.in_table and p.spec.numel > 100:
+                    assert not torch.equal(bits(p.bufs["param"].store), bits(b["param"])), p.spec
+        for p in case.params:
+            assert p.step.item() == p.spec.step0 + (3 if p.spec.in_table else 0)
+
+    def test_lowp_found_inf_skips_everything():
+        """A skipped GradScaler step writes nothing in a low-precision table either: no
+        master, remainder, compensation, moment, grad or step count (the stochastic key's
+        step stays too); with found_inf 0 the same table steps, bit for bit with the CPU."""
+        for dtype, sdtype in ((BF, F32), (BF, BF), (F16, F32)):
+            mode = "remainder" if dtype == BF else "fp32"
+            case = Case.new(dtype, matrix_specs(dtype), lowp_groups(dtype, mode), "guarded",
+                            seed=23, state_dtype=sdtype)
+            groups = case.groups
+            groups[1]["master"] = "kahan"
+            case = Case.new(dtype, matrix_specs(dtype), groups, "guarded", seed=23,
+                            state_dtype=sdtype)
+            ref = case.clone()
+            before = case.snapshot()
+            steps = [p.step.item() for p in case.params]
+            sc, fi = torch.tensor(1024.0), torch.tensor(1.0)
+            amp = dict(grad_scale=sc.data_ptr(), found_inf=fi.data_ptr())
+            case.step_cuda(_C, **amp)
+            ref.step_cpu(_C, **amp)
+            compare(case, ref, "lowp found_inf: kernel vs CPU loop")
+            for i, p in enumerate(case.params):
+                assert p.step.item() == steps[i]
+                for name, b in p.bufs.items():
+                    assert torch.equal(bits(b.store), bits(before[i][name])), (p.spec, name)
+            fi.zero_()
+            run_step(case, ref)  # now taken (no scaler): equal again
+            assert all(p.step.item() == steps[i] + 1 for i, p in enumerate(case.params)
+                       if p.spec.in_table)
+
+    def test_lowp_every_phase():
+        """Low-precision rows at every element phase of the param, grad at the same and at
+        another phase, moments and the mode's buffer at theirs: every tile edge of the scalar
+        loop, two steps (the second capped and shuffled)."""
+        for dtype, sdtype, modes in ((BF, F32, ("fp32", "remainder")),
+                                     (F16, F16, ("stochastic", "kahan"))):
+            nph = phases(dtype)
+            specs = []
+            for n in (1, 9, 1025, 16385):
+                for ph in range(nph):
+                    other = (ph + 1 + n % (nph - 1)) % nph
+                    specs += [Spec(n, 0, ph), Spec(n, 1, ph, grad_phase=other),
+                              Spec(n, 0, ph, max_phase=other)]
+            groups = [dict(GROUPS[0], amsgrad=True, master=modes[0]),
+                      dict(GROUPS[1], amsgrad=False, master=modes[1])]
+            case = Case.new(dtype, specs, groups, "exact", seed=24, state_dtype=sdtype)
+            ref = case.clone()
+            run_step(case, ref)
+            check_covered(case)
+            case.new_grads(torch.Generator().manual_seed(25))
+            ref.copy_grads_from(case)
+            run_step(case, ref, cap=2, order=("shuffle", 5))
 
     # -- coverage: tiles, blocks, untouched memory -----------------------------------------
 

@@ -7,7 +7,8 @@ AdamW), writes into master-weighted params, memory per param, and the errors. Th
 helpers are compiled from kernels/adamw_math.cuh itself and held bit for bit to their torch
 mirrors (reference.py). Backends: "cpu" (the C++ loop over the header), "torch" and "triton"
 (its kernel mirrors the header's helpers: held bit for bit to the cpu backend, under
-TRITON_INTERPRET=1 on CPU); "cuda" must refuse the modes by name (not supported yet).
+TRITON_INTERPRET=1 on CPU); "cuda" takes every mode and pair too (its low-precision kernel is
+held bit for bit to the CPU loop by tests/test_kernel_emulation.py).
 """
 
 from __future__ import annotations
@@ -651,23 +652,17 @@ def test_errors_name_the_group_and_the_mode():
     FusedAdam([b], master_weights="kahan", state_dtype=torch.float32)  # FusedAdam too
 
 
-@pytest.mark.parametrize("backend", ["cuda"])
-def test_backends_without_the_modes_refuse_them_by_name(backend, monkeypatch):
+def test_cuda_backend_takes_every_mode_and_state_dtype():
+    """The CUDA backend refuses no master mode and no supported state_dtype pair any more
+    (issue #13: kernels/adamw_kernel.cu adamw_lowp_kernel)."""
     from fused_adamw import _dispatch
-    be = _dispatch._load(backend)
-    if be is None:
-        pytest.skip(f"{backend} does not import here")
-    reason = _dispatch.feature_reason(backend, torch.bfloat16, None, {"kahan"})
-    assert "master_weights='kahan'" in reason and "yet" in reason
-    reason = _dispatch.feature_reason(backend, torch.bfloat16, torch.float32, ())
-    assert "state_dtype" in reason
-    # asked for by name, the optimizer refuses at construction (not at the first step)
-    monkeypatch.setattr(be, "unavailable_reason", lambda device, dtype: None)
-    with pytest.raises(BackendUnavailableError, match=f'backend="{backend}".*kahan'):
-        FusedAdamW([torch.nn.Parameter(torch.randn(4).bfloat16())], backend=backend,
-                   master_weights="kahan")
-    # auto skips it for a backend that can (on CPU: cpu, then torch)
-    FusedAdamW([torch.nn.Parameter(torch.randn(4).bfloat16())], master_weights="kahan")
+    if _dispatch._load("cuda") is None:
+        pytest.skip("cuda does not import here")
+    for mode in ("fp32", "remainder", "kahan", "stochastic"):
+        assert _dispatch.feature_reason("cuda", torch.bfloat16, None, {mode}) is None
+    for dtype, sdtype in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                          (torch.float32, torch.bfloat16)):
+        assert _dispatch.feature_reason("cuda", dtype, sdtype, ()) is None
 
 
 # ------------------------------------------------------------------------------------------
@@ -869,18 +864,22 @@ def test_init_state_allocates_the_modes_buffers(backend, mode, state_dtype):
 
 
 def test_auto_keeps_gpu_low_precision_tables_off_the_unvalidated_triton_paths():
-    """Never wrong first: on a GPU, auto gives a master-mode or state_dtype table to the torch
-    backend until the Triton kernel's low-precision paths have run on a GPU (they match the
+    """Never wrong first: on a GPU, auto gives a master-mode or state_dtype table to the CUDA
+    kernel when it can run (its low-precision kernel is proven like the rest of it: bit for
+    bit against the CPU loop under emulation, SASS checked), else to the torch backend, never
+    to the Triton kernel's low-precision paths until they have run on a GPU (they match the
     CPU loop bit for bit in the interpreter); plain tables keep their usual choice, and
     backend="triton" still runs them."""
     from fused_adamw import _dispatch
 
     cuda = torch.device("cuda", 0)
+    want = "cuda" if _dispatch.unavailable_reason("cuda", cuda, torch.bfloat16) is None \
+        else "torch"
     chosen = _dispatch.choose("auto", cuda, torch.bfloat16, torch.bfloat16,
                               frozenset({"remainder"}))
-    assert chosen.name == "torch"
+    assert chosen.name == want
     assert _dispatch.choose("auto", cuda, torch.float32, torch.bfloat16,
-                            frozenset()).name == "torch"
+                            frozenset()).name == want
     if _dispatch.unavailable_reason("triton", cuda, torch.bfloat16) is None:
         assert _dispatch.choose("auto", cuda, torch.bfloat16).name in ("cuda", "triton")
         assert _dispatch.choose("triton", cuda, torch.bfloat16, torch.bfloat16,

@@ -86,8 +86,11 @@ def choose(name: str, device: torch.device, dtype: torch.dtype,
                          or state_dtype not in (None, dtype))):
                 # NOTE on never wrong: the Triton kernel's low-precision paths match the CPU
                 # loop bit for bit in the interpreter but have never been compiled for or run
-                # on a GPU; auto takes the torch backend there until they have been.
-                # backend="triton" runs them.
+                # on a GPU; auto skips them until they have been (backend="triton" runs
+                # them). The CUDA kernel, first in the order, does take these tables: its
+                # low-precision kernel carries the same evidence as its plain ones (compiled
+                # source run bit for bit against the CPU loop under emulation, SASS checked),
+                # so auto goes cuda, then torch.
                 reason = "its low-precision paths are not yet validated on a GPU"
             if reason is None:
                 reason = feature_reason(candidate, dtype, state_dtype, modes)

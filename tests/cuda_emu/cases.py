@@ -14,6 +14,14 @@ one case runs through the kernel and its clone through the CPU loop, and the two
 bit for bit, guards included. Params that are "not in the table" (no grad this step) keep
 every buffer poisoned with NaN; a row of a group without amsgrad may still carry a poisoned
 max_exp_avg_sq pointer, which the kernel must ignore.
+
+Low-precision tables (issue #13): ``state_dtype`` gives the moments another dtype (at the
+param's element phase modulo their own vector), and a group's ``master`` key (None, "fp32",
+"remainder", "kahan", "stochastic") its master mode (hparams column HP_MASTER_MODE): its rows
+get the mode's "extra" buffer (float32 master, int16 remainder, Kahan compensation of the
+param's dtype) and a stochastic-rounding seed. A row whose mode has no buffer (none,
+stochastic, any float32 row) may still carry a poisoned extra pointer (``max_in_row``), which
+the kernel must ignore, as the max buffer.
 """
 
 from __future__ import annotations
@@ -22,11 +30,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-ITEMSIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+ITEMSIZE = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.int16: 2}
 BITS = {4: torch.int32, 2: torch.int16}
 PATTERN = {4: 0x7FA5A5A5, 2: 0x7DA5}  # guard fill (as int32 / int16 bits)
 GUARD_BYTES = 64
-BUFFERS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+BUFFERS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "extra")
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # of the case's state_dtype
 STATES = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # what a step writes
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 TILE = 16384
@@ -123,6 +132,8 @@ def hparams(groups) -> torch.Tensor:
                          (T.HP_EPS, "eps"), (T.HP_WEIGHT_DECAY, "weight_decay"),
                          (T.HP_MAXIMIZE, "maximize"), (T.HP_AMSGRAD, "amsgrad")):
             hp[i, col] = float(g[key])
+        if g.get("master") is not None:
+            hp[i, T.HP_MASTER_MODE] = float(T.MASTER_MODES[g["master"]])
         for name, key in (("HP_DECAY_MODE", "decay_mode"), ("HP_MAX_LR", "max_lr")):
             if key in g:
                 if not hasattr(T, name):
@@ -137,37 +148,82 @@ class Case:
     params: list
     groups: list  # dicts with GROUPS' keys plus amsgrad
     device: str = "cpu"
+    state_dtype: torch.dtype | None = None  # None: dtype
+    seeds: list = field(default_factory=list)  # per param: its stochastic rounding seed
     _table: tuple | None = field(default=None, repr=False)
 
+    @property
+    def sdtype(self) -> torch.dtype:
+        return self.dtype if self.state_dtype is None else self.state_dtype
+
+    @property
+    def lowp(self) -> bool:
+        """Moments of another dtype, or a group with a master mode: the extra column matters."""
+        return self.sdtype != self.dtype or any(g.get("master") for g in self.groups)
+
+    def extra_dtype(self, group: int) -> torch.dtype | None:
+        """The dtype of the extra buffer of a row of ``group`` (None: its mode has none)."""
+        from fused_adamw._table import extra_dtype
+        return extra_dtype(self.groups[group].get("master"), self.dtype)
+
     @classmethod
-    def new(cls, dtype, specs, groups, layout="guarded", seed=0, device="cpu"):
+    def new(cls, dtype, specs, groups, layout="guarded", seed=0, device="cpu",
+            state_dtype=None):
         gen = torch.Generator().manual_seed(seed)
-        params = []
+        case = cls(dtype, [], [dict(g) for g in groups], device, state_dtype)
         for s in specs:
             ams = groups[s.group]["amsgrad"]
+            edt = case.extra_dtype(s.group)
             bufs = {}
             for name in BUFFERS:
                 if name == "max_exp_avg_sq" and not ams and not s.max_in_row:
                     continue
+                if name == "extra" and (not case.lowp or (edt is None and not s.max_in_row)):
+                    continue
+                bdt = case.sdtype if name in MOMENTS else dtype
+                if name == "extra":
+                    bdt = dtype if edt is None else edt  # no buffer: a poisoned one
                 phase = {"grad": s.grad_phase, "max_exp_avg_sq": s.max_phase}.get(name)
-                phase = s.phase if phase is None else phase
-                b = Buf.new(s.numel, dtype, phase, layout, device)
-                if not s.in_table or (name == "max_exp_avg_sq" and not ams):
-                    b.view.fill_(float("nan"))
+                phase = (s.phase if phase is None else phase) % phases(bdt)
+                b = Buf.new(s.numel, bdt, phase, layout, device)
+                poisoned = (not s.in_table or (name == "max_exp_avg_sq" and not ams)
+                            or (name == "extra" and edt is None))
+                if poisoned:
+                    b.view.fill_(0x5A5A if bdt == torch.int16 else float("nan"))
                 elif name == "param":
                     b.view.copy_(torch.randn(s.numel, generator=gen).to(dtype))
+                elif name == "extra":
+                    b.view.copy_(cls._extra_init(groups[s.group]["master"], dtype,
+                                                 bufs["param"].view, gen))
                 elif name != "grad":
                     b.view.zero_()
                 bufs[name] = b
             step = torch.tensor(float(s.step0), dtype=torch.float32, device=device)
-            params.append(Param(s, bufs, step))
-        case = cls(dtype, params, [dict(g) for g in groups], device)
+            case.params.append(Param(s, bufs, step))
+            case.seeds.append(int(torch.randint(0, 2**62, (), generator=gen)) * 2 + 1)
         case.new_grads(gen)
         return case
 
+    @staticmethod
+    def _extra_init(mode, dtype, param, gen) -> torch.Tensor:
+        """A mode's buffer as a run leaves it, with the cases a run can meet: a master that
+        rounds to the param (taken) and one that does not (the user wrote the param: the
+        param wins), remainders of both signs (a negative one joins below the param),
+        compensations of both signs."""
+        n = param.numel()
+        if mode == "fp32":
+            m = param.float() * (1 + 1e-4 * torch.randn(n, generator=gen))
+            m[::7] += 1.0  # rn(master) != param: the param wins
+            return m
+        if mode == "remainder":
+            return torch.randint(-2**15, 2**15, (n,), generator=gen, dtype=torch.int16)
+        return (param.float() * 1e-3 * torch.randn(n, generator=gen)).to(dtype)  # kahan
+
     def clone(self, device=None) -> "Case":
-        return Case(self.dtype, [p.clone(device) for p in self.params],
-                    [dict(g) for g in self.groups], device or self.device)
+        c = Case(self.dtype, [p.clone(device) for p in self.params],
+                 [dict(g) for g in self.groups], device or self.device, self.state_dtype)
+        c.seeds = list(self.seeds)
+        return c
 
     def new_grads(self, gen: torch.Generator) -> None:
         """Fresh grads for the params in the table, none with |g| < 1e-3 (so that every
@@ -187,13 +243,16 @@ class Case:
 
     def rows(self):
         out = []
-        for p in self.params:
+        for i, p in enumerate(self.params):
             if not p.spec.in_table:
                 continue
             b = p.bufs
             mx = b["max_exp_avg_sq"].addr if "max_exp_avg_sq" in b else 0
-            out.append((b["param"].addr, b["grad"].addr, b["exp_avg"].addr, b["exp_avg_sq"].addr,
-                        mx, p.step.data_ptr(), p.spec.numel, p.spec.group))
+            row = (b["param"].addr, b["grad"].addr, b["exp_avg"].addr, b["exp_avg_sq"].addr,
+                   mx, p.step.data_ptr(), p.spec.numel, p.spec.group)
+            if self.lowp:  # ROW_EXTRA, ROW_SEED
+                row += (b["extra"].addr if "extra" in b else 0, self.seeds[i])
+            out.append(row)
         return out
 
     def table(self):
@@ -218,11 +277,19 @@ class Case:
         return (ptr, ptr + 8 * ROW_COLS * n_rows, hp.data_ptr(), n_rows, n_tiles, len(self.groups),
                 DTYPE_CODES[self.dtype])
 
+    @property
+    def master_modes(self) -> bool:
+        return self.dtype != torch.float32 and any(g.get("master") for g in self.groups)
+
     def step_cuda(self, C, device=0, stream=0, **amp):
         """``amp``: grad_scale / found_inf addresses (GradScaler's scalars), as _C takes them."""
+        if self.lowp:
+            amp = dict(amp, state_dtype=DTYPE_CODES[self.sdtype], master_modes=self.master_modes)
         C.step_cuda(*self.args(), self.has_max, device, stream, **amp)
 
     def step_cpu(self, C, threads=1, **amp):
+        if self.lowp:
+            amp = dict(amp, state_dtype=DTYPE_CODES[self.sdtype])
         C.step_cpu(*self.args(), threads, **amp)
 
     @property
@@ -240,7 +307,8 @@ class Case:
         for i, p in enumerate(self.params):
             for name in p.bufs:
                 if not p.spec.in_table or (name == "max_exp_avg_sq"
-                                           and not self.groups[p.spec.group]["amsgrad"]):
+                                           and not self.groups[p.spec.group]["amsgrad"]) or (
+                        name == "extra" and self.extra_dtype(p.spec.group) is None):
                     yield i, name
 
 

@@ -36,6 +36,12 @@ class CudaBackend:
         index = device.index if device.index is not None else torch.cuda.current_device()
         args = (*_ext.table_args(table), table.has_max, index)
         amp = _ext.amp_args(table)
+        # The moments' dtype, and whether a 16-bit table's groups may carry a master mode:
+        # then the launcher runs the low-precision kernel, which reads each row's mode (the
+        # hparams are on the device; their host copy says which kernel to launch).
+        amp["state_dtype"] = _table.DTYPE_CODES[table.state_dtype]
+        amp["master_modes"] = table.dtype != torch.float32 and any(
+            row[_table.HP_MASTER_MODE] != 0 for row in table.host_hparams)
         if torch.cuda.current_device() != index:
             # torch's guard: on exit it restores the previous device without creating a
             # context there (c10::cuda::MaybeExchangeDevice); the launcher's own guard then
@@ -48,15 +54,11 @@ class CudaBackend:
 
     def feature_reason(self, dtype: torch.dtype, state_dtype: torch.dtype,
                        modes: frozenset) -> str | None:
-        """Low-precision features the CUDA kernel does not have yet (issue #13): refused by name,
-        never computed as something else."""
-        if modes:
-            return (f"the CUDA kernel does not support master_weights="
-                    f"{', '.join(map(repr, sorted(modes)))} yet "
-                    "(backends 'cpu', 'torch' and 'triton' do)")
-        if state_dtype != dtype:
-            return (f"the CUDA kernel does not support state_dtype={state_dtype} with {dtype} params "
-                    "yet (backends 'cpu', 'torch' and 'triton' do)")
+        """Every master mode and state_dtype pair of the optimizer runs here (issue #13): the
+        low-precision kernels (kernels/adamw_kernel.cu adamw_lowp_kernel), proven bit for bit
+        against the CPU loop by tests/test_kernel_emulation.py and spill-free by
+        tests/test_sass.py, as the rest of the kernel."""
         return None
+
 
 BACKEND = CudaBackend()
