@@ -505,6 +505,8 @@ def main(argv=None) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    commit = git_commit()  # the code that runs is the code at the start
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     table = markov_chain()
     snapshot_every = max(1, args.steps // 50)
     results: dict[tuple[str, int], RunResult] = {}
@@ -564,7 +566,9 @@ def main(argv=None) -> list[dict]:
     meta = {
         "device_name": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "fused_adamw": fused_adamw.__version__,
-        "git_commit": git_commit(),
+        "git_commit": commit,
+        "loadavg_start_end": [load_start,
+                              os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "quick": args.quick, "elapsed_s": round(elapsed, 1),
         "entropy_floor": round(statistics.fmean(floors), 5),
