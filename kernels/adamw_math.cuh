@@ -189,10 +189,16 @@ FUSED_ADAMW_HD uint32_t sr_bits(uint32_t key, int64_t i) {
 // x rounded to one of its two bfloat16 neighbours, up (in magnitude) with probability equal to
 // the dropped fraction: the low 16 bits of r added to the dropped 16 bits carry into the kept
 // ones exactly that often. Returns a float that is exactly a bfloat16 (NaN and inf as they are).
+// NOTE on overflow (both stochastic roundings): rounding up from just below the format's
+// largest finite value gives inf; where rounding to nearest would not overflow (|x| below
+// the midpoint to the next power of two), the result saturates at the largest finite value
+// instead: a finite update never makes a param inf.
 FUSED_ADAMW_HD float round_bf16_stochastic(float x, uint32_t r) {
   const uint32_t b = f32_bits(x);
   if ((b & 0x7f800000u) == 0x7f800000u) return x;
-  return bits_f32((b + (r & 0xffffu)) & 0xffff0000u);
+  const uint32_t y = (b + (r & 0xffffu)) & 0xffff0000u;
+  const bool over = (y & 0x7f800000u) == 0x7f800000u && (b & 0x7fffffffu) < 0x7f7f8000u;
+  return bits_f32(over ? ((b & 0x80000000u) | 0x7f7f0000u) : y);  // NOTE on overflow
 }
 
 // The same for float16 (10 mantissa bits, normal from 2^-14): x / ulp is split into its floor
@@ -208,7 +214,9 @@ FUSED_ADAMW_HD float round_f16_stochastic(float x, uint32_t r) {
   const float q = x * inv_ulp;
   const float fl = floorf(q);
   const float u = static_cast<float>(r >> 8) * 0x1p-24f;
-  return (fl + (u < q - fl ? 1.0f : 0.0f)) * ulp;
+  const float y = (fl + (u < q - fl ? 1.0f : 0.0f)) * ulp;
+  const bool over = fabsf(y) > 65504.0f && fabsf(x) < 65520.0f;  // NOTE on overflow
+  return over ? (x < 0.0f ? -65504.0f : 65504.0f) : y;
 }
 
 // "remainder" (bfloat16 params, TransformerEngine's store_param_remainders): the fp32 master's

@@ -884,3 +884,73 @@ def test_auto_keeps_gpu_low_precision_tables_off_the_unvalidated_triton_paths():
         assert _dispatch.choose("auto", cuda, torch.bfloat16).name in ("cuda", "triton")
         assert _dispatch.choose("triton", cuda, torch.bfloat16, torch.bfloat16,
                                 frozenset({"remainder"})).name == "triton"
+
+
+# ------------------------------------------------------------------------------------------
+# found by an adversarial review (each failed before its fix)
+# ------------------------------------------------------------------------------------------
+
+def test_differentiable_from_the_constructor_refuses_the_options():
+    """differentiable=True given to the constructor (not the group) with a mode: refused as
+    the per-group form is (it was accepted, then silently ignored); a group edited to
+    differentiable later is refused at the next step, before anything changes."""
+    p = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="not available with differentiable=True"):
+        FusedAdamW([p], master_weights="fp32", differentiable=True)
+    opt = FusedAdamW([p], master_weights="fp32")
+    p.grad = torch.randn(8, dtype=torch.bfloat16)
+    opt.step()
+    before = p.detach().clone()
+    opt.param_groups[0]["differentiable"] = True
+    with pytest.raises(ValueError, match="not available with differentiable=True"):
+        opt.step()
+    assert torch.equal(p, before)
+
+
+def test_a_torch_checkpoint_keeps_each_groups_own_settings():
+    """Loading torch AdamW's checkpoint (no master_weights / state_dtype keys) into groups that
+    override the constructor's values: each group keeps its own (before the fix the
+    constructor's replaced them, and an fp16 group got 'remainder', which cannot step)."""
+    a = torch.nn.Parameter(torch.randn(6, dtype=torch.bfloat16))
+    b = torch.nn.Parameter(torch.randn(6, dtype=torch.float16))
+    opt = FusedAdamW([{"params": [a]}, {"params": [b], "master_weights": "kahan",
+                                         "state_dtype": torch.float32}],
+                     master_weights="remainder", lr=1e-2)
+    ref = torch.optim.AdamW([torch.nn.Parameter(a.detach().float()),
+                             torch.nn.Parameter(b.detach().float())], lr=1e-2)
+    for q in ref.param_groups[0]["params"]:
+        q.grad = torch.ones_like(q)
+    ref.param_groups.append({**ref.param_groups[0], "params": [ref.param_groups[0]["params"].pop()]})
+    ref.step()
+    opt.load_state_dict(ref.state_dict())
+    assert [g.get("master_weights") for g in opt.param_groups] == ["remainder", "kahan"]
+    assert [g.get("state_dtype") for g in opt.param_groups] == [None, torch.float32]
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    opt.step()  # steps (it raised)
+    assert "kahan_compensation" in opt.state[b] and opt.state[b]["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stochastic_rounding_never_overflows_a_finite_param(dtype):
+    """A param at the format's largest finite value pushed up a little: rounding to nearest
+    keeps it there, so stochastic rounding must not round it up to inf (it did in ~9% of the
+    fp16 elements); at or beyond the overflow midpoint both give inf."""
+    big = torch.finfo(dtype).max
+    x = torch.full((4096,), big, dtype=torch.float32)
+    x += 1.0 if dtype == torch.float16 else big * 2.0 ** -10  # below the midpoint
+    r = reference.sr_mix(torch.arange(4096, dtype=torch.int64) * 2654435761 & 0xFFFFFFFF)
+    fn = (reference.round_f16_stochastic if dtype == torch.float16
+          else reference.round_bf16_stochastic)
+    out = fn(x, r)
+    assert torch.isfinite(out).all() and (out == big).all()
+    for backend in BACKENDS:
+        p = torch.nn.Parameter(torch.full((4096,), big, dtype=dtype))
+        # Adam's first steps move by ~lr: 1 for fp16 (1/32 of its ulp there), 2^-10 of the
+        # value for bf16 (1/8 of its ulp): below the midpoint, above the largest finite value
+        lr = 1.0 if dtype == torch.float16 else big * 2.0 ** -10
+        opt = FusedAdamW([p], lr=lr, weight_decay=0.0, master_weights="stochastic",
+                         backend=backend)
+        for _ in range(3):
+            p.grad = torch.full_like(p, -1.0)
+            opt.step()
+        assert torch.isfinite(p).all(), backend

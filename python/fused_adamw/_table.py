@@ -468,7 +468,7 @@ class Table:
             raise RuntimeError(
                 f"{name} is {lp.dtype} but its optimizer state {key!r} is {lt.dtype}, not "
                 f"{expected} (did the model change dtype after the optimizer stepped, e.g. "
-                "model.half()?). FusedAdamW does not convert state silently: to convert it on "
+                "model.half()? or was the group's state_dtype changed after steps?). FusedAdamW does not convert state silently: to convert it on "
                 "purpose, call opt.load_state_dict(opt.state_dict()), which casts state to the "
                 "params' dtype as torch does (state_dtype and master buffers to their own)")
         if lt.device != lp.device:

@@ -328,7 +328,8 @@ class FusedAdam(torch.optim.Optimizer):
                            ("state_dtype", self._state_dtype)):
             if value is not None:
                 group.setdefault(key, value)
-        _check_low_precision(group, index)
+        # With the defaults the group will get (differentiable=True from the constructor).
+        _check_low_precision({**self.defaults, **group}, index)
         for p in tensors:
             if isinstance(p, Tensor):
                 _dispatch.choose(self._backend_request, _table.local(p).device,
@@ -352,6 +353,17 @@ class FusedAdam(torch.optim.Optimizer):
         torch's AdamW, which cast it) is dropped with a warning and rebuilt from the param at
         the next step."""
         saved = {k: dict(v) for k, v in state_dict.get("state", {}).items()}
+        # A group's own master_weights / state_dtype stay through a checkpoint that lacks the
+        # key (torch's, or one saved before the group had it): __setstate__ only knows the
+        # constructor's values, which a group may have overridden.
+        kept = [{k: g[k] for k in ("master_weights", "state_dtype") if k in g}
+                for g in self.param_groups]
+        groups = state_dict.get("param_groups", [])
+        if len(groups) == len(kept) and any(k not in sg for kg, sg in zip(kept, groups)
+                                            for k in kg):
+            state_dict = {**state_dict, "param_groups": [
+                {**{k: v for k, v in kg.items() if k not in sg}, **sg}
+                for kg, sg in zip(kept, groups)]}
         super().load_state_dict(state_dict)  # goes through __setstate__: tables rebuilt
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -437,9 +449,9 @@ class FusedAdam(torch.optim.Optimizer):
     def _build_tables(self, key: tuple) -> None:
         by_key: dict = {}
         for gi, group in enumerate(self.param_groups):
+            _check_low_precision(group, gi)  # edited groups are caught before any change
             if group.get("differentiable"):
                 continue  # stepped by torch's differentiable code (_differentiable_step)
-            _check_low_precision(group, gi)  # edited groups are caught before any change
             for j, p in enumerate(group["params"]):
                 dtype = _table.storage_dtype(p)
                 state_dtype, modes = _lowp_of(group, dtype)

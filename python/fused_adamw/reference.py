@@ -182,7 +182,9 @@ def _f32_to_u32(x: torch.Tensor) -> torch.Tensor:
 def round_bf16_stochastic(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """Mirror of ``round_bf16_stochastic`` (float32 in, float32 out, exactly bfloat16)."""
     b = _f32_to_u32(x)
-    out = _u32_to_f32((b + (r & 0xFFFF)) & 0xFFFF0000).view(x.shape)
+    y = (b + (r & 0xFFFF)) & 0xFFFF0000
+    over = ((y & 0x7F800000) == 0x7F800000) & ((b & 0x7FFFFFFF) < 0x7F7F8000)  # NOTE on overflow
+    out = _u32_to_f32(torch.where(over, (b & 0x80000000) | 0x7F7F0000, y)).view(x.shape)
     return torch.where((b & 0x7F800000).view(x.shape) == 0x7F800000, x, out)
 
 
@@ -195,7 +197,9 @@ def round_f16_stochastic(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     q = x * inv_ulp
     fl = torch.floor(q)
     u = (r >> 8).to(torch.float32) * 2.0 ** -24
-    out = (fl + (u < q - fl).to(torch.float32)) * ulp
+    y = (fl + (u < q - fl).to(torch.float32)) * ulp
+    over = (y.abs() > 65504.0) & (x.abs() < 65520.0)  # NOTE on overflow
+    out = torch.where(over, torch.where(x < 0, -65504.0, 65504.0), y)
     return torch.where(e.view(x.shape) == 0xFF, x, out)
 
 

@@ -182,8 +182,10 @@ def sr_bits(key, i):
 def round_bf16_stochastic(x, r):
     """Mirror of ``round_bf16_stochastic`` (a select for the header's early return)."""
     b = f32_bits(x)
-    rounded = bits_f32((b + (r & 0xffff)) & tl.full((), 0xffff0000, tl.uint32))
-    return tl.where((b & 0x7f800000) == 0x7f800000, x, rounded)
+    y = (b + (r & 0xffff)) & tl.full((), 0xffff0000, tl.uint32)
+    over = ((y & 0x7f800000) == 0x7f800000) & ((b & 0x7fffffff) < 0x7f7f8000)  # overflow NOTE
+    y = tl.where(over, (b & tl.full((), 0x80000000, tl.uint32)) | 0x7f7f0000, y)
+    return tl.where((b & 0x7f800000) == 0x7f800000, x, bits_f32(y))
 
 
 @triton.jit
@@ -197,6 +199,8 @@ def round_f16_stochastic(x, r):
     fl = tl.floor(q)
     u = (r >> 8).to(tl.float32) * 5.9604644775390625e-08  # 0x1p-24f
     rounded = (fl + tl.where(u < q - fl, 1.0, 0.0)) * ulp
+    over = (tl.abs(rounded) > 65504.0) & (tl.abs(x) < 65520.0)  # the header's NOTE on overflow
+    rounded = tl.where(over, tl.where(x < 0.0, -65504.0, 65504.0), rounded)
     return tl.where(e == 0xff, x, rounded)
 
 
