@@ -81,7 +81,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -90,6 +89,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_step import cpu_model  # noqa: E402  (bench/ scripts run from any directory)
 from torch import nn
 
 import fused_adamw
@@ -378,16 +380,6 @@ def git_commit() -> str | None:
                               capture_output=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def downsample(xs: list[float], n: int = 100) -> list[float]:
