@@ -529,3 +529,25 @@ def test_grad_scaler_unscales_and_skips_inf_steps():
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(p, q, **CLOSE), describe(p, q)
     assert float(opt.state[model.weight]["step"]) == 3  # the inf step was skipped
+
+
+def test_differentiable_group_in_a_non_differentiable_optimizer_steps_leaf_params():
+    """torch steps under grad mode = the optimizer-wide `differentiable` default
+    (_use_grad_for_differentiable): a group with differentiable=True in an optimizer built
+    without it updates its leaf params in place under no_grad. We enabled grad for such
+    groups and failed ("a leaf Variable that requires grad is being used in an in-place
+    operation"); now the params equal torch's."""
+    def run(cls, **kw):
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(5))
+        opt = cls([{"params": [a]}, {"params": [b], "differentiable": True}], lr=1e-2, **kw)
+        for _ in range(3):
+            a.grad, b.grad = torch.ones(5), torch.full((5,), 2.0)
+            opt.step()
+        return a.detach(), b.detach()
+
+    ours, theirs = run(FusedAdamW), run(torch.optim.AdamW, foreach=False)
+    # group 0: the fused kernel vs torch's for-loop, a few ulp apart after 3 steps;
+    # group 1: torch's own single-tensor Adam on both sides
+    torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=1e-6)
+    assert torch.equal(ours[1], theirs[1])

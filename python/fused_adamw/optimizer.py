@@ -675,7 +675,10 @@ class FusedAdam(torch.optim.Optimizer):
         # inf (a host read: differentiable=True is torch's slow path anyway).
         if found_inf is not None and bool(found_inf.reshape(()).item() != 0):
             return
-        with torch.enable_grad():
+        # As torch's _use_grad_for_differentiable: grad mode follows the optimizer-wide
+        # default, so a differentiable group in an optimizer built with differentiable=False
+        # steps under no_grad (its leaf params can be updated in place), as with torch.
+        with torch.set_grad_enabled(bool(self.defaults.get("differentiable"))):
             for gi, group in enumerate(self.param_groups):
                 if not group.get("differentiable"):
                     continue
