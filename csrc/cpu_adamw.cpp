@@ -133,6 +133,19 @@ struct F16 {
 enum class Decay { kNone, kDecoupled, kL2 };
 
 // D: the param's storage, DS: the moments' (state_dtype; D itself by default).
+// Element i's grad as the update reads it: under GradScaler (SCALED) divided by the scale
+// (adamw_unscale) and stored back, as the CUDA kernel does. Shared by the plain and the
+// master-mode loops.
+template <typename D, bool SCALED>
+FUSED_ADAMW_INLINE float grad_of(typename D::Storage* __restrict__ grad, int64_t i, float scale) {
+  float gf = D::load(grad[i]);
+  if (SCALED) {
+    gf = adamw_unscale(gf, scale);
+    grad[i] = D::store(gf);
+  }
+  return gf;
+}
+
 // SCALED: GradScaler's grad_scale is set: the grad is divided by `scale` (adamw_unscale) and
 // the quotient stored back, as the CUDA kernel does.
 template <typename D, typename DS, bool AMSGRAD, bool MAXIMIZE, Decay DECAY, bool SCALED>
@@ -156,11 +169,7 @@ FUSED_ADAMW_INLINE void tile_loop(const int64_t* r, int64_t first, int64_t n, Ad
     float mf = DS::load(exp_avg[i]);
     float vf = DS::load(exp_avg_sq[i]);
     float xf = AMSGRAD ? DS::load(max_exp_avg_sq[i]) : 0.0f;
-    float gf = D::load(grad[i]);
-    if (SCALED) {
-      gf = adamw_unscale(gf, scale);
-      grad[i] = D::store(gf);
-    }
+    const float gf = grad_of<D, SCALED>(grad, i, scale);
     adamw_update(pf, gf, mf, vf, xf, s);
     param[i] = D::store(pf);
     exp_avg[i] = DS::store(mf);
@@ -210,11 +219,7 @@ FUSED_ADAMW_INLINE void tile_loop_master(const int64_t* r, int64_t first, int64_
     float mf = DS::load(exp_avg[i]);
     float vf = DS::load(exp_avg_sq[i]);
     float xf = AMSGRAD ? DS::load(max_exp_avg_sq[i]) : 0.0f;
-    float gf = D::load(grad[i]);
-    if (SCALED) {
-      gf = adamw_unscale(gf, scale);
-      grad[i] = D::store(gf);
-    }
+    const float gf = grad_of<D, SCALED>(grad, i, scale);
     adamw_update(pf, gf, mf, vf, xf, s);
     if constexpr (MODE == kMasterFp32) {
       master[i] = pf;
