@@ -44,7 +44,8 @@ def blocks() -> list[tuple[str, str, int]]:
 
 def _cases(language: str):
     if not README.exists():  # a test run outside a clone: nothing to check against
-        return [pytest.param(None, None, marks=pytest.mark.skip(reason="no README.md beside tests/"))]
+        return [pytest.param(None, None,
+                             marks=pytest.mark.skip(reason="no README.md beside tests/"))]
     return [pytest.param(info, code, id=f"line{line}")
             for info, code, line in blocks() if info.split()[:1] == [language]]
 
