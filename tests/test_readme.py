@@ -6,7 +6,9 @@ from the code (issue #20).
   ``FusedAdamW`` as the "Switching from torch" block imports it, ...: see ``_given``); an
   optimizer ``opt`` a block builds then takes one training step, so a block that only builds
   one is still held to a working step.
-- ```` ```python gpu ```` blocks need CUDA: skipped with that reason where there is none.
+- ```` ```python gpu ```` blocks need CUDA. Where there is none, a block that uses
+  ``torch.cuda.`` is skipped with that reason (after it parses), and one that only names the
+  device runs as its CPU twin ("cuda" spelled "cpu").
 - ```` ```bash ```` blocks run when every command in them is a cheap ``python -m fused_adamw...``
   call (in a subprocess, against the installed package); blocks that install or run the test
   suite are skipped with that reason.
@@ -70,14 +72,20 @@ def test_the_readme_has_blocks_of_each_kind():
 
 @pytest.mark.parametrize("info, code", _cases("python"))
 def test_python_block(info, code, monkeypatch):
+    compiled = compile(code, f"README.md ({info} block)", "exec")  # every block parses
     if "gpu" in info.split()[1:] and not torch.cuda.is_available():
-        pytest.skip("a README block marked gpu needs CUDA, which is not available here")
+        if "torch.cuda." in code:
+            pytest.skip("a README block marked gpu needs CUDA, which is not available here")
+        # A block that only names the device (AMP) runs as its CPU twin: the same calls with
+        # "cuda" spelled "cpu", so its API cannot drift either.
+        code = code.replace('"cuda"', '"cpu"').replace(".cuda()", "")
+        compiled = compile(code, f"README.md ({info} block, on cpu)", "exec")
     if "torch.compile" in code:
         # Inductor's first compile costs tens of seconds on a CPU; dynamo's trace, where our
         # step must appear as one operator without a graph break, runs the same with "eager".
         monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="eager"))
     namespace = _given()
-    exec(compile(code, f"README.md ({info} block)", "exec"), namespace)
+    exec(compiled, namespace)
     opt, model = namespace.get("opt"), namespace["model"]
     if opt is not None:  # the optimizer a block builds takes a step that changes the model
         x, y = namespace["loader"][0]
