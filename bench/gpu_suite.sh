@@ -300,8 +300,14 @@ fi
 # ---------------------------------------------------------------------------- tests
 if starts tests; then
     T0=$(date +%s)
-    FUSED_ADAMW_TEST_TIMEOUT=$TEST_TIMEOUT_S run_in tests "$LIMIT" "$PY" -m pytest -q -rfEs \
-        -p no:cacheprovider --durations=10 -m "not slow" -k "$TEST_K" "${TESTS[@]}"
+    # pytest-xdist when the image has it: 6 workers (2 CPU threads each) share the GPU and
+    # compile the Triton variants side by side; tests are handed out in order, so the most
+    # important still run first.
+    XDIST=()
+    "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 6)
+    OMP_NUM_THREADS=2 FUSED_ADAMW_TEST_TIMEOUT=$TEST_TIMEOUT_S run_in tests "$LIMIT" \
+        "$PY" -m pytest -q -rfEs -p no:cacheprovider --durations=10 "${XDIST[@]}" \
+        -m "not slow" -k "$TEST_K" "${TESTS[@]}"
     RC=$?
     finish tests "$RC" "$T0" "$(grep -v '^[[:space:]]*$' "$OUT/tests.log" | tail -n 1)"
 fi

@@ -12,9 +12,10 @@ Families (``--families``, default all):
 * ``lowp``: the low-precision kernels: bf16 params under each master mode ("fp32",
   "remainder", "kahan", "stochastic") with fp32 moments, and fp32 params with bf16 moments.
 
-Each family steps each backend of ``--backends`` (default cuda,triton; each when it can run)
-three times over params of odd sizes: new grad tensors (the last param without a grad at
-first: skipped), then the same grads zeroed in place (``zero_grad(set_to_none=False)``).
+Each backend of ``--backends`` (default cuda,triton; each when it can run; in that order)
+steps each family three times over params of odd sizes: new grad tensors (the last param
+without a grad at first: skipped), then the same grads zeroed in place
+(``zero_grad(set_to_none=False)``).
 One process runs every family (torch's start-up under the sanitizer is the slow part).
 Exits 0 after a synchronize; 3 (with the reason) when there is no CUDA device or no backend
 asked for can run.
@@ -104,8 +105,8 @@ def main(argv: list[str]) -> int:
             print(f"backend {b} cannot run: {reason}")
     if not backends:
         return 3
-    for family in args.families:
-        for backend in backends:
+    for backend in backends:  # the first backend's every family first (a run may be cut)
+        for family in args.families:
             for options in configs(family):
                 run(device, backend, family, **options)
                 shown = ", ".join(f"{k}={v}" for k, v in options.items())
