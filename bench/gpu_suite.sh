@@ -22,7 +22,8 @@
 # Exit status: 0 all passed; 1 a stage failed or was cut; 2 usage; 3 no GPU here (found before
 # anything is built, in seconds); 4 the CUDA backend could not run a kernel (build stage).
 #
-# Environment: PYTHON (default python3, else python), MAX_JOBS (default 16).
+# Environment: PYTHON (default python3, else python), MAX_JOBS (default 16), GPU_SUITE_COMMIT
+# (the commit to record when the tree has no git metadata).
 set -u
 
 STAGES=(build tests sanitizer bench extras)
@@ -93,7 +94,9 @@ unset TRITON_INTERPRET
 
 declare -A STATUS SECS WHY
 for s in "${STAGES[@]}"; do STATUS[$s]="not run"; SECS[$s]=0; WHY[$s]=""; done
-COMMIT="$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo "unknown (no git metadata)")"
+# A copy of the tree without .git (a lent machine's) can be told its commit: GPU_SUITE_COMMIT.
+COMMIT="$(git -C "$REPO" rev-parse HEAD 2>/dev/null ||
+          echo "${GPU_SUITE_COMMIT:-unknown (no git metadata; set GPU_SUITE_COMMIT)}")"
 DEVICE="unknown"
 CUDA_RAN=false
 
@@ -201,8 +204,8 @@ rm -f "$OUT"/{summary.json,build.log,tests.log,sanitizer.log,bench.log,bench.jso
 write_summary
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "commit: $COMMIT; changed files: $(git -C "$REPO" status --porcelain 2>/dev/null |
-        wc -l | tr -d ' ' || echo unknown)"
+    echo "commit: $COMMIT"
+    git -C "$REPO" status --short 2>/dev/null | head -n 20
     echo "python: $PY ($("$PY" --version 2>&1))"
     echo "cores: $(nproc 2>/dev/null || echo unknown)"
 } >>"$OUT/build.log"
