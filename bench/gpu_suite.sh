@@ -74,7 +74,8 @@ if [ "$PLAN" = 1 ]; then
         printf '%-10s %4d s  %s\n' "$s" "${BUDGET[$s]}" "${WHAT[$s]}"
         sum=$((sum + BUDGET[$s]))
     done
-    echo "total ${sum} s (the stages' budgets; a run stops at --budget, ${TOTAL_BUDGET} s, and cuts the stages left)"
+    echo "total ${sum} s (the stages' budgets; a run stops at --budget," \
+        "${TOTAL_BUDGET} s, and cuts the stages left)"
     exit 0
 fi
 [ -n "$OUT_ARG" ] || usage
@@ -141,7 +142,7 @@ last_line() {
 }
 
 stop_no_gpu() {
-    local why="no GPU: $1"
+    local why="no GPU: $*"
     echo "$why" | tee -a "$OUT/build.log"
     STATUS[build]="failed"
     WHY[build]="$why"
@@ -231,7 +232,8 @@ else:
 read -r ARCH NAME _ <<<"$PROBE"
 echo "torch probe: $PROBE" >>"$OUT/build.log"
 if [ "$ARCH" = "none" ]; then
-    stop_no_gpu "torch sees no CUDA device (torch $PROBE; CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset})"
+    stop_no_gpu "torch sees no CUDA device (torch $PROBE;" \
+        "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset})"
 fi
 DEVICE="${NAME//_/ } (sm_$ARCH)"
 
@@ -242,7 +244,8 @@ if starts build; then
         timeout 20 nvidia-smi 2>&1 || true
         nvcc --version 2>&1 | tail -n 2 || echo "nvcc: not on PATH"
         "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1 || true
-        "$PY" -m pip list 2>/dev/null | grep -i -E '^(torch|triton|pybind11|ninja|pytest|numpy|setuptools) ' || true
+        "$PY" -m pip list 2>/dev/null |
+            grep -i -E '^(torch|triton|pybind11|ninja|pytest|pytest-xdist|numpy) ' || true
     } >>"$OUT/build.log" 2>&1
     # In place (no pip: the image has no network, and no build isolation): python/fused_adamw/_C.
     FUSED_ADAMW_CUDA_ARCHS="$ARCH" run_in build "$LIMIT" "$PY" setup.py build_ext --inplace
@@ -263,7 +266,8 @@ if not ext.get("available"):
 if not ext.get("has_cuda"):
     sys.exit(f"STOP: _C was built without CUDA: {info['build_config'].get('cuda_reason')}")
 if not gpus or gpus[0]["cuda_kernel"] != "can run":
-    sys.exit(f"STOP: _C's CUDA kernel cannot launch here: {gpus[0]['cuda_kernel'] if gpus else 'no GPU listed'}")
+    why = gpus[0]["cuda_kernel"] if gpus else "no GPU listed"
+    sys.exit(f"STOP: _C's CUDA kernel cannot launch here: {why}")
 from fused_adamw import FusedAdamW
 torch.manual_seed(0)
 p = torch.nn.Parameter(torch.randn(4099, device="cuda"))
@@ -276,8 +280,9 @@ for _ in range(3):
         o.step()
 torch.cuda.synchronize()
 diff = (p.detach().cpu() - q.detach()).abs().max().item()
-# the kernel and the CPU loop differ by powf's few ulp at most (tests/test_cuda_kernel.py)
-if opts[0].backend != "cuda" or diff > 1e-5:
+# The kernel and the CPU loop differ by powf's few ulp at most (tests/test_cuda_kernel.py:
+# below 1e-5 after these 3 steps); a kernel that did not run, or ran wrong, is off by ~lr.
+if opts[0].backend != "cuda" or diff > 1e-4:
     sys.exit(f"STOP: the cuda backend's step does not match the CPU loop (max diff {diff})")
 print(f"CUDA backend ran a kernel: yes (3 steps, max diff to the CPU loop {diff:.3g})")
 EOF
@@ -330,20 +335,24 @@ if starts sanitizer; then
         # the slow part); memcheck (cuda, then triton) gets 60% of the stage, racecheck the
         # rest, on cuda only: racecheck looks at shared memory, which the CUDA kernel must
         # not use (its CPU emulation's contract) and Triton's elementwise kernel does not.
-        run_in sanitizer $((LIMIT * 6 / 10)) "$SANITIZER" --tool memcheck --error-exitcode 9 \
-            --print-limit 20 "$PY" bench/sanitize_step.py --backends cuda,triton
+        # No caching allocator: each tensor its own cudaMalloc, so memcheck sees an access
+        # past a tensor's end instead of into the next tensor of the same cached block.
+        NO_CACHE=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1)
+        run_in sanitizer $((LIMIT * 6 / 10)) "${NO_CACHE[@]}" "$SANITIZER" --tool memcheck \
+            --error-exitcode 9 --print-limit 20 "$PY" bench/sanitize_step.py --backends cuda,triton
         RC1=$?
         LEFT=$((LIMIT - ($(date +%s) - T0)))
         if [ "$LEFT" -ge "$MIN_STAGE_S" ]; then
-            run_in sanitizer "$LEFT" "$SANITIZER" --tool racecheck --error-exitcode 9 \
-                --print-limit 20 "$PY" bench/sanitize_step.py --backends cuda
+            run_in sanitizer "$LEFT" "${NO_CACHE[@]}" "$SANITIZER" --tool racecheck \
+                --error-exitcode 9 --print-limit 20 "$PY" bench/sanitize_step.py --backends cuda
             RC2=$?
         else
             RC2=124
         fi
         RC=$RC1
         [ "$RC" = 0 ] && RC=$RC2
-        finish sanitizer "$RC" "$T0" "memcheck exit $RC1, racecheck exit $RC2 (9: errors found; 124: out of time)"
+        finish sanitizer "$RC" "$T0" \
+            "memcheck exit $RC1, racecheck exit $RC2 (9: errors found; 124: out of time)"
     fi
 fi
 
