@@ -1,7 +1,8 @@
 """bench/gpu_suite.sh without a GPU: it says so in seconds, non-zero, before building anything;
 ``--plan`` lists one line per stage and, last, the total (at most 480 s); what it writes
 into OUT fits what a lent GPU machine brings back (at most 8 files, no deeper than 2 folders);
-its test list names files that exist. A few seconds in all: no build, no benchmark."""
+its test list names files that exist; the per-test timeout it sets works. A few seconds in
+all: no build, no benchmark."""
 
 from __future__ import annotations
 
@@ -150,3 +151,18 @@ def test_sanitize_step_runs_every_family_on_the_cpu():
     families = re.findall(r"ok: family=(\w+) backend=cpu", r.stdout)
     assert sorted(set(families)) == ["amsgrad", "lowp", "plain", "scaler"]
     assert families.count("lowp") == 5  # four master modes and bf16 moments
+
+
+def test_per_test_timeout(tmp_path):
+    """FUSED_ADAMW_TEST_TIMEOUT (tests/conftest.py, set by the suite): a test running longer
+    fails with the reason, and the run goes on with the next test."""
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_sleepy.py").write_text(
+        "import time\n\ndef test_slow():\n    time.sleep(30)\n\ndef test_next():\n    pass\n")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        str(tmp_path / "test_sleepy.py")], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120,
+                       env={**os.environ, "FUSED_ADAMW_TEST_TIMEOUT": "1"})
+    assert r.returncode == 1, r.stdout
+    assert "ran longer than FUSED_ADAMW_TEST_TIMEOUT=1 s" in r.stdout
+    assert "1 failed, 1 passed" in r.stdout
