@@ -12,14 +12,14 @@ DTensor's Python dispatch on every op of its step (pytorch/pytorch #134191: Adam
 step under FSDP2 against 2.5% under FSDP1). FusedAdamW steps the local shards directly. The
 goal the issue sets: our host time <= 1/3 of torch's.
 
-Setup: 2 processes (``torch.multiprocessing.spawn``), ``init_process_group("gloo")`` over
-loopback on a free port, ``init_device_mesh("cpu", (2,))``, one torch thread per rank. The
-model is a stack of ``--layers`` ``nn.Linear(width, width)`` (weight and bias: 2 params per
-layer; ``--size small``, the default, is 50 layers of width 64 = 100 params, 104,000 fp32
-elements per rank: small enough that the step's time is host work, not arithmetic; ``--size
-large`` is 50 layers of width 512, 6.6 M elements per rank), ``fully_shard`` on each layer and
-on the root, as in tests/_dist_worker.py. Two param groups (``weight_decay_groups(model,
-1e-2)``: matrices decay, biases do not), lr 1e-3.
+Setup: 2 processes (``torch.multiprocessing.start_processes``, forked where the OS can),
+``init_process_group("gloo")`` over loopback on a free port, ``init_device_mesh("cpu", (2,))``,
+one torch thread per rank. The model is a stack of ``--layers`` ``nn.Linear(width, width)``
+(weight and bias: 2 params per layer; ``--size small``, the default, is 50 layers of width 64
+= 100 params, 104,000 fp32 elements per rank: small enough that the step's time is host work,
+not arithmetic; ``--size large`` is 50 layers of width 512, 6.6 M elements per rank),
+``fully_shard`` on each layer and on the root, as in tests/_dist_worker.py. Two param groups
+(``weight_decay_groups(model, 1e-2)``: matrices decay, biases do not), lr 1e-3.
 
 Implementations (``--impls``; each on its own copy of the model, built from the same seed and
 run through the same forward/backward, so params and grads are identical at the start):
@@ -66,7 +66,6 @@ import argparse
 import cProfile
 import datetime
 import gc
-import io
 import json
 import os
 import pstats
@@ -298,6 +297,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# NOTE on fork: a spawned rank imports torch and fused_adamw again, ~2.5 s of CPU each (measured
+# here; ~10 s of wall time on the shared 2-core machine under load 13); a forked one inherits
+# them from this process, which has run no torch op (so no thread pool to break) before it
+# forks. Where fork does not exist the ranks are spawned.
+START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+
+
 def spawn(cfg: dict) -> dict:
     """Runs the ranks and returns rank 0's result. The free port is picked, released and then
     bound by rank 0, so another process can take it in between: that failure is retried once."""
@@ -308,8 +314,8 @@ def spawn(cfg: dict) -> dict:
         path = Path(tmp) / "rank0.json"
         for attempt in range(2):
             try:
-                mp.spawn(worker, args=(f"tcp://127.0.0.1:{free_port()}", cfg, str(path)),
-                         nprocs=WORLD, join=True)
+                mp.start_processes(worker, nprocs=WORLD, join=True, start_method=START_METHOD,
+                                   args=(f"tcp://127.0.0.1:{free_port()}", cfg, str(path)))
                 break
             except Exception as e:  # noqa: BLE001 - mp.spawn re-raises the rank's error as text
                 if attempt == 0 and "address already in use" in str(e).lower():
