@@ -110,8 +110,8 @@ RATIO_TO = ("torch-foreach", "torch-fused")
 TIMING = "each rank's median, p20, p80 over repetitions, then the max over ranks"
 RECORD_KEYS = (
     "bench", "impl", "label", "params", "status", "reason", "backend", "median_ms", "p20_ms",
-    "p80_ms", "rank_median_ms", "median_max_ms", "ratio", "n_params", "elements_per_rank", "layers", "width",
-    "world", "reps", "warmup", "threads", "timing", "torch", "fused_adamw", "git_commit",
+    "p80_ms", "rank_median_ms", "median_max_ms", "ratio", "n_params", "elements_per_rank",
+    "layers", "width", "world", "reps", "warmup", "threads", "timing", "torch", "fused_adamw", "git_commit",
     "git_dirty", "date", "cpu", "cores", "loadavg_start", "loadavg_end", "quick",
 )
 
