@@ -49,7 +49,10 @@ machine the two agree. On the CPU everything is host time; the ``local`` rows bo
 optimizer's own work (arithmetic included) from above.
 
 Ratios: each row's median over torch-foreach's and torch-fused's median on the same kind of
-params (DTensor or local). The goal is ``fused_adamw`` / torch <= 0.33 on DTensor params.
+params (DTensor or local); the JSON also has the ratios of the p20s (``ratio_p20``). The goal
+is ``fused_adamw`` / torch <= 0.33 on DTensor params against the faster torch variant; the
+line under the table judges it at the median and at p20 (the stricter of the two decides: on
+a loaded machine preemptions hit torch's longer steps more often, favouring us at the median).
 
 ``--profile [IMPL]`` (default fused_adamw): after timing, rank 0 runs ``--profile-steps`` steps
 of IMPL on DTensor params under cProfile (rank 1 steps alongside) and prints the functions with
@@ -110,9 +113,10 @@ RATIO_TO = ("torch-foreach", "torch-fused")
 TIMING = "each rank's median, p20, p80 over repetitions, then the max over ranks"
 RECORD_KEYS = (
     "bench", "impl", "label", "params", "status", "reason", "backend", "median_ms", "p20_ms",
-    "p80_ms", "rank_median_ms", "median_max_ms", "ratio", "n_params", "elements_per_rank",
-    "layers", "width", "world", "reps", "warmup", "threads", "timing", "torch", "fused_adamw", "git_commit",
-    "git_dirty", "date", "cpu", "cores", "loadavg_start", "loadavg_end", "quick",
+    "p80_ms", "rank_median_ms", "median_max_ms", "ratio", "ratio_p20", "n_params",
+    "elements_per_rank", "layers", "width", "world", "reps", "warmup", "threads", "timing",
+    "torch", "fused_adamw", "git_commit", "git_dirty", "date", "cpu", "cores", "loadavg_start",
+    "loadavg_end", "quick",
 )
 
 
@@ -339,6 +343,7 @@ def summarize(rows: list[dict], meta: dict) -> list[dict]:
         rec.update(meta)
         rec.update(impl=row["impl"], params=row["params"], backend=row["backend"],
                    n_params=row["n_params"], elements_per_rank=row["elements"], ratio={},
+                   ratio_p20={},
                    label=row["impl"] + (f" ({row['backend']})" if row["backend"] else ""))
         times = row["times"]
         if row["errors"] or not all(times):
@@ -358,6 +363,7 @@ def summarize(rows: list[dict], meta: dict) -> list[dict]:
             if (other["impl"] in RATIO_TO and other["params"] == rec["params"]
                     and other["status"] == "ok"):
                 rec["ratio"][other["impl"]] = rec["median_ms"] / other["median_ms"]
+                rec["ratio_p20"][other["impl"]] = rec["p20_ms"] / other["p20_ms"]
     return records
 
 
@@ -391,6 +397,18 @@ def header(meta: dict, n_params: int, elements: int) -> str:
             f"{meta['cpu']}, {meta['cores']} cores; torch {meta['torch']}, fused_adamw "
             f"{meta['fused_adamw']}, git {meta['git_commit'][:12]}"
             f"{' (dirty)' if meta['git_dirty'] else ''}, {meta['date']}; {load}.")
+
+
+def goal_line(ours: dict) -> str:
+    """Our DTensor row against the faster torch variant (the larger ratio), at the median and
+    at p20: on a loaded machine preemptions hit torch's longer steps more often, which favours
+    us at the median; p20 is less touched by them."""
+    best = max(ours["ratio"], key=ours["ratio"].get)
+    x, x20 = ours["ratio"][best], ours["ratio_p20"][best]
+    return (f"fused_adamw on DTensor params: {x:.3f} x {best}'s step time at the median, "
+            f"{x20:.3f} at p20 ({best} is the faster torch variant here); the issue's goal for "
+            f"host time, <= 0.333, is {'met' if max(x, x20) <= 1 / 3 else 'not met'} (it is "
+            f"meant for the default size, where the step is host work).")
 
 
 # ---------------------------------------------------------------------------- main
@@ -486,11 +504,7 @@ def main(argv=None) -> list[dict]:
     ours = [r for r in records if r["impl"] == "fused_adamw" and r["params"] == "dtensor"
             and r["status"] == "ok"]
     if ours and ours[0]["ratio"]:
-        # judged against the faster torch variant: the larger of the two ratios
-        best = max(ours[0]["ratio"], key=ours[0]["ratio"].get)
-        x = ours[0]["ratio"][best]
-        report += (f"\n\nfused_adamw on DTensor params: {x:.3f} x {best}'s step time (the "
-                   f"faster torch variant); goal <= 0.333: {'met' if x <= 1 / 3 else 'not met'}.")
+        report += "\n\n" + goal_line(ours[0])
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fsdp2.md").write_text(report + "\n")
