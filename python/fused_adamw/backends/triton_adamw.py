@@ -38,6 +38,7 @@ Imports triton at module level; without it the import fails with the install hin
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -264,6 +265,7 @@ def to_storage(x, ptr, BF16_BY_HAND: tl.constexpr):
 # cannot run. BLOCK_SIZE divides the tile (16384 elements): 16 iterations per tile.
 _BLOCK_SIZE = 1024
 _NUM_WARPS = 4
+_LAUNCH_OPTIONS = dict(num_warps=_NUM_WARPS)  # launch's compile options
 
 
 @triton.jit
@@ -280,13 +282,24 @@ def row_of_tile(tile_starts_ptr, n_rows, tile):
     return lo
 
 
-@triton.jit
+# NOTE on specialisation: Triton compiles a kernel per value of what it specialises on, and
+# besides constexprs and None arguments it specialises on integers equal to 1 (a constexpr),
+# integers divisible by 16 and pointers aligned to 16 bytes. n_rows and the tables' addresses
+# change with the params (tile_starts sits 80 * n_rows bytes into `packed`: 16-byte aligned for
+# even n_rows only), so a CUDA-graph capture of a step could compile a kernel that no eager
+# step compiled (capture_problem keys on `variant`). They are therefore not specialised: n_rows
+# is int64 whatever its value, the pointers carry no alignment, and a variant is exactly
+# `variant()` (tests/test_triton_compile.py checks that with Triton's own binder). The kernel
+# reads them as scalars, so nothing is lost; the buffers' alignment is the row's business.
+@triton.jit(do_not_specialize=["n_rows"],
+            do_not_specialize_on_alignment=["rows_ptr", "tile_starts_ptr", "hparams_ptr",
+                                            "grad_scale_ptr", "found_inf_ptr"])
 def adamw_kernel(
     rows_ptr,  # *int64 [n_rows, ROW_COLS]: addresses of param, grad, exp_avg, exp_avg_sq, max, step; numel; group
     tile_starts_ptr,  # *int64 [n_rows + 1]: the first tile of each row
     hparams_ptr,  # *fp32 [n_groups, HPARAM_COLS]: lr, beta1, beta2, eps, wd, maximize, amsgrad,
     #               decay mode, max_lr, master mode (column 9, 16-bit tables)
-    n_rows,  # rows in the table
+    n_rows: tl.int64,  # rows in the table
     grad_scale_ptr,  # *fp32 GradScaler's scale (grads divided by it and written back), or None
     found_inf_ptr,  # *fp32 GradScaler's found_inf (!= 0: nothing is written), or None
     DTYPE: tl.constexpr,  # the params' (and grads') storage type (tl.float32, bfloat16, float16)
@@ -446,10 +459,11 @@ def store_param(param, p0, offsets, mask, param_ptr, mode, master_ptr, rem_ptr, 
         tl.store(param_ptr + offsets, to_storage(param, param_ptr, BF16_BY_HAND), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"],  # as adamw_kernel's NOTE on specialisation
+            do_not_specialize_on_alignment=["rows_ptr", "found_inf_ptr"])
 def adamw_steps_kernel(
     rows_ptr,  # *int64 [n_rows, ROW_COLS]
-    n_rows,  # rows in the table
+    n_rows: tl.int64,  # rows in the table (not specialised either)
     found_inf_ptr,  # *fp32 GradScaler's found_inf, or None
     ROW_COLS: tl.constexpr,  # _table.ROW_COLS
     BLOCK_SIZE: tl.constexpr,  # rows per program
@@ -481,10 +495,58 @@ def has_master(table: _table.Table) -> bool:
         row[_table.HP_MASTER_MODE] != 0 for row in table.host_hparams)
 
 
+# The moments' dtypes each param dtype takes (optimizer._check_low_precision: its own, float32,
+# or bfloat16 beside float32 params).
+_STATE_DTYPES = {torch.float32: (torch.float32, torch.bfloat16),
+                 torch.bfloat16: (torch.bfloat16, torch.float32),
+                 torch.float16: (torch.float16, torch.float32)}
+
+
+class Variant(NamedTuple):
+    """What Triton compiles a separate :func:`adamw_kernel` for on one device: its constexprs
+    (:func:`kernel_constexprs`) and which of its pointer arguments are None."""
+
+    dtype: torch.dtype  # the params' (and grads')
+    state_dtype: torch.dtype  # the moments'
+    has_max: bool  # some row uses amsgrad
+    has_master: bool  # 16-bit params, some group with a master mode
+    scaled: bool  # GradScaler's grad_scale is given
+    skippable: bool  # GradScaler's found_inf is given
+
+
 def variant(table: _table.Table) -> tuple:
-    """What Triton compiles a separate kernel for (its constexprs and None arguments)."""
-    return (table.device, table.dtype, table.state_dtype, table.has_max, has_master(table),
-            table.grad_scale is None, table.found_inf is None)
+    """The key of the kernels a step of ``table`` launches: (device, :class:`Variant`)."""
+    return (table.device, Variant(table.dtype, table.state_dtype, table.has_max,
+                                  has_master(table), table.grad_scale is not None,
+                                  table.found_inf is not None))
+
+
+def variants() -> list[Variant]:
+    """Every variant :func:`launch` can compile (tests/test_triton_compile.py compiles each)."""
+    return [Variant(dtype, state_dtype, has_max, has_master, scaled, skippable)
+            for dtype in _SUPPORTED_DTYPES for state_dtype in _STATE_DTYPES[dtype]
+            for has_max in (False, True)
+            for has_master in ((False, True) if dtype != torch.float32 else (False,))
+            for scaled in (False, True) for skippable in (False, True)]
+
+
+def kernel_constexprs(v: Variant, interpret: bool = _INTERPRET) -> dict:
+    """:func:`adamw_kernel`'s constexpr arguments for variant ``v`` (compiled, or run by the
+    interpreter)."""
+    return dict(
+        DTYPE=_TL_DTYPES[v.dtype],
+        STATE_DTYPE=_TL_DTYPES[v.state_dtype],
+        ELEM_BYTES=v.dtype.itemsize,
+        HAS_MAX=v.has_max,
+        HAS_MASTER=v.has_master,
+        ROW_COLS=_table.ROW_COLS,
+        HPARAM_COLS=_table.HPARAM_COLS,
+        TILE_ELEMS=_table.TILE_ELEMS,
+        LIBDEVICE_POW=not interpret,
+        BF16_BY_HAND=interpret and v.dtype == torch.bfloat16,
+        STATE_BF16_BY_HAND=interpret and v.state_dtype == torch.bfloat16,
+        BLOCK_SIZE=_BLOCK_SIZE,
+    )
 
 
 # Variants launched at least once in this process: a CUDA-graph capture of a step whose kernel
@@ -496,30 +558,25 @@ def launch(table: _table.Table) -> None:
     """The two launches over ``table`` (step counts, then the update); no host sync."""
     if table.n_rows == 0:
         return
-    _launched.add(variant(table))
+    key = variant(table)
+    _launched.add(key)
+    steps_args, update_args = kernel_args(table)
+    adamw_steps_kernel[(triton.cdiv(table.n_rows, _STEPS_BLOCK),)](
+        *steps_args, ROW_COLS=_table.ROW_COLS, BLOCK_SIZE=_STEPS_BLOCK)
+    if table.n_tiles == 0:
+        return
+    adamw_kernel[(table.n_tiles,)](*update_args, **kernel_constexprs(key[1]),
+                                   **_LAUNCH_OPTIONS)
+
+
+def kernel_args(table: _table.Table) -> tuple[tuple, tuple]:
+    """The runtime (non-constexpr) arguments of :func:`adamw_steps_kernel` and
+    :func:`adamw_kernel` for a launch over ``table``."""
     packed = table.packed
     rows = packed[: table.n_rows * _table.ROW_COLS]
     tile_starts = packed[table.n_rows * _table.ROW_COLS:]
-    adamw_steps_kernel[(triton.cdiv(table.n_rows, _STEPS_BLOCK),)](
-        rows, table.n_rows, table.found_inf, ROW_COLS=_table.ROW_COLS, BLOCK_SIZE=_STEPS_BLOCK)
-    if table.n_tiles == 0:
-        return
-    adamw_kernel[(table.n_tiles,)](
-        rows, tile_starts, table.hparams, table.n_rows, table.grad_scale, table.found_inf,
-        DTYPE=_TL_DTYPES[table.dtype],
-        STATE_DTYPE=_TL_DTYPES[table.state_dtype],
-        ELEM_BYTES=table.itemsize,
-        HAS_MAX=table.has_max,
-        HAS_MASTER=has_master(table),
-        ROW_COLS=_table.ROW_COLS,
-        HPARAM_COLS=_table.HPARAM_COLS,
-        TILE_ELEMS=_table.TILE_ELEMS,
-        LIBDEVICE_POW=not _INTERPRET,
-        BF16_BY_HAND=_INTERPRET and table.dtype == torch.bfloat16,
-        STATE_BF16_BY_HAND=_INTERPRET and table.state_dtype == torch.bfloat16,
-        BLOCK_SIZE=_BLOCK_SIZE,
-        num_warps=_NUM_WARPS,
-    )
+    return ((rows, table.n_rows, table.found_inf),
+            (rows, tile_starts, table.hparams, table.n_rows, table.grad_scale, table.found_inf))
 
 
 class TritonBackend:
