@@ -695,9 +695,11 @@ class TritonBackend:
     name = "triton"
 
     def capture_problem(self, table: _table.Table) -> str | None:
-        """Why a step of ``table`` cannot be captured into a CUDA graph now, or None."""
+        """Why a step of ``table`` cannot be captured into a CUDA graph now, or None (the
+        key is all Triton specialises on: see adamw_kernel's NOTE on specialisation)."""
         if table.n_rows and variant(table) not in _launched:
-            return ("the Triton kernel for this table (dtype, amsgrad, GradScaler use) has not "
+            return ("the Triton kernel for this table (dtypes, amsgrad, master modes, GradScaler "
+                    "use) has not "
                     "been compiled yet: run one eager step the way the graph will (with or "
                     "without the scaler) before capturing")
         return None
