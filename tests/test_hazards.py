@@ -237,6 +237,10 @@ def test_a_host_buffer_is_never_written_after_its_copy_is_queued(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "copy_", copy_)
     meta_memory(monkeypatch)
+    # Meta tensors have no address: each grad gets its id, so that fresh grads change the
+    # table's grad column as they do on a GPU.
+    data_ptr = _table._data_ptr
+    monkeypatch.setattr(_table, "_data_ptr", lambda t: id(t) if t.is_meta else data_ptr(t))
     params = meta_params(3)
     opt = FusedAdamW(params, lr=1e-3, backend="torch")
     for _ in range(4):
@@ -252,7 +256,10 @@ def test_a_host_buffer_is_never_written_after_its_copy_is_queued(monkeypatch):
 # ------------------------------------------------------------------------------------------
 
 
-def test_eager_changes_after_a_capture_keep_what_the_graph_reads(monkeypatch):
+@pytest.mark.parametrize("first", ["fresh-grads", "float-lr", "rebuild", "new-group", "load"])
+def test_eager_changes_after_a_capture_keep_what_the_graph_reads(monkeypatch, first):
+    """After a captured step, eager steps change the table and the rows every way they can
+    (``first`` first): the buffers the graph reads stay allocated and are never written."""
     streams = StreamLog(monkeypatch)
     params = meta_params(2)
     opt = FusedAdamW(params, lr=1e-3, backend="torch", capturable=True)
@@ -266,16 +273,24 @@ def test_eager_changes_after_a_capture_keep_what_the_graph_reads(monkeypatch):
     refs = [weakref.ref(graph_table), weakref.ref(graph_hparams)]
     watched = {streams.ref(graph_table), streams.ref(graph_hparams)}
     start = len(streams.log)
-    params[0].grad = torch.empty(3, device="meta")
-    opt.step()  # fresh grads: the grad column changes
-    opt.param_groups[0]["lr"] = 2e-3
-    opt.step()  # a float changed: the rows change
-    params[1].grad = torch.empty(3, device="meta")
-    opt.step()  # a rebuild (2 rows)
-    opt.add_param_group({"params": meta_params(1)})
-    opt.step()  # new tables
-    opt.load_state_dict(opt.state_dict())
-    opt.step()
+
+    def fresh_grads_():
+        params[0].grad = torch.empty(3, device="meta")  # the grad column changes
+
+    def float_lr():
+        opt.param_groups[0]["lr"] *= 2  # the rows change
+
+    def rebuild():
+        params[1].grad = torch.empty(3, device="meta")  # 2 rows
+
+    changes = {"fresh-grads": fresh_grads_, "float-lr": float_lr, "rebuild": rebuild,
+               "new-group": lambda: opt.add_param_group({"params": meta_params(1)}),
+               "load": lambda: opt.load_state_dict(opt.state_dict())}
+    names = list(changes)
+    k = names.index(first)
+    for name in names[k:] + names[:k]:
+        changes[name]()
+        opt.step()
     del table, graph_table, graph_hparams
     gc.collect()
     assert all(r() is not None for r in refs), "a buffer the graph reads was freed"
