@@ -350,6 +350,7 @@ class Plan:
     data_ptrs: list = field(default_factory=list)
     locals: list = field(default_factory=list)
     rows: list[_RowPlan] = field(default_factory=list)
+    grad_ids: list | None = None  # ids of ``grads`` when prepare had them ("grads")
 
 
 class Table:
@@ -445,7 +446,9 @@ class Table:
         grad_ids = list(map(id, grads))
         if not rebuild and grad_ids == self.grad_ids:
             # The same grads as last step (zero_grad(set_to_none=False), DDP bucket views).
-            active_grads = list(compress(grads, self.mask))
+            # A row per param: every param has its grad (no pass to pick them).
+            active_grads = (grads if self.n_rows == len(grads)
+                            else list(compress(grads, self.mask)))
             grad_ptrs = list(map(_data_ptr, active_grads))
             if grad_ptrs == self.grad_ptrs:
                 return Plan("same" if self.rows else "idle", grads, self.mask, active_grads,
@@ -454,21 +457,22 @@ class Table:
         mask = list(map(operator.is_not, grads, repeat(None)))
         if not any(mask):
             return Plan("idle", grads, mask)
-        active_grads = list(compress(grads, mask))
+        active_grads = grads if all(mask) else list(compress(grads, mask))
+        if (not rebuild and mask == self.mask and self.fast_grads
+                and all(map(_is_contiguous, active_grads))
+                and list(map(_shape_of, active_grads)) == self.shapes
+                and list(map(_dtype_of, active_grads)).count(self.dtype) == len(active_grads)):
+            # Fresh grads (the default zero_grad()): contiguous like their params (a sparse
+            # grad is not), of their shapes and dtype (a grad swapped by p.grad.data = t may
+            # be neither: the rebuild below refuses it, naming the param), new addresses.
+            return Plan("grads", grads, mask, active_grads, list(map(_data_ptr, active_grads)),
+                        grad_ids=grad_ids)
         if any(map(_is_sparse, active_grads)):
             i = next(i for i, g in enumerate(grads) if g is not None and g.is_sparse)
             raise RuntimeError(
                 f"FusedAdamW does not support sparse gradients: "
                 f"{describe(self.names[i], local(params[i]))} has a sparse grad; use "
                 "torch.optim.SparseAdam for sparse params")
-        if (not rebuild and mask == self.mask and self.fast_grads
-                and all(map(_is_contiguous, active_grads))
-                and list(map(_shape_of, active_grads)) == self.shapes
-                and list(map(_dtype_of, active_grads)).count(self.dtype) == len(active_grads)):
-            # Fresh grads (the default zero_grad()): contiguous like their params, of their
-            # shapes and dtype (a grad swapped by p.grad.data = t may be neither: the rebuild
-            # below refuses it, naming the param), new addresses.
-            return Plan("grads", grads, mask, active_grads, list(map(_data_ptr, active_grads)))
         return self._plan_rebuild(opt, grads, mask, active_grads, data_ptrs, locals_)
 
     def _plan_rebuild(self, opt, grads, mask, active_grads, data_ptrs, locals_) -> Plan:
@@ -614,7 +618,7 @@ class Table:
             return
         if plan.kind == "grads":  # only on fast tables: every grad contiguous, real, unstaged
             self.kernel_grads = plan.active_grads
-            self.grad_ids, self.mask = list(map(id, plan.grads)), plan.mask
+            self.grad_ids, self.mask = plan.grad_ids, plan.mask
             self.grad_ptrs = plan.grad_ptrs
             self._patch_grads(plan.grad_ptrs)
             return
