@@ -269,7 +269,7 @@ class FusedAdam(torch.optim.Optimizer):
         state = {k: v for k, v in state.items()
                  if k not in ("_tables", "_layout", "_hparams", "_owner", "_state_obj",
                               "_has_cuda", "grad_scale", "found_inf", "_compile_key",
-                              "_graph_buffers", "_graph_hparams")}
+                              "_graph_buffers", "_graph_hparams", "_hparam_users")}
         state["_backend_request"] = self._backend_request
         state["_decouple_lr"] = self._decouple_lr
         state["_master_weights"] = self._master_weights
