@@ -72,11 +72,20 @@ class StreamLog:
             return real_copy(dst, src, non_blocking)
 
         monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+        real_foreach_copy = torch._foreach_copy_
+
+        def foreach_copy_(dsts, srcs, non_blocking=False):
+            for d in dsts:
+                if id(d) in self._ids:
+                    log.append(("write", self.current, self._ids[id(d)]))
+            return real_foreach_copy(dsts, srcs, non_blocking)
+
+        monkeypatch.setattr(torch, "_foreach_copy_", foreach_copy_)
         real_step = torch_backend.BACKEND.step
 
         def step(table):
-            log.append(("launch", self.current, (self.ref(table.packed),
-                                                 self.ref(table.hparams))))
+            log.append(("launch", self.current, (self.ref(table.packed), self.ref(table.hparams),
+                                                 *(self.ref(t) for t, _ in table.stage_in))))
             real_step(table)
 
         monkeypatch.setattr(torch_backend.BACKEND, "step", step)
@@ -198,6 +207,27 @@ def test_hparams_rewritten_on_another_stream_wait_for_the_launches_that_read_the
         opt.param_groups[0]["lr"] = value  # a float changed: the rows rewritten in place
         opt.step()
     assert sum(e[0] == "launch" for e in streams.log) == 5
+    assert order_problems(streams.log) == []
+
+
+def test_staged_copies_on_another_stream_wait_for_the_launches_that_read_them(monkeypatch):
+    """A param that is not dense (a column slice) steps through a scratch copy, written
+    before every launch: on another stream than the last launch, after it; dropped at a
+    rebuild, recorded on the streams that read it."""
+    streams = StreamLog(monkeypatch)
+    params = [torch.nn.Parameter(torch.empty(6, 4, device="meta")[:, :3]), *meta_params(1)]
+    for p in params:
+        p.grad = torch.empty(p.shape, device="meta")
+    opt = FusedAdamW(params, lr=1e-3, backend="torch")
+    for name in ("a", "b", "b", "a"):  # the same grads: no rebuild, the scratch rewritten
+        streams.use(name)
+        opt.step()
+    streams.use("c")
+    params[1].grad = None  # a rebuild: the scratch dropped
+    opt.step()
+    gc.collect()
+    assert sum(e[0] == "launch" and len(e[2]) > 2 for e in streams.log) == 5
+    assert any(e[0] == "free" for e in streams.log)
     assert order_problems(streams.log) == []
 
 

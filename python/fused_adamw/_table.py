@@ -631,6 +631,8 @@ class Table:
             self.kernel_grads = []
 
     def _build_rows(self, plan: Plan, opt) -> None:
+        for scratch, _ in self.stage_in:
+            retire(scratch, self.users)
         self.stage_in, self.stage_out, self.stage_grads = [], [], []
         rows = []
         fast = True
@@ -830,6 +832,8 @@ class Table:
 
     def stage_before(self) -> None:
         if self.stage_in:
+            # The scratch tensors are read by the launches as the table is: same users.
+            before_write(self.device, self.users)
             torch._foreach_copy_([s for s, _ in self.stage_in], [src for _, src in self.stage_in])
 
     def stage_after(self) -> None:
