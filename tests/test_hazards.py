@@ -453,10 +453,10 @@ def test_a_param_changed_at_the_same_address_is_not_stepped_stale(backend, stage
     ref = torch.optim.AdamW(twin, lr=1e-2, foreach=False)
     opt.step()
     ref.step()
-    new_p, new_g = {"longer": lambda t: t[:36].view(6, 6), "shorter": lambda t: t[:4].view(2, 2),
-                    "dtype": lambda t: t[:16].view(4, 4).view(torch.bfloat16),
-                    "transposed": lambda t: t[:16].view(4, 4).t()}[change], None
-    p.data, p.grad.data = new_p(pbuf), new_p(gbuf)
+    view = {"longer": lambda t: t[:36].view(6, 6), "shorter": lambda t: t[:4].view(2, 2),
+            "dtype": lambda t: t[:16].view(4, 4).view(torch.bfloat16),
+            "transposed": lambda t: t[:16].view(4, 4).t()}[change]
+    p.data, p.grad.data = view(pbuf), view(gbuf)
     assert p.data_ptr() == pbuf.data_ptr() and p.grad.data_ptr() == gbuf.data_ptr()
     if change != "transposed":
         before = [t.detach().clone() for t in params]
@@ -469,4 +469,6 @@ def test_a_param_changed_at_the_same_address_is_not_stepped_stale(backend, stage
         opt.step()
         ref.step()
     for a, b in zip(params, twin):
-        assert torch.allclose(a, b, rtol=0, atol=1e-6), (a - b).abs().max()
+        # 3 steps of fp32 |p| < 5: the fused math rounds in another order than torch's
+        # for-loop (a few ulps, 4.8e-7 each at 4); a stale (untransposed) walk is off by ~1e-2.
+        assert torch.allclose(a, b, rtol=0, atol=2e-6), (a - b).abs().max()
