@@ -4,9 +4,9 @@ For sm_90 and every arch of setup.py's default list, every instantiation: no loc
 registers within the launch bound, a 128-bit vector main loop of global loads and stores, and
 the loop's global bytes per element equal to the formula (28 / 14 B per fp32 / 16-bit element,
 36 / 18 with amsgrad); the low-precision kernels one such loop per master mode, each with its
-streams' counts and bytes (sass_check.lowp_streams). The binary is the built extension (CI installs the wheel, built for the
-default archs) where it holds those archs; archs it lacks are compiled here with setup.py's nvcc
-flags. Two deliberately broken copies of the kernel show that the checker can fail.
+streams' counts and bytes (sass_check.lowp_streams). The binary is the built extension (CI
+installs the wheel, built for the default archs) where it holds those archs; archs it lacks are
+compiled here with setup.py's nvcc flags. Two deliberately broken copies of the kernel show that the checker can fail.
 
 Skips with the reason when cuobjdump / nvdisasm (CUDA toolkit, the nvidia-cuda-cuobjdump and
 nvidia-cuda-nvdisasm wheels, or Triton's copies) or nvcc is missing.
