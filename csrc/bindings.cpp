@@ -147,6 +147,99 @@ int driver_version() { return 0; }
 
 }  // namespace
 
+// ------------------------------------------------------------------------------------------
+// tensor addresses for the table's change detection (python/fused_adamw/_table.py, prepare)
+// ------------------------------------------------------------------------------------------
+// Every step compares the addresses of every param, grad and state tensor with what the table
+// holds: a Python call per tensor (Tensor.data_ptr, 50-90 ns) was most of the host time. torch
+// exports a C entry point that reads a Tensor's data pointer from its Python object (the one
+// Inductor's compiled wrappers call, torch._C._dynamo.guards
+// ._torchinductor_pyobject_tensor_data_ptr); Python hands its address in as an int, so _C
+// still links no torch and builds without it. Python checks it against data_ptr() before use
+// and keeps its own pass where torch lacks it.
+
+namespace addresses {
+
+using DataPtrFn = void* (*)(PyObject*);
+
+struct Reader {
+  DataPtrFn fn;
+  PyTypeObject* tensor_type;
+};
+
+Reader reader(std::uintptr_t fn, py::handle tensor_type) {
+  if (fn == 0 || !PyType_Check(tensor_type.ptr())) {
+    throw py::type_error("addresses: fn must be a function address, tensor_type a type");
+  }
+  return {reinterpret_cast<DataPtrFn>(fn), reinterpret_cast<PyTypeObject*>(tensor_type.ptr())};
+}
+
+void* address_of(const Reader& r, PyObject* t, Py_ssize_t i) {
+  if (!PyObject_TypeCheck(t, r.tensor_type)) {
+    throw py::type_error("addresses: item " + std::to_string(i) + " is not a Tensor");
+  }
+  try {
+    return r.fn(t);
+  } catch (const std::exception& e) {  // e.g. a tensor without storage: the caller's own pass
+    throw py::value_error(std::string("addresses: item ") + std::to_string(i) + ": " +
+                          e.what());
+  } catch (...) {
+    throw py::value_error("addresses: item " + std::to_string(i) + ": not readable");
+  }
+}
+
+PyObject* checked_list(py::handle l, const char* name) {
+  if (!PyList_Check(l.ptr())) {
+    throw py::type_error(std::string("addresses: ") + name + " must be a list");
+  }
+  return l.ptr();
+}
+
+// [t.data_ptr() for t in tensors]
+py::list tensor_addresses(std::uintptr_t fn, py::handle tensor_type, py::handle tensors) {
+  Reader r = reader(fn, tensor_type);
+  PyObject* ts = checked_list(tensors, "tensors");
+  Py_ssize_t n = PyList_GET_SIZE(ts);
+  py::list out(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* v = PyLong_FromVoidPtr(address_of(r, PyList_GET_ITEM(ts, i), i));
+    if (v == nullptr) throw py::error_already_set();
+    PyList_SET_ITEM(out.ptr(), i, v);
+  }
+  return out;
+}
+
+// [t.data_ptr() for t in tensors] == expected, without building the list
+bool addresses_equal(std::uintptr_t fn, py::handle tensor_type, py::handle tensors,
+                     py::handle expected) {
+  Reader r = reader(fn, tensor_type);
+  PyObject* ts = checked_list(tensors, "tensors");
+  PyObject* ex = checked_list(expected, "expected");
+  Py_ssize_t n = PyList_GET_SIZE(ts);
+  if (PyList_GET_SIZE(ex) != n) return false;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    void* want = PyLong_AsVoidPtr(PyList_GET_ITEM(ex, i));
+    if (want == nullptr && PyErr_Occurred()) throw py::error_already_set();
+    if (address_of(r, PyList_GET_ITEM(ts, i), i) != want) return false;
+  }
+  return true;
+}
+
+void define(py::module_& m) {
+  m.def("tensor_addresses", &tensor_addresses,
+        "[t.data_ptr() for t in tensors] through fn, torch's C function void *(PyObject *) "
+        "that reads a Tensor's data pointer (its address as an int); tensor_type: "
+        "torch._C.TensorBase (items of other types raise TypeError; a tensor fn refuses, "
+        "ValueError).",
+        py::arg("fn"), py::arg("tensor_type"), py::arg("tensors"));
+  m.def("addresses_equal", &addresses_equal,
+        "tensor_addresses(fn, tensor_type, tensors) == expected (a list of ints), stopping at "
+        "the first difference.",
+        py::arg("fn"), py::arg("tensor_type"), py::arg("tensors"), py::arg("expected"));
+}
+
+}  // namespace addresses
+
 PYBIND11_MODULE(_C, m) {
   m.doc() =
       "fused_adamw's compiled loops: the CUDA kernel (kernels/adamw_kernel.cu) and the CPU loop "
@@ -204,4 +297,6 @@ PYBIND11_MODULE(_C, m) {
         "The CUDA runtime version linked in (e.g. 13000), 0 without CUDA.");
   m.def("cuda_driver_version", &driver_version,
         "The installed driver's CUDA version (e.g. 13000), 0 without a driver or CUDA.");
+
+  addresses::define(m);  // the table's change detection (block above)
 }

@@ -125,6 +125,74 @@ _dtype_of = operator.attrgetter("dtype")
 _shape_of = operator.attrgetter("shape")
 
 
+def _python_addresses(tensors: list) -> list[int]:
+    return list(map(_data_ptr, tensors))
+
+
+def _python_same_addresses(tensors: list, expected: list[int]) -> bool:
+    return list(map(_data_ptr, tensors)) == expected
+
+
+_READERS: tuple | None = None
+
+
+def address_readers() -> tuple:
+    """``(addresses, same_addresses)``: ``addresses(tensors)`` is ``[t.data_ptr() for t in
+    tensors]``, ``same_addresses(tensors, expected)`` is ``addresses(tensors) == expected``.
+
+    NOTE on the compiled reader: the change detection reads the address of every param, grad
+    and state tensor every step, and a Python call per tensor (``data_ptr``, 50-90 ns) was
+    most of a steady step's host time. ``_C`` reads them in one call through torch's C entry
+    point for a Tensor's data pointer (the one Inductor's compiled wrappers call, 15-20 ns a
+    tensor; csrc/bindings.cpp, namespace ``addresses``). It is torch's private API: used only
+    where it exists and reads what ``data_ptr()`` reads on a probe; otherwise, and for a
+    tensor it refuses (no storage), the Python pass, which raises as before.
+    """
+    global _READERS
+    if _READERS is None:
+        _READERS = _compiled_readers() or (_python_addresses, _python_same_addresses)
+    return _READERS
+
+
+def _compiled_readers() -> tuple | None:
+    from . import _ext
+
+    C = _ext.C
+    try:
+        from torch._C._dynamo.guards import _torchinductor_pyobject_tensor_data_ptr as fn
+    except ImportError:
+        return None
+    base = getattr(torch._C, "TensorBase", None) or getattr(torch._C, "_TensorBase", None)
+    if (C is None or not hasattr(C, "addresses_equal") or not isinstance(fn, int) or not fn
+            or base is None):
+        return None
+    flat = torch.zeros(8)
+    probe = [flat, flat[3:], flat[1::2], torch.nn.Parameter(torch.ones(2)), torch.empty(0)]
+    try:
+        ok = (C.tensor_addresses(fn, base, probe) == _python_addresses(probe)
+              and C.addresses_equal(fn, base, probe, _python_addresses(probe))
+              and not C.addresses_equal(fn, base, probe[:2], _python_addresses(probe[1:3])))
+    except Exception:  # noqa: BLE001 - any failure: the Python pass
+        return None
+    if not ok:
+        return None
+    tensor_addresses, addresses_equal = C.tensor_addresses, C.addresses_equal
+
+    def addresses(tensors: list) -> list[int]:
+        try:
+            return tensor_addresses(fn, base, tensors)
+        except (TypeError, ValueError):
+            return _python_addresses(tensors)
+
+    def same_addresses(tensors: list, expected: list[int]) -> bool:
+        try:
+            return addresses_equal(fn, base, tensors, expected)
+        except (TypeError, ValueError):
+            return _python_same_addresses(tensors, expected)
+
+    return addresses, same_addresses
+
+
 class Repartition(Exception):
     """A param no longer belongs to its table (its dtype or device changed): the optimizer
     rebuilds its tables and prepares again."""
@@ -421,7 +489,7 @@ class Table:
         else:
             locals_ = params
             grads = list(map(_grad_of, params))
-        data_ptrs = list(map(_data_ptr, locals_))
+        addresses, same_addresses = address_readers()
         # NOTE on staleness: what the kernel relies on for each param is compared with what
         # the rows were built from: its address, numel, dtype and strides. The address alone
         # misses a `p.data = t` of another size or dtype that the caching allocator placed
@@ -429,14 +497,14 @@ class Table:
         # p.data = p.data.t()). Strides: a fast table's params are contiguous, and then numel
         # and contiguity fix the walk (one cheap pass); other tables compare the strides.
         geometry = self.geometry
-        if (data_ptrs != self.data_ptrs
+        if (self.data_ptrs is None or not same_addresses(locals_, self.data_ptrs)
                 or list(map(_numel, locals_)) != geometry[0]
                 or list(map(_dtype_of, locals_)) != geometry[1]
                 or (self.fast_grads and not all(map(_is_contiguous, locals_)))
                 or (not self.fast_grads and list(map(_stride, locals_)) != geometry[2])
                 or (self.has_dtensor and not all(map(operator.is_, locals_, self.locals)))
                 # A state tensor whose storage was swapped (state["exp_avg"].data = t).
-                or list(map(_data_ptr, self.state_tensors)) != self.state_ptrs):
+                or not same_addresses(self.state_tensors, self.state_ptrs)):
             rebuild = True
         rebuild = rebuild or amsgrad_sig != self.amsgrad_sig
         # NOTE on ids: the table keeps the ids and addresses of last step's grads, not the
@@ -449,10 +517,9 @@ class Table:
             # A row per param: every param has its grad (no pass to pick them).
             active_grads = (grads if self.n_rows == len(grads)
                             else list(compress(grads, self.mask)))
-            grad_ptrs = list(map(_data_ptr, active_grads))
-            if grad_ptrs == self.grad_ptrs:
+            if same_addresses(active_grads, self.grad_ptrs):
                 return Plan("same" if self.rows else "idle", grads, self.mask, active_grads,
-                            grad_ptrs)
+                            self.grad_ptrs)
             # Same objects, new storage (p.grad.data = t): checked like fresh grads below.
         mask = list(map(operator.is_not, grads, repeat(None)))
         if not any(mask):
@@ -465,7 +532,7 @@ class Table:
             # Fresh grads (the default zero_grad()): contiguous like their params (a sparse
             # grad is not), of their shapes and dtype (a grad swapped by p.grad.data = t may
             # be neither: the rebuild below refuses it, naming the param), new addresses.
-            return Plan("grads", grads, mask, active_grads, list(map(_data_ptr, active_grads)),
+            return Plan("grads", grads, mask, active_grads, addresses(active_grads),
                         grad_ids=grad_ids)
         if any(map(_is_sparse, active_grads)):
             i = next(i for i, g in enumerate(grads) if g is not None and g.is_sparse)
@@ -473,7 +540,7 @@ class Table:
                 f"FusedAdamW does not support sparse gradients: "
                 f"{describe(self.names[i], local(params[i]))} has a sparse grad; use "
                 "torch.optim.SparseAdam for sparse params")
-        return self._plan_rebuild(opt, grads, mask, active_grads, data_ptrs, locals_)
+        return self._plan_rebuild(opt, grads, mask, active_grads, addresses(locals_), locals_)
 
     def _plan_rebuild(self, opt, grads, mask, active_grads, data_ptrs, locals_) -> Plan:
         self._check_overlaps(locals_)
@@ -685,13 +752,13 @@ class Table:
                 keys += (EXTRA_KEYS[rp.mode],)
             state_tensors.extend(local(st[k]) for k in keys)
         self.state_tensors = state_tensors
-        self.state_ptrs = list(map(_data_ptr, state_tensors))
+        self.state_ptrs = address_readers()[0](state_tensors)
         self.shapes = [r.param.shape for r in rows]
         self.data_ptrs, self.locals = plan.data_ptrs, plan.locals
         self.geometry = (list(map(_numel, plan.locals)), list(map(_dtype_of, plan.locals)),
                          list(map(_stride, plan.locals)))
         self.grad_ids, self.mask = list(map(id, plan.grads)), plan.mask
-        self.grad_ptrs = list(map(_data_ptr, plan.active_grads))
+        self.grad_ptrs = address_readers()[0](plan.active_grads)
         self.amsgrad_sig = tuple(bool(g["amsgrad"]) for g in opt.param_groups)
         self.torch_lists = None
         self.rebuilds += 1
