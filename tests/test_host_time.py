@@ -19,16 +19,24 @@ from fused_adamw import FusedAdamW, _table
 ATOL = 2e-6
 
 
-@pytest.fixture(params=["compiled", "python"])
+@pytest.fixture(params=["scan", "addresses", "python"])
 def reader(request, monkeypatch):
-    if request.param == "compiled":
+    """scan: the compiled pass over params and grads (``_table.param_scanner``) and compiled
+    addresses; addresses: compiled addresses, the Python passes; python: no compiled call."""
+    scanner = None
+    if request.param == "python":
+        readers = (_table._python_addresses, _table._python_same_addresses)
+    else:
         readers = _table._compiled_readers()
         if readers is None:
             pytest.skip("no compiled address reader here (no _C build, or torch lacks the "
                         "entry point)")
-    else:
-        readers = (_table._python_addresses, _table._python_same_addresses)
+        if request.param == "scan":
+            scanner = _table._compiled_scanner()
+            if scanner is None:
+                pytest.skip("no compiled scan here")
     monkeypatch.setattr(_table, "_READERS", readers)
+    monkeypatch.setattr(_table, "_SCANNER", scanner)
     return request.param
 
 

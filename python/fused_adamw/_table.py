@@ -193,6 +193,68 @@ def _compiled_readers() -> tuple | None:
     return addresses, same_addresses
 
 
+_ACCESSORS = ("grad", "dtype", "shape", "numel", "is_contiguous")
+_SCANNER: Any = False  # not looked up yet
+
+
+def param_scanner():
+    """``scan(dtype, params, grad_ids, grad_ptrs, data_ptrs, numels, dtypes, shapes)``, the
+    steady step's pass over a table whose rows cover every param, in one compiled call
+    (csrc/bindings.cpp ``scan_params``: each param's and grad's objects touched once, where
+    separate Python passes re-read them, from memory at 100,000 params); None where the
+    compiled reader is not used. ``scan`` returns None (types it leaves to Python), or
+    ``(grads, params_same, grads_same, fresh)``."""
+    global _SCANNER
+    if _SCANNER is False:
+        _SCANNER = _compiled_scanner()
+    return _SCANNER
+
+
+def _compiled_scanner():
+    import inspect
+
+    from . import _ext
+
+    if _compiled_readers() is None or not hasattr(_ext.C, "scan_params"):
+        return None
+    from torch._C._dynamo.guards import _torchinductor_pyobject_tensor_data_ptr as fn
+
+    base = getattr(torch._C, "TensorBase", None) or getattr(torch._C, "_TensorBase", None)
+    accessors = tuple(base.__dict__.get(k) for k in _ACCESSORS)
+    types = (torch.Tensor, torch.nn.Parameter)
+    # The C pass calls TensorBase's accessors: only for types that do not override them.
+    if None in accessors or any(inspect.getattr_static(t, k, None) is not a
+                                for t in types for k, a in zip(_ACCESSORS, accessors)):
+        return None
+    scan_params = _ext.C.scan_params
+
+    def scan(dtype, params, grad_ids, grad_ptrs, data_ptrs, numels, dtypes, shapes):
+        return scan_params(fn, base, accessors, types, dtype, params, grad_ids, grad_ptrs,
+                           data_ptrs, numels, dtypes, shapes)
+
+    # A probe: what it says must be what the Python passes say.
+    ps = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4))]
+    for p in ps:
+        p.grad = torch.zeros(p.shape)
+    grads = [p.grad for p in ps]
+    record = ([id(g) for g in grads], [g.data_ptr() for g in grads],
+              [p.data_ptr() for p in ps], [p.numel() for p in ps], [p.dtype for p in ps],
+              [p.shape for p in ps])
+    try:
+        same = scan(torch.float32, ps, *record)
+        ps[1].grad = torch.ones(4)
+        fresh = scan(torch.float32, ps, *record)
+        ps[0].data = ps[0].data.t()
+        moved = scan(torch.float32, ps, *record)
+    except Exception:  # noqa: BLE001 - any failure: the Python passes
+        return None
+    ok = (same is not None and same[0] == grads and same[1:] == (True, True, None)
+          and fresh is not None and fresh[1:3] == (True, False)
+          and fresh[3] == [grads[0].data_ptr(), ps[1].grad.data_ptr()]
+          and moved is not None and moved[1] is False)
+    return scan if ok else None
+
+
 class Repartition(Exception):
     """A param no longer belongs to its table (its dtype or device changed): the optimizer
     rebuilds its tables and prepares again."""
@@ -483,20 +545,37 @@ class Table:
         stale (state or param groups edited). C-level passes only unless something changed.
         """
         params = self.params
+        addresses, same_addresses = address_readers()
+        geometry = self.geometry
+        scan = (param_scanner() if self.n_rows and self.n_rows == len(params) and self.fast_grads
+                and not (rebuild or self.has_dtensor) and amsgrad_sig == self.amsgrad_sig
+                else None)
+        found = None if scan is None else scan(
+            self.dtype, params, self.grad_ids, self.grad_ptrs, self.data_ptrs, geometry[0],
+            geometry[1], self.shapes)
+        if found is not None and found[1] and same_addresses(self.state_tensors,
+                                                             self.state_ptrs):
+            # Every param and state tensor as the rows hold them (one compiled pass: what the
+            # Python passes below check, the same way).
+            grads, _, same, fresh = found
+            if same:
+                return Plan("same", grads, self.mask, grads, self.grad_ptrs)
+            if fresh is not None:
+                return Plan("grads", grads, self.mask, grads, fresh,
+                            grad_ids=list(map(id, grads)))
+            # Otherwise the passes below decide (and name what is wrong).
         if self.has_dtensor:
             locals_ = list(map(local, params))
             grads = [None if g is None else local(g) for g in map(_grad_of, params)]
         else:
             locals_ = params
             grads = list(map(_grad_of, params))
-        addresses, same_addresses = address_readers()
         # NOTE on staleness: what the kernel relies on for each param is compared with what
         # the rows were built from: its address, numel, dtype and strides. The address alone
         # misses a `p.data = t` of another size or dtype that the caching allocator placed
         # where the old storage was, and a re-view at the same address (p.data = p.data[:k],
         # p.data = p.data.t()). Strides: a fast table's params are contiguous, and then numel
         # and contiguity fix the walk (one cheap pass); other tables compare the strides.
-        geometry = self.geometry
         if (self.data_ptrs is None or not same_addresses(locals_, self.data_ptrs)
                 or list(map(_numel, locals_)) != geometry[0]
                 or list(map(_dtype_of, locals_)) != geometry[1]
