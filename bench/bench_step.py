@@ -26,7 +26,8 @@ implementation, grads): median step time with p20 and p80, bytes moved from an e
 formula (:func:`bytes_per_param`), GB/s, the ratio to the device's copy bandwidth measured in
 the same run, the speedup over each torch variant, the host time of step() (GPU), the extra
 memory allocated during step() (GPU) and the bytes of optimizer state. A separate "host" case
-times step() on 5,000 one-element CPU params: the optimizer's cost per param on the host.
+times step() on 5,000 and on 100,000 one-element CPU params: the optimizer's cost per param
+on the host, and whether it grows linearly.
 On a GPU the kernel time is measured beside the host time: CUDA events around the step()
 queued behind a GPU busy-wait, so the kernels run back to back, with no launch gap.
 
@@ -128,15 +129,15 @@ def llm_shapes(d_model: int, n_layers: int, vocab: int, mlp_mult: int = 4) -> li
 # Sizes per device class. GPU: flat 1B fp32; llm d_model=2048, 20 layers, vocab 50257 ->
 # 20 * (12 * 2048^2 + 2 * 2048) + 2 * 50257 * 2048 + 2048 = 1,212,569,600 params in 163 tensors.
 # CPU: flat 50M; llm d_model=512, 12 layers, vocab 16384 -> 54,538,752 params in 99 tensors.
-# small: 5,000 tensors of 10,000 elements (50M params) everywhere. host: 5,000 one-element
-# params on the CPU. lowp: one flat tensor per low-precision kind. suite_flat: the --suite's
+# small: 5,000 tensors of 10,000 elements (50M params) everywhere. host: 5,000 and 100,000
+# one-element params on the CPU (500 quick). lowp: one flat tensor per low-precision kind. suite_flat: the --suite's
 # flat sizes, most telling first.
 SIZES = {
-    "gpu": dict(flat=1_000_000_000, llm=(2048, 20, 50257), small=(5000, 10_000), host=5000,
+    "gpu": dict(flat=1_000_000_000, llm=(2048, 20, 50257), small=(5000, 10_000), host=(5000, 100_000),
                 lowp=100_000_000, suite_flat=(1_000_000_000, 100_000_000, 1_000_000)),
-    "cpu": dict(flat=50_000_000, llm=(512, 12, 16384), small=(5000, 10_000), host=5000,
+    "cpu": dict(flat=50_000_000, llm=(512, 12, 16384), small=(5000, 10_000), host=(5000, 100_000),
                 lowp=10_000_000, suite_flat=(50_000_000, 10_000_000, 1_000_000)),
-    "quick": dict(flat=1 << 16, llm=(64, 2, 512), small=(100, 1000), host=500, lowp=1 << 16,
+    "quick": dict(flat=1 << 16, llm=(64, 2, 512), small=(100, 1000), host=(500,), lowp=1 << 16,
                   suite_flat=(1 << 16, 1000)),
 }
 
@@ -815,7 +816,7 @@ def parse_args(argv=None):
                          "1 quick; --suite 3)")
     ap.add_argument("--host-reps", type=int, default=None,
                     help="timed steps per implementation in the host case (default: 50, "
-                         "5 quick)")
+                         "5 quick; at 100,000 params a tenth of it, at least 5)")
     ap.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, "
                     "cuda, cuda:N or mps")
     ap.add_argument("--out", default=str(DEFAULT_OUT),
@@ -1077,9 +1078,13 @@ def run(args) -> list[dict]:
 
     host_records = []
     if "host" in args.cases and not args.suite:
-        host_records = run_host(args, env, sizes["host"], host_reps, warmup)
-        loads += [r["loadavg"] for r in host_records if r["loadavg"] is not None]
-        jsonl.add(host_records)
+        for n_params in sizes["host"]:
+            # A torch fused step takes ~0.1 s at 100,000 params on a CPU: fewer steps there.
+            reps_n = host_reps if n_params <= 5000 else max(5, host_reps // 10)
+            size_records = run_host(args, env, n_params, reps_n, warmup)
+            loads += [r["loadavg"] for r in size_records if r["loadavg"] is not None]
+            jsonl.add(size_records)
+            host_records += size_records
     if cases:
         copies.append(copy_bandwidth(device, copy_nbytes, copy_reps))
         loads.append(loadavg())

@@ -147,6 +147,241 @@ int driver_version() { return 0; }
 
 }  // namespace
 
+// ------------------------------------------------------------------------------------------
+// tensor addresses for the table's change detection (python/fused_adamw/_table.py, prepare)
+// ------------------------------------------------------------------------------------------
+// Every step compares the addresses of every param, grad and state tensor with what the table
+// holds: a Python call per tensor (Tensor.data_ptr, 50-90 ns) was most of the host time. torch
+// exports a C entry point that reads a Tensor's data pointer from its Python object (the one
+// Inductor's compiled wrappers call, torch._C._dynamo.guards
+// ._torchinductor_pyobject_tensor_data_ptr); Python hands its address in as an int, so _C
+// still links no torch and builds without it. Python checks it against data_ptr() before use
+// and keeps its own pass where torch lacks it.
+
+namespace addresses {
+
+using DataPtrFn = void* (*)(PyObject*);
+
+struct Reader {
+  DataPtrFn fn;
+  PyTypeObject* tensor_type;
+};
+
+Reader reader(std::uintptr_t fn, py::handle tensor_type) {
+  if (fn == 0 || !PyType_Check(tensor_type.ptr())) {
+    throw py::type_error("addresses: fn must be a function address, tensor_type a type");
+  }
+  return {reinterpret_cast<DataPtrFn>(fn), reinterpret_cast<PyTypeObject*>(tensor_type.ptr())};
+}
+
+void* address_of(const Reader& r, PyObject* t, Py_ssize_t i) {
+  if (!PyObject_TypeCheck(t, r.tensor_type)) {
+    throw py::type_error("addresses: item " + std::to_string(i) + " is not a Tensor");
+  }
+  try {
+    return r.fn(t);
+  } catch (const std::exception& e) {  // e.g. a tensor without storage: the caller's own pass
+    throw py::value_error(std::string("addresses: item ") + std::to_string(i) + ": " +
+                          e.what());
+  } catch (...) {
+    throw py::value_error("addresses: item " + std::to_string(i) + ": not readable");
+  }
+}
+
+PyObject* checked_list(py::handle l, const char* name) {
+  if (!PyList_Check(l.ptr())) {
+    throw py::type_error(std::string("addresses: ") + name + " must be a list");
+  }
+  return l.ptr();
+}
+
+// [t.data_ptr() for t in tensors]
+py::list tensor_addresses(std::uintptr_t fn, py::handle tensor_type, py::handle tensors) {
+  Reader r = reader(fn, tensor_type);
+  PyObject* ts = checked_list(tensors, "tensors");
+  Py_ssize_t n = PyList_GET_SIZE(ts);
+  py::list out(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* v = PyLong_FromVoidPtr(address_of(r, PyList_GET_ITEM(ts, i), i));
+    if (v == nullptr) throw py::error_already_set();
+    PyList_SET_ITEM(out.ptr(), i, v);
+  }
+  return out;
+}
+
+// [t.data_ptr() for t in tensors] == expected, without building the list
+bool addresses_equal(std::uintptr_t fn, py::handle tensor_type, py::handle tensors,
+                     py::handle expected) {
+  Reader r = reader(fn, tensor_type);
+  PyObject* ts = checked_list(tensors, "tensors");
+  PyObject* ex = checked_list(expected, "expected");
+  Py_ssize_t n = PyList_GET_SIZE(ts);
+  if (PyList_GET_SIZE(ex) != n) return false;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    void* want = PyLong_AsVoidPtr(PyList_GET_ITEM(ex, i));
+    if (want == nullptr && PyErr_Occurred()) throw py::error_already_set();
+    if (address_of(r, PyList_GET_ITEM(ts, i), i) != want) return false;
+  }
+  return true;
+}
+
+// The steady step's pass over the params of a table whose rows cover every param (one call,
+// each param's and grad's objects touched once: at 100,000 params they no longer fit in the
+// caches, and each Python pass paid its misses again). accessors: torch._C.TensorBase's
+// descriptors of grad, dtype, shape (getters), numel and is_contiguous (methods), called
+// through their C functions; types: the exact types this pass accepts (Tensor, Parameter:
+// their accessors are TensorBase's; anything else returns None and Python does it).
+// Returns None, or (grads, params_same, grads_same, fresh): params_same: every param's address,
+// numel and dtype are the recorded ones and it is contiguous; grads_same: every grad is the
+// recorded object (id) at the recorded address; fresh (only when not grads_same): the grads'
+// addresses when every grad is a contiguous tensor of the recorded shape and of dtype, else
+// None.
+
+PyObject* call_accessor(PyObject* descr, PyObject* obj, PyObject* empty) {
+  if (PyObject_TypeCheck(descr, &PyGetSetDescr_Type)) {
+    PyGetSetDef* g = reinterpret_cast<PyGetSetDescrObject*>(descr)->d_getset;
+    if (g->get != nullptr) return g->get(obj, g->closure);
+  } else if (PyObject_TypeCheck(descr, &PyMethodDescr_Type)) {
+    PyMethodDef* d = reinterpret_cast<PyMethodDescrObject*>(descr)->d_method;
+    int flags = d->ml_flags & ~METH_COEXIST;
+    void (*f)(void) = reinterpret_cast<void (*)(void)>(d->ml_meth);
+    if (flags == METH_NOARGS) return d->ml_meth(obj, nullptr);
+    if (flags == (METH_VARARGS | METH_KEYWORDS)) {
+      return reinterpret_cast<PyCFunctionWithKeywords>(f)(obj, empty, nullptr);
+    }
+    if (flags == (METH_FASTCALL | METH_KEYWORDS)) {
+      return reinterpret_cast<_PyCFunctionFastWithKeywords>(f)(obj, nullptr, 0, nullptr);
+    }
+    if (flags == METH_FASTCALL) return reinterpret_cast<_PyCFunctionFast>(f)(obj, nullptr, 0);
+  }
+  return PyObject_CallOneArg(descr, obj);  // any other kind: the generic call
+}
+
+struct Ref {  // an owned reference, released at scope exit
+  PyObject* p;
+  explicit Ref(PyObject* o) : p(o) {
+    if (p == nullptr) throw py::error_already_set();
+  }
+  ~Ref() { Py_XDECREF(p); }
+  Ref(const Ref&) = delete;
+  Ref& operator=(const Ref&) = delete;
+};
+
+bool same_int(PyObject* value, PyObject* expected) {
+  int eq = PyObject_RichCompareBool(value, expected, Py_EQ);
+  if (eq < 0) throw py::error_already_set();
+  return eq == 1;
+}
+
+py::object scan(std::uintptr_t fn, py::handle tensor_type, py::tuple accessors,
+                py::tuple types, py::handle dtype, py::handle params, py::handle grad_ids,
+                py::handle grad_ptrs, py::handle data_ptrs, py::handle numels,
+                py::handle dtypes, py::handle shapes) {
+  Reader r = reader(fn, tensor_type);
+  if (accessors.size() != 5) throw py::value_error("scan_params: 5 accessors");
+  PyObject* get_grad = accessors[0].ptr();
+  PyObject* get_dtype = accessors[1].ptr();
+  PyObject* get_shape = accessors[2].ptr();
+  PyObject* numel = accessors[3].ptr();
+  PyObject* is_contiguous = accessors[4].ptr();
+  PyObject* ps = checked_list(params, "params");
+  Py_ssize_t n = PyList_GET_SIZE(ps);
+  PyObject* lists[] = {checked_list(grad_ids, "grad_ids"), checked_list(grad_ptrs, "grad_ptrs"),
+                       checked_list(data_ptrs, "data_ptrs"), checked_list(numels, "numels"),
+                       checked_list(dtypes, "dtypes"), checked_list(shapes, "shapes")};
+  for (PyObject* l : lists) {
+    if (PyList_GET_SIZE(l) != n) return py::none();
+  }
+  auto accepted = [&](PyObject* o) {
+    for (auto t : types) {
+      if (Py_TYPE(o) == reinterpret_cast<PyTypeObject*>(t.ptr())) return true;
+    }
+    return false;
+  };
+  Ref empty(PyTuple_New(0));
+  py::list grads(n);
+  bool params_same = true, grads_same = true;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* p = PyList_GET_ITEM(ps, i);
+    if (!accepted(p)) return py::none();
+    PyObject* g = call_accessor(get_grad, p, empty.p);
+    if (g == nullptr) throw py::error_already_set();
+    PyList_SET_ITEM(grads.ptr(), i, g);  // the list owns it
+    if (params_same) {
+      params_same =
+          address_of(r, p, i) == PyLong_AsVoidPtr(PyList_GET_ITEM(data_ptrs.ptr(), i)) &&
+          same_int(Ref(call_accessor(numel, p, empty.p)).p, PyList_GET_ITEM(numels.ptr(), i));
+      if (params_same) {
+        Ref d(call_accessor(get_dtype, p, empty.p));
+        params_same = d.p == PyList_GET_ITEM(dtypes.ptr(), i) &&
+                      Ref(call_accessor(is_contiguous, p, empty.p)).p == Py_True;
+      }
+    }
+    if (grads_same) {
+      grads_same = reinterpret_cast<std::uintptr_t>(g) ==
+                       PyLong_AsSize_t(PyList_GET_ITEM(grad_ids.ptr(), i)) &&
+                   g != Py_None && accepted(g) &&
+                   address_of(r, g, i) == PyLong_AsVoidPtr(PyList_GET_ITEM(grad_ptrs.ptr(), i));
+      if (PyErr_Occurred()) throw py::error_already_set();
+    }
+  }
+  if (grads_same) return py::make_tuple(grads, params_same, true, py::none());
+  // Fresh grads: contiguous, of the rows' shapes and the table's dtype; their addresses.
+  py::list fresh(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* g = PyList_GET_ITEM(grads.ptr(), i);
+    if (g == Py_None || !accepted(g)) return py::make_tuple(grads, params_same, false, py::none());
+    Ref d(call_accessor(get_dtype, g, empty.p));
+    if (d.p != dtype.ptr() || Ref(call_accessor(is_contiguous, g, empty.p)).p != Py_True) {
+      return py::make_tuple(grads, params_same, false, py::none());
+    }
+    Ref shape(call_accessor(get_shape, g, empty.p));
+    int eq = PyObject_RichCompareBool(shape.p, PyList_GET_ITEM(shapes.ptr(), i), Py_EQ);
+    if (eq < 0) throw py::error_already_set();
+    if (eq == 0) return py::make_tuple(grads, params_same, false, py::none());
+    PyObject* v = PyLong_FromVoidPtr(address_of(r, g, i));
+    if (v == nullptr) throw py::error_already_set();
+    PyList_SET_ITEM(fresh.ptr(), i, v);
+  }
+  return py::make_tuple(grads, params_same, false, fresh);
+}
+
+// Anything the pass cannot read (an accessor that raises, as is_contiguous does for a sparse
+// grad): None, and Python's passes meet it and say what is wrong.
+py::object scan_params(std::uintptr_t fn, py::handle tensor_type, py::tuple accessors,
+                       py::tuple types, py::handle dtype, py::handle params,
+                       py::handle grad_ids, py::handle grad_ptrs, py::handle data_ptrs,
+                       py::handle numels, py::handle dtypes, py::handle shapes) {
+  try {
+    return scan(fn, tensor_type, accessors, types, dtype, params, grad_ids, grad_ptrs,
+                data_ptrs, numels, dtypes, shapes);
+  } catch (const std::exception&) {  // py::error_already_set too: the error is dropped
+    PyErr_Clear();
+    return py::none();
+  }
+}
+
+void define(py::module_& m) {
+  m.def("tensor_addresses", &tensor_addresses,
+        "[t.data_ptr() for t in tensors] through fn, torch's C function void *(PyObject *) "
+        "that reads a Tensor's data pointer (its address as an int); tensor_type: "
+        "torch._C.TensorBase (items of other types raise TypeError; a tensor fn refuses, "
+        "ValueError).",
+        py::arg("fn"), py::arg("tensor_type"), py::arg("tensors"));
+  m.def("addresses_equal", &addresses_equal,
+        "tensor_addresses(fn, tensor_type, tensors) == expected (a list of ints), stopping at "
+        "the first difference.",
+        py::arg("fn"), py::arg("tensor_type"), py::arg("tensors"), py::arg("expected"));
+  m.def("scan_params", &scan_params,
+        "The steady step's one pass over a table's params and grads (see the comment above "
+        "scan_params in csrc/bindings.cpp): None, or (grads, params_same, grads_same, fresh).",
+        py::arg("fn"), py::arg("tensor_type"), py::arg("accessors"), py::arg("types"),
+        py::arg("dtype"), py::arg("params"), py::arg("grad_ids"), py::arg("grad_ptrs"),
+        py::arg("data_ptrs"), py::arg("numels"), py::arg("dtypes"), py::arg("shapes"));
+}
+
+}  // namespace addresses
+
 PYBIND11_MODULE(_C, m) {
   m.doc() =
       "fused_adamw's compiled loops: the CUDA kernel (kernels/adamw_kernel.cu) and the CPU loop "
@@ -204,4 +439,6 @@ PYBIND11_MODULE(_C, m) {
         "The CUDA runtime version linked in (e.g. 13000), 0 without CUDA.");
   m.def("cuda_driver_version", &driver_version,
         "The installed driver's CUDA version (e.g. 13000), 0 without a driver or CUDA.");
+
+  addresses::define(m);  // the table's change detection (block above)
 }

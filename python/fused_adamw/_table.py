@@ -125,6 +125,136 @@ _dtype_of = operator.attrgetter("dtype")
 _shape_of = operator.attrgetter("shape")
 
 
+def _python_addresses(tensors: list) -> list[int]:
+    return list(map(_data_ptr, tensors))
+
+
+def _python_same_addresses(tensors: list, expected: list[int]) -> bool:
+    return list(map(_data_ptr, tensors)) == expected
+
+
+_READERS: tuple | None = None
+
+
+def address_readers() -> tuple:
+    """``(addresses, same_addresses)``: ``addresses(tensors)`` is ``[t.data_ptr() for t in
+    tensors]``, ``same_addresses(tensors, expected)`` is ``addresses(tensors) == expected``.
+
+    NOTE on the compiled reader: the change detection reads the address of every param, grad
+    and state tensor every step, and a Python call per tensor (``data_ptr``, 50-90 ns) was
+    most of a steady step's host time. ``_C`` reads them in one call through torch's C entry
+    point for a Tensor's data pointer (the one Inductor's compiled wrappers call, 15-20 ns a
+    tensor; csrc/bindings.cpp, namespace ``addresses``). It is torch's private API: used only
+    where it exists and reads what ``data_ptr()`` reads on a probe; otherwise, and for a
+    tensor it refuses (no storage), the Python pass, which raises as before.
+    """
+    global _READERS
+    if _READERS is None:
+        _READERS = _compiled_readers() or (_python_addresses, _python_same_addresses)
+    return _READERS
+
+
+def _compiled_readers() -> tuple | None:
+    from . import _ext
+
+    C = _ext.C
+    try:
+        from torch._C._dynamo.guards import _torchinductor_pyobject_tensor_data_ptr as fn
+    except ImportError:
+        return None
+    base = getattr(torch._C, "TensorBase", None) or getattr(torch._C, "_TensorBase", None)
+    if (C is None or not hasattr(C, "addresses_equal") or not isinstance(fn, int) or not fn
+            or base is None):
+        return None
+    flat = torch.zeros(8)
+    probe = [flat, flat[3:], flat[1::2], torch.nn.Parameter(torch.ones(2)), torch.empty(0)]
+    try:
+        ok = (C.tensor_addresses(fn, base, probe) == _python_addresses(probe)
+              and C.addresses_equal(fn, base, probe, _python_addresses(probe))
+              and not C.addresses_equal(fn, base, probe[:2], _python_addresses(probe[1:3])))
+    except Exception:  # noqa: BLE001 - any failure: the Python pass
+        return None
+    if not ok:
+        return None
+    tensor_addresses, addresses_equal = C.tensor_addresses, C.addresses_equal
+
+    def addresses(tensors: list) -> list[int]:
+        try:
+            return tensor_addresses(fn, base, tensors)
+        except (TypeError, ValueError):
+            return _python_addresses(tensors)
+
+    def same_addresses(tensors: list, expected: list[int]) -> bool:
+        try:
+            return addresses_equal(fn, base, tensors, expected)
+        except (TypeError, ValueError):
+            return _python_same_addresses(tensors, expected)
+
+    return addresses, same_addresses
+
+
+_ACCESSORS = ("grad", "dtype", "shape", "numel", "is_contiguous")
+_SCANNER: Any = False  # not looked up yet
+
+
+def param_scanner():
+    """``scan(dtype, params, grad_ids, grad_ptrs, data_ptrs, numels, dtypes, shapes)``, the
+    steady step's pass over a table whose rows cover every param, in one compiled call
+    (csrc/bindings.cpp ``scan_params``: each param's and grad's objects touched once, where
+    separate Python passes re-read them, from memory at 100,000 params); None where the
+    compiled reader is not used. ``scan`` returns None (types it leaves to Python), or
+    ``(grads, params_same, grads_same, fresh)``."""
+    global _SCANNER
+    if _SCANNER is False:
+        _SCANNER = _compiled_scanner()
+    return _SCANNER
+
+
+def _compiled_scanner():
+    import inspect
+
+    from . import _ext
+
+    if _compiled_readers() is None or not hasattr(_ext.C, "scan_params"):
+        return None
+    from torch._C._dynamo.guards import _torchinductor_pyobject_tensor_data_ptr as fn
+
+    base = getattr(torch._C, "TensorBase", None) or getattr(torch._C, "_TensorBase", None)
+    accessors = tuple(base.__dict__.get(k) for k in _ACCESSORS)
+    types = (torch.Tensor, torch.nn.Parameter)
+    # The C pass calls TensorBase's accessors: only for types that do not override them.
+    if None in accessors or any(inspect.getattr_static(t, k, None) is not a
+                                for t in types for k, a in zip(_ACCESSORS, accessors)):
+        return None
+    scan_params = _ext.C.scan_params
+
+    def scan(dtype, params, grad_ids, grad_ptrs, data_ptrs, numels, dtypes, shapes):
+        return scan_params(fn, base, accessors, types, dtype, params, grad_ids, grad_ptrs,
+                           data_ptrs, numels, dtypes, shapes)
+
+    # A probe: what it says must be what the Python passes say.
+    ps = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4))]
+    for p in ps:
+        p.grad = torch.zeros(p.shape)
+    grads = [p.grad for p in ps]
+    record = ([id(g) for g in grads], [g.data_ptr() for g in grads],
+              [p.data_ptr() for p in ps], [p.numel() for p in ps], [p.dtype for p in ps],
+              [p.shape for p in ps])
+    try:
+        same = scan(torch.float32, ps, *record)
+        ps[1].grad = torch.ones(4)
+        fresh = scan(torch.float32, ps, *record)
+        ps[0].data = ps[0].data.t()
+        moved = scan(torch.float32, ps, *record)
+    except Exception:  # noqa: BLE001 - any failure: the Python passes
+        return None
+    ok = (same is not None and same[0] == grads and same[1:] == (True, True, None)
+          and fresh is not None and fresh[1:3] == (True, False)
+          and fresh[3] == [grads[0].data_ptr(), ps[1].grad.data_ptr()]
+          and moved is not None and moved[1] is False)
+    return scan if ok else None
+
+
 class Repartition(Exception):
     """A param no longer belongs to its table (its dtype or device changed): the optimizer
     rebuilds its tables and prepares again."""
@@ -415,28 +545,45 @@ class Table:
         stale (state or param groups edited). C-level passes only unless something changed.
         """
         params = self.params
+        addresses, same_addresses = address_readers()
+        geometry = self.geometry
+        scan = (param_scanner() if self.n_rows and self.n_rows == len(params) and self.fast_grads
+                and not (rebuild or self.has_dtensor) and amsgrad_sig == self.amsgrad_sig
+                else None)
+        found = None if scan is None else scan(
+            self.dtype, params, self.grad_ids, self.grad_ptrs, self.data_ptrs, geometry[0],
+            geometry[1], self.shapes)
+        if found is not None and found[1] and same_addresses(self.state_tensors,
+                                                             self.state_ptrs):
+            # Every param and state tensor as the rows hold them (one compiled pass: what the
+            # Python passes below check, the same way).
+            grads, _, same, fresh = found
+            if same:
+                return Plan("same", grads, self.mask, grads, self.grad_ptrs)
+            if fresh is not None:
+                return Plan("grads", grads, self.mask, grads, fresh,
+                            grad_ids=list(map(id, grads)))
+            # Otherwise the passes below decide (and name what is wrong).
         if self.has_dtensor:
             locals_ = list(map(local, params))
             grads = [None if g is None else local(g) for g in map(_grad_of, params)]
         else:
             locals_ = params
             grads = list(map(_grad_of, params))
-        data_ptrs = list(map(_data_ptr, locals_))
         # NOTE on staleness: what the kernel relies on for each param is compared with what
         # the rows were built from: its address, numel, dtype and strides. The address alone
         # misses a `p.data = t` of another size or dtype that the caching allocator placed
         # where the old storage was, and a re-view at the same address (p.data = p.data[:k],
         # p.data = p.data.t()). Strides: a fast table's params are contiguous, and then numel
         # and contiguity fix the walk (one cheap pass); other tables compare the strides.
-        geometry = self.geometry
-        if (data_ptrs != self.data_ptrs
+        if (self.data_ptrs is None or not same_addresses(locals_, self.data_ptrs)
                 or list(map(_numel, locals_)) != geometry[0]
                 or list(map(_dtype_of, locals_)) != geometry[1]
                 or (self.fast_grads and not all(map(_is_contiguous, locals_)))
                 or (not self.fast_grads and list(map(_stride, locals_)) != geometry[2])
                 or (self.has_dtensor and not all(map(operator.is_, locals_, self.locals)))
                 # A state tensor whose storage was swapped (state["exp_avg"].data = t).
-                or list(map(_data_ptr, self.state_tensors)) != self.state_ptrs):
+                or not same_addresses(self.state_tensors, self.state_ptrs)):
             rebuild = True
         rebuild = rebuild or amsgrad_sig != self.amsgrad_sig
         # NOTE on ids: the table keeps the ids and addresses of last step's grads, not the
@@ -449,10 +596,9 @@ class Table:
             # A row per param: every param has its grad (no pass to pick them).
             active_grads = (grads if self.n_rows == len(grads)
                             else list(compress(grads, self.mask)))
-            grad_ptrs = list(map(_data_ptr, active_grads))
-            if grad_ptrs == self.grad_ptrs:
+            if same_addresses(active_grads, self.grad_ptrs):
                 return Plan("same" if self.rows else "idle", grads, self.mask, active_grads,
-                            grad_ptrs)
+                            self.grad_ptrs)
             # Same objects, new storage (p.grad.data = t): checked like fresh grads below.
         mask = list(map(operator.is_not, grads, repeat(None)))
         if not any(mask):
@@ -465,7 +611,7 @@ class Table:
             # Fresh grads (the default zero_grad()): contiguous like their params (a sparse
             # grad is not), of their shapes and dtype (a grad swapped by p.grad.data = t may
             # be neither: the rebuild below refuses it, naming the param), new addresses.
-            return Plan("grads", grads, mask, active_grads, list(map(_data_ptr, active_grads)),
+            return Plan("grads", grads, mask, active_grads, addresses(active_grads),
                         grad_ids=grad_ids)
         if any(map(_is_sparse, active_grads)):
             i = next(i for i, g in enumerate(grads) if g is not None and g.is_sparse)
@@ -473,7 +619,7 @@ class Table:
                 f"FusedAdamW does not support sparse gradients: "
                 f"{describe(self.names[i], local(params[i]))} has a sparse grad; use "
                 "torch.optim.SparseAdam for sparse params")
-        return self._plan_rebuild(opt, grads, mask, active_grads, data_ptrs, locals_)
+        return self._plan_rebuild(opt, grads, mask, active_grads, addresses(locals_), locals_)
 
     def _plan_rebuild(self, opt, grads, mask, active_grads, data_ptrs, locals_) -> Plan:
         self._check_overlaps(locals_)
@@ -685,13 +831,13 @@ class Table:
                 keys += (EXTRA_KEYS[rp.mode],)
             state_tensors.extend(local(st[k]) for k in keys)
         self.state_tensors = state_tensors
-        self.state_ptrs = list(map(_data_ptr, state_tensors))
+        self.state_ptrs = address_readers()[0](state_tensors)
         self.shapes = [r.param.shape for r in rows]
         self.data_ptrs, self.locals = plan.data_ptrs, plan.locals
         self.geometry = (list(map(_numel, plan.locals)), list(map(_dtype_of, plan.locals)),
                          list(map(_stride, plan.locals)))
         self.grad_ids, self.mask = list(map(id, plan.grads)), plan.mask
-        self.grad_ptrs = list(map(_data_ptr, plan.active_grads))
+        self.grad_ptrs = address_readers()[0](plan.active_grads)
         self.amsgrad_sig = tuple(bool(g["amsgrad"]) for g in opt.param_groups)
         self.torch_lists = None
         self.rebuilds += 1
