@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import re
 import signal
 
 import pytest
@@ -92,3 +93,59 @@ def make_params(sizes, dtype=torch.float32, device="cpu"):
         shape = (s,) if isinstance(s, int) else tuple(s)
         out.append(torch.nn.Parameter(torch.randn(shape, dtype=dtype, device=device)))
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# the quick subset: `TRITON_INTERPRET=1 python -m pytest -q -m quick tests` (issue #20)
+# ------------------------------------------------------------------------------------------
+# One test (or a few cells) per feature, on every backend that runs here (torch, the CPU
+# loop, Triton interpreted) and on a GPU where there is one, within 4 minutes on 2 cores.
+# What only the full suite runs: the CUDA kernel's CPU emulation and its SASS checks (they
+# compile the kernel: minutes), Triton's sm_90 compile, the build and wheel tests, long
+# trajectories in every option and dtype. Entries are node ids below tests/; "*" matches
+# anything (parameter ids included).
+QUICK = (
+    "test_math.py", "test_api.py", "test_capture.py", "test_work_split.py",
+    "test_install_check.py", "test_readme.py", "test_demo.py", "test_defects.py",
+    "test_hazards.py", "test_host_time.py",
+    "test_gpu_suite.py::test_*plan*", "test_gpu_suite.py::test_*no_gpu*",
+    "test_optimizer.py::test_trajectory_fp32[default-*]",
+    "test_optimizer.py::test_trajectory_low_precision[bf16-*]",
+    "test_optimizer.py::test_none_grads_skip_exactly[*]",
+    "test_optimizer.py::test_schedulers[*-cpu-cpu]",
+    "test_adam_forms.py::test_adam_l2_matches_torch_adam[l2-*]",
+    "test_adam_forms.py::test_decouple_lr_is_the_papers_update[*]",
+    "test_adam_forms.py::test_signature_is_torchs_plus_ours[*]",
+    "test_ext.py::test_cpu_loop_is_the_header_arithmetic[default-*]",
+    "test_ext.py::test_binding_rejects_bad_arguments",
+    "test_ext.py::test_module_builds_and_imports",
+    "test_inplace.py::test_state_edits_act_as_in_torch[*]",
+    "test_inplace.py::test_params_keep_their_storage_and_views_see_updates[*]",
+    "test_inplace.py::test_overlapping_params_are_refused_before_anything_changes[*]",
+    "test_triton.py::test_math_matches_header[*]",
+    "test_triton.py::test_triton_update_mirrors_header_text",
+    "test_triton.py::test_matches_torch_backend_mixed_steps_and_none_grads[*]",
+    "test_triton.py::TestCuda::*",
+    "test_lowp.py::test_modes_against_fp64_model[None-dtype0-cpu]",
+    "test_lowp.py::test_header_*",
+    "test_lowp.py::test_torch_adamw_loads_ours_and_ours_loads_torchs[*]",
+    "test_lowp.py::test_triton_and_cpu_backends_agree_bit_for_bit[*fp32*]",
+    "test_amp.py::test_fast_path_equals_gradscalers_own_path[*-fp32-scaled]",
+    "test_amp.py::test_inf_in_one_of_two_buckets_skips_both[*]",
+    "test_compile.py::test_compiled_training_step_matches_eager_and_torch[adamw-aot_eager]",
+    "test_distributed.py::test_fsdp2_matches_torch_adamw",
+    "test_distributed.py::test_zero_matches_ddp_torch_adamw[bucket_view]",
+    "test_cuda_kernel.py::test_matches_cpu_loop[*]",
+    "test_gpu_kernels.py::*",
+    "test_clip.py::*",
+)
+_QUICK = re.compile("|".join(
+    re.escape(q).replace(r"\*", ".*") + ("(::.*)?$" if "*" not in q and "[" not in q else "$")
+    for q in QUICK))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        nodeid = item.nodeid.rsplit("tests/", 1)[-1]
+        if _QUICK.match(nodeid):
+            item.add_marker(pytest.mark.quick)
