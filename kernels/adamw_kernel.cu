@@ -208,6 +208,7 @@ __device__ __forceinline__ void adamw_scalar_range(const int64_t* r, int64_t pha
     float fx = AMSGRAD ? load_one<T>(r[kRowMaxExpAvgSq] + off) : 0.0f;
     // ------------------------------- compute ------------------------------
     if (SCALED) fg = adamw_unscale(fg, scale);
+    fg = adamw_clip(fg, s.clip_coef);  // issue #19: 1.0f unless clipped; p.grad unclipped
     adamw_update(fp, fg, fm, fv, fx, s);
     // -------------------------------- store -------------------------------
     if (SCALED) store_one<T>(r[kRowGrad] + off, fg);
@@ -254,6 +255,7 @@ __device__ __forceinline__ void adamw_vector_range(const int64_t* r, int64_t pha
           fg = adamw_unscale(fg, scale);
           word(rg, k) = V::set(word(rg, k), e, fg);
         }
+        fg = adamw_clip(fg, s.clip_coef);
         adamw_update(fp, fg, fm, fv, fx, s);
         word(rp, k) = V::set(word(rp, k), e, fp);
         word(rm, k) = V::set(word(rm, k), e, fm);
@@ -378,6 +380,7 @@ __device__ __forceinline__ void adamw_lowp_range(const int64_t* r, int64_t phase
       fg = adamw_unscale(fg, scale);
       grad[i] = Vec<T>::one_from_float(fg);
     }
+    fg = adamw_clip(fg, s.clip_coef);
     adamw_update(fp, fg, fm, fv, fx, s);
     // -------------------------------- store -------------------------------
     if constexpr (MODE == kMasterFp32) {
@@ -468,6 +471,8 @@ __global__ void __launch_bounds__(kThreads)
     *step = *step + 1.0f;
   }
 }
+
+#include "adamw_norm.cuh"  // issue #19: the norm pass of gradient clipping
 
 // ------------------------------------------------------------------------------------------
 // host side
@@ -617,6 +622,41 @@ std::string launch_adamw_cuda(const AdamWParams& p, bool has_max, int device,
   FUSED_ADAMW_LAUNCH(fn, grid, kThreads, s, p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return cuda_error("adamw_kernel launch", err);
+  return "";
+}
+
+std::string launch_grad_norm_cuda(const AdamWParams& p, int device, std::uintptr_t stream,
+                                  bool inf, float* scratch, double* out) {
+  if (p.n_rows <= 0) return "";
+  const NormLanesFn fn = norm_lanes_for(p.dtype, p.grad_scale != nullptr, inf);
+  if (fn == nullptr) {
+    return "launch_grad_norm_cuda: unsupported dtype code " +
+           std::to_string(static_cast<int>(p.dtype));
+  }
+  DeviceGuard guard(device);
+  if (guard.error() != cudaSuccess) {
+    cudaGetLastError();
+    return cuda_error("cudaSetDevice", guard.error());
+  }
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  float* const lanes = scratch;                       // [n_tiles][kNormLanes]
+  float* const tiles = scratch + p.n_tiles * kNormLanes;  // [n_tiles]
+  auto blocks = [](int64_t n) {
+    const int64_t b = (n + kThreads - 1) / kThreads;
+    return static_cast<unsigned int>(b < g_grid_cap ? b : g_grid_cap);
+  };
+  if (p.n_tiles > 0) {
+    const unsigned int grid =
+        static_cast<unsigned int>(p.n_tiles < g_grid_cap ? p.n_tiles : g_grid_cap);
+    FUSED_ADAMW_LAUNCH(fn, grid, kThreads, s, p, lanes);
+    FUSED_ADAMW_LAUNCH(adamw_norm_tiles_kernel, blocks(p.n_tiles), kThreads, s, lanes,
+                       p.n_tiles, inf, tiles);
+  }
+  FUSED_ADAMW_LAUNCH(adamw_norm_rows_kernel, blocks(p.n_rows), kThreads, s, tiles,
+                     p.tile_starts, p.n_rows, inf, out);
+  FUSED_ADAMW_LAUNCH(adamw_norm_total_kernel, 1, 1, s, out, p.n_rows, inf);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return cuda_error("adamw_norm kernels launch", err);
   return "";
 }
 

@@ -103,12 +103,13 @@ def wanted(opt) -> bool:
     return opt._max_grad_norm is not None or opt._track_norms
 
 
-def backend_of(table):
+def backend_of(opt, table):
     """The backend that steps ``table`` when norms are wanted: its own when it implements the
-    norm pass, the clip coefficient and the per-row norms (``clips = True``), else the torch
-    backend (correct everywhere, slower)."""
-    if getattr(table.backend, "clips", False):
-        return table.backend
+    norm pass and the clip coefficient (``clips = True``) and, with track_norms, the per-row
+    norms (``tracks_norms = True``), else the torch backend (correct everywhere, slower)."""
+    b = table.backend
+    if getattr(b, "clips", False) and (not opt._track_norms or getattr(b, "tracks_norms", False)):
+        return b
     from . import _dispatch
 
     return _dispatch._load("torch")
@@ -194,7 +195,7 @@ def before_step(opt, tables: list) -> None:
     for t in tables:
         _buffers(opt, t)
         t.norm_inf = inf
-        backend_of(t).grad_norm_rows(t)
+        backend_of(opt, t).grad_norm_rows(t)
     st = _state(opt, tables[0].device)
     total = st["total"]
     combine = torch.maximum if inf else torch.add

@@ -630,7 +630,7 @@ class FusedAdam(torch.optim.Optimizer):
                 try:
                     if not clip:
                         t.stage_before()
-                    (_clip.backend_of(t) if clip else t.backend).step(t)
+                    (_clip.backend_of(self, t) if clip else t.backend).step(t)
                     t.stage_after()
                 finally:
                     t.grad_scale = t.found_inf = None

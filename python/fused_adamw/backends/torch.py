@@ -23,7 +23,8 @@ from ..reference import (adamw_scalars, adamw_update_, kahan_residual, kahan_sum
 
 class TorchBackend:
     name = "torch"
-    clips = True  # grad_norm_rows, table.clip_coef and table.row_norms (fused_adamw._clip)
+    clips = True  # grad_norm_rows and table.clip_coef (fused_adamw._clip)
+    tracks_norms = True  # table.row_norms
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if device.type == "mps" and dtype == torch.float64:
