@@ -359,7 +359,15 @@ def _clip_train(model, opt, sched, steps, rank, world, args, clip_outside, ddp=N
         loss.backward()
         before = {n: full(p).detach().clone() for n, p in named}
         grads = {n: full(p.grad).detach().clone() for n, p in named}
-        if clip_outside:
+        if clip_outside and norm_type == float("inf"):
+            # torch's clip_grad_norm_ cannot take the inf norm of FSDP2's empty shards
+            # (_foreach_norm has no identity for max): its formula on the gathered grads.
+            norm = max(float(g.abs().max()) for g in grads.values())
+            coef = min(max_norm / (norm + 1e-6), 1.0)
+            for p in model.parameters():
+                p.grad.mul_(coef)
+            out["norms"].append(norm)
+        elif clip_outside:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm,
                                                   norm_type=norm_type)
             out["norms"].append(float(full(norm)))
