@@ -4,6 +4,7 @@
     python bench/bench_clip.py                         # CPU: 50M fp32 params, 5,000 tensors
     python bench/bench_clip.py --device cuda           # the same on a GPU (bench/gpu_suite.sh)
     python bench/bench_clip.py --quick                 # tiny sizes: a smoke test
+    python bench/bench_clip.py --threads 1             # one thread for both (a shared machine)
 
 Cases: "flat" (one fp32 tensor of --numel elements) and "many" (--tensors fp32 tensors of
 --numel / --tensors elements each). Both implementations get the same params and grads; the
@@ -115,7 +116,11 @@ def main(argv=None):
     ap.add_argument("--cases", default="flat,many")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     ap.add_argument("--json", help="append one JSON line per row to this file")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch.set_num_threads for both (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.numel, args.tensors, args.warmup, args.reps = 200_000, 50, 1, 5
     device = torch.device(args.device)

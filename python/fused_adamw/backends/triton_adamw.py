@@ -289,6 +289,7 @@ def adamw_kernel(
     n_rows,  # rows in the table
     grad_scale_ptr,  # *fp32 GradScaler's scale (grads divided by it and written back), or None
     found_inf_ptr,  # *fp32 GradScaler's found_inf (!= 0: nothing is written), or None
+    clip_coef_ptr,  # *fp32 the clip coefficient (issue #19, adamw_clip), or None
     DTYPE: tl.constexpr,  # the params' (and grads') storage type (tl.float32, bfloat16, float16)
     STATE_DTYPE: tl.constexpr,  # the moments' (state_dtype; DTYPE by default)
     ELEM_BYTES: tl.constexpr,  # its size
@@ -316,6 +317,8 @@ def adamw_kernel(
         end = tl.where(tl.load(found_inf_ptr) != 0.0, begin, end)
     if grad_scale_ptr is not None:
         grad_scale = tl.load(grad_scale_ptr)
+    if clip_coef_ptr is not None:
+        clip_coef = tl.load(clip_coef_ptr)
     param_ptr = param_addr.to(tl.pointer_type(DTYPE))
     grad_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))  # _table.ROW_GRAD
     exp_avg_ptr = tl.load(row + 2).to(tl.pointer_type(STATE_DTYPE))  # _table.ROW_EXP_AVG
@@ -394,6 +397,8 @@ def adamw_kernel(
         if grad_scale_ptr is not None:  # adamw_unscale, written back to the grad
             grad = adamw_unscale(grad, grad_scale)
             tl.store(grad_ptr + offsets, to_storage(grad, grad_ptr, BF16_BY_HAND), mask=mask)
+        if clip_coef_ptr is not None:  # adamw_clip: the grad itself stays unclipped
+            grad = grad * clip_coef
         param, exp_avg, exp_avg_sq, max_exp_avg_sq = adamw_update(
             param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
             lr, beta1, beta2, eps, weight_decay, decay, bias_correction1, bias_correction2_sqrt,
@@ -484,7 +489,8 @@ def has_master(table: _table.Table) -> bool:
 def variant(table: _table.Table) -> tuple:
     """What Triton compiles a separate kernel for (its constexprs and None arguments)."""
     return (table.device, table.dtype, table.state_dtype, table.has_max, has_master(table),
-            table.grad_scale is None, table.found_inf is None)
+            table.grad_scale is None, table.found_inf is None,
+            getattr(table, "clip_coef", None) is None)
 
 
 # Variants launched at least once in this process: a CUDA-graph capture of a step whose kernel
@@ -506,6 +512,7 @@ def launch(table: _table.Table) -> None:
         return
     adamw_kernel[(table.n_tiles,)](
         rows, tile_starts, table.hparams, table.n_rows, table.grad_scale, table.found_inf,
+        getattr(table, "clip_coef", None),
         DTYPE=_TL_DTYPES[table.dtype],
         STATE_DTYPE=_TL_DTYPES[table.state_dtype],
         ELEM_BYTES=table.itemsize,
@@ -524,6 +531,19 @@ def launch(table: _table.Table) -> None:
 
 class TritonBackend:
     name = "triton"
+    clips = True  # grad_norm_rows and table.clip_coef (fused_adamw._clip)
+    tracks_norms = False  # per-row norms not in the kernel yet: such tables step on torch
+
+    def grad_norm_rows(self, table: _table.Table) -> None:
+        """The norm pass (triton_norm.py), bitwise the CPU loop's."""
+        from . import triton_norm
+
+        _launched.add(("norm",) + variant(table))
+        if table.device.type == "cuda":
+            with torch.cuda.device(table.device):
+                triton_norm.grad_norm_rows(table, _INTERPRET)
+        else:
+            triton_norm.grad_norm_rows(table, _INTERPRET)
 
     def capture_problem(self, table: _table.Table) -> str | None:
         """Why a step of ``table`` cannot be captured into a CUDA graph now, or None."""
