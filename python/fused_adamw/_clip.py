@@ -38,13 +38,22 @@ NOTE on the inf norm: ``grad_norm_type=inf`` takes max |g| per tile, per row and
 mesh and process-group reductions use MAX instead of SUM. ``opt.norms`` stays L2 whatever
 the norm type.
 
-NOTE on collectives under FSDP2 (DTensor params): the total needs one all-reduce per step of
-one float64 per distinct (mesh, Shard dims) key, all keys in one tensor (usually one mesh:
-one collective of 8 bytes per Shard mesh dim), before the step. With ``track_norms`` a second
-all-reduce after the step carries every DTensor row's three sums (``[n_rows, 3]``). Replicate
-mesh dims are not summed (each replica holds the same values). With
+NOTE on collectives under FSDP2 (DTensor params): the rows of DTensor params are grouped by
+(mesh, the mesh dims whose placement is not Replicate); each group's local sum is all-reduced
+over those dims (SUM; MAX for the inf norm), one collective of one float64 per such dim.
+Replicate dims are not summed (each replica holds the same values). For FSDP2's 1-D mesh that
+is exactly one all-reduce of 8 bytes per step before the update, whatever the number of
+params; HSDP (Replicate, Shard) also one. With ``track_norms`` a second all-reduce after the
+step carries every DTensor row's three sums (float32 [n, 3]), one per group. With
 ``grad_norm_process_group`` the total (only: per-param norms are of whole local params) is
-all-reduced once more over that group. Without DTensors and without a group: none.
+all-reduced once more over that group. Without DTensors and without a group: none. Every rank
+must step the same DTensor params (FSDP2 does), or the collectives do not match.
+
+NOTE on backends: cpu (the C++ loop), cuda (kernels/adamw_norm.cuh + the coefficient in every
+update kernel) and triton (backends/triton_norm.py) run the norm pass and the coefficient; the
+cpu and torch backends also the per-row norms of ``track_norms``. A table whose backend lacks
+a part is stepped by the torch backend when norms are wanted (``backend_of``): correct, slower
+(track_norms on CUDA and Triton tables, for now).
 
 NOTE on GradScaler's skipped steps: ``opt.grad_norm`` holds the non-finite norm torch's
 ``clip_grad_norm_`` would return; no param stepped, so every ``opt.norms`` entry is NaN.
