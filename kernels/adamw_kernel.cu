@@ -208,8 +208,8 @@ __device__ __forceinline__ void adamw_scalar_range(const int64_t* r, int64_t pha
     float fx = AMSGRAD ? load_one<T>(r[kRowMaxExpAvgSq] + off) : 0.0f;
     // ------------------------------- compute ------------------------------
     if (SCALED) fg = adamw_unscale(fg, scale);
-    fg = adamw_clip(fg, s.clip_coef);  // issue #19: 1.0f unless clipped; p.grad unclipped
-    adamw_update(fp, fg, fm, fv, fx, s);
+    // issue #19: 1.0f unless clipped; the grad written back below stays unclipped
+    adamw_update(fp, adamw_clip(fg, s.clip_coef), fm, fv, fx, s);
     // -------------------------------- store -------------------------------
     if (SCALED) store_one<T>(r[kRowGrad] + off, fg);
     store_one<T>(r[kRowParam] + off, fp);
