@@ -208,8 +208,9 @@ __device__ __forceinline__ void adamw_scalar_range(const int64_t* r, int64_t pha
     float fx = AMSGRAD ? load_one<T>(r[kRowMaxExpAvgSq] + off) : 0.0f;
     // ------------------------------- compute ------------------------------
     if (SCALED) fg = adamw_unscale(fg, scale);
-    // issue #19: 1.0f unless clipped; the grad written back below stays unclipped
-    adamw_update(fp, adamw_clip(fg, s.clip_coef), fm, fv, fx, s);
+    // issue #19: 1.0f unless clipped; the grad written back below stays unclipped. NOTE on
+    // amsgrad: not in the amsgrad loops (see adamw_vector_range).
+    adamw_update(fp, AMSGRAD ? fg : adamw_clip(fg, s.clip_coef), fm, fv, fx, s);
     // -------------------------------- store -------------------------------
     if (SCALED) store_one<T>(r[kRowGrad] + off, fg);
     store_one<T>(r[kRowParam] + off, fp);
@@ -255,7 +256,11 @@ __device__ __forceinline__ void adamw_vector_range(const int64_t* r, int64_t pha
           fg = adamw_unscale(fg, scale);
           word(rg, k) = V::set(word(rg, k), e, fg);
         }
-        fg = adamw_clip(fg, s.clip_coef);
+        // NOTE on amsgrad and clipping (issue #19): the coefficient's register spilled 8 bytes
+        // in the 16-bit HAS_MAX kernels on sm_80 (already at ptxas's cap of 80), so the
+        // amsgrad loops do not clip: the CUDA backend leaves clipped amsgrad tables to the
+        // torch backend (backends/cuda.py clips_amsgrad).
+        if (!AMSGRAD) fg = adamw_clip(fg, s.clip_coef);
         adamw_update(fp, fg, fm, fv, fx, s);
         word(rp, k) = V::set(word(rp, k), e, fp);
         word(rm, k) = V::set(word(rm, k), e, fm);

@@ -133,8 +133,9 @@ if not CHILD:
         # Gradient clipping (issue #19): the coefficient skipped on the vector path; the norm
         # pass's lanes walked element by element instead of vector by vector (another order:
         # the same sum to rounding, other bits); the last element of a tile left out.
-        "clip_coef_skipped_in_vectors": [(KERNEL_CU, "        fg = adamw_clip(fg, s.clip_coef);\n"
-                                          "        adamw_update", "        adamw_update")],
+        "clip_coef_skipped_in_vectors": [(KERNEL_CU,
+                                          "if (!AMSGRAD) fg = adamw_clip(fg, s.clip_coef);",
+                                          "")],
         "norm_lanes_by_element": [("adamw_norm.cuh", "const int64_t u = base + v * N + e;",
                                    "const int64_t u = base + e * kTileElems / N + v;")],
         "norm_tile_end_minus_1": [("adamw_norm.cuh", "if (u < u_begin || u >= u_end) continue;",
@@ -715,8 +716,10 @@ else:
     def test_clip_coef_matches_cpu_loop(dtype):
         """The step with a clip coefficient (and under GradScaler) is bitwise the CPU loop's
         on every path, the grads written back unscaled and unclipped, and the coefficient is
-        applied (the params differ from an unclipped step's)."""
-        case = Case.new(dtype, matrix_specs(dtype), groups_with("some"), "guarded", seed=8)
+        applied (every exp_avg differs from an unclipped step's; the params need not: Adam's
+        first step is nearly invariant to a common scale of the grads)."""
+        # No amsgrad: the CUDA backend steps clipped amsgrad tables on torch (NOTE in the .cu)
+        case = Case.new(dtype, matrix_specs(dtype), groups_with("none"), "guarded", seed=8)
         ref = case.clone()
         plain = case.clone()
         coef = torch.tensor(0.37)
@@ -730,9 +733,9 @@ else:
         check_guards(case)
         check_untouched(case, before)
         compare(case, ref, "clip coefficient: kernel vs CPU loop")
-        changed = [not torch.equal(bits(p.bufs["param"].view), bits(q.bufs["param"].view))
+        changed = [not torch.equal(bits(p.bufs["exp_avg"].view), bits(q.bufs["exp_avg"].view))
                    for p, q in zip(case.params, plain.params) if p.spec.numel and p.spec.in_table]
-        assert all(changed), "the clip coefficient changed no param"
+        assert all(changed), "the clip coefficient left some exp_avg unchanged"
         for p, q in zip(case.params, plain.params):  # the grads: unscaled, not clipped
             assert torch.equal(bits(p.bufs["grad"].view), bits(q.bufs["grad"].view))
 

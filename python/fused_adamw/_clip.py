@@ -117,7 +117,8 @@ def backend_of(opt, table):
     norm pass and the clip coefficient (``clips = True``) and, with track_norms, the per-row
     norms (``tracks_norms = True``), else the torch backend (correct everywhere, slower)."""
     b = table.backend
-    if getattr(b, "clips", False) and (not opt._track_norms or getattr(b, "tracks_norms", False)):
+    if (getattr(b, "clips", False) and (not opt._track_norms or getattr(b, "tracks_norms", False))
+            and (getattr(b, "clips_amsgrad", True) or not table.has_max)):
         return b
     from . import _dispatch
 

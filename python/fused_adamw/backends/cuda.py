@@ -16,6 +16,9 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class CudaBackend:
     name = "cuda"
     clips = True  # grad_norm_rows and table.clip_coef (fused_adamw._clip)
+    # NOTE on amsgrad: the amsgrad loops do not apply the coefficient (a register spill on
+    # sm_80, kernels/adamw_kernel.cu): a clipped table with amsgrad rows steps on torch.
+    clips_amsgrad = False
     # NOTE on track_norms: the per-tile norm partials are not in the CUDA kernels yet; tables
     # with track_norms are stepped by the torch backend (fused_adamw._clip.backend_of).
     tracks_norms = False
