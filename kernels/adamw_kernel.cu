@@ -208,11 +208,11 @@ __device__ __forceinline__ void adamw_scalar_range(const int64_t* r, int64_t pha
     float fx = AMSGRAD ? load_one<T>(r[kRowMaxExpAvgSq] + off) : 0.0f;
     // ------------------------------- compute ------------------------------
     if (SCALED) fg = adamw_unscale(fg, scale);
-    // issue #19: 1.0f unless clipped; the grad written back below stays unclipped. NOTE on
-    // amsgrad: not in the amsgrad loops (see adamw_vector_range).
-    adamw_update(fp, AMSGRAD ? fg : adamw_clip(fg, s.clip_coef), fm, fv, fx, s);
+    // issue #19: only the SCALED kernels clip (NOTE on clipping in adamw_vector_range); the
+    // grad written back below stays unclipped.
+    adamw_update(fp, SCALED && !AMSGRAD ? adamw_clip(fg, s.clip_coef) : fg, fm, fv, fx, s);
     // -------------------------------- store -------------------------------
-    if (SCALED) store_one<T>(r[kRowGrad] + off, fg);
+    if (SCALED && scale != 1.0f) store_one<T>(r[kRowGrad] + off, fg);
     store_one<T>(r[kRowParam] + off, fp);
     store_one<T>(r[kRowExpAvg] + off, fm);
     store_one<T>(r[kRowExpAvgSq] + off, fv);
@@ -256,11 +256,15 @@ __device__ __forceinline__ void adamw_vector_range(const int64_t* r, int64_t pha
           fg = adamw_unscale(fg, scale);
           word(rg, k) = V::set(word(rg, k), e, fg);
         }
-        // NOTE on amsgrad and clipping (issue #19): the coefficient's register spilled 8 bytes
-        // in the 16-bit HAS_MAX kernels on sm_80 (already at ptxas's cap of 80), so the
-        // amsgrad loops do not clip: the CUDA backend leaves clipped amsgrad tables to the
-        // torch backend (backends/cuda.py clips_amsgrad).
-        if (!AMSGRAD) fg = adamw_clip(fg, s.clip_coef);
+        // NOTE on clipping (issue #19): the coefficient is one more register live through
+        // the loop. In the plain kernels it spilled 8 bytes where they sit at ptxas's cap
+        // (fp32 on sm_120 at 64, 16-bit amsgrad on sm_80 at 80), so only the SCALED kernels
+        // (a bound one block lower) clip, and not in their amsgrad loops: a clipped table
+        // without a GradScaler runs them with grad_scale pointing to 1.0f, for which the
+        // grad is not written back (g / 1 is g: no store, no traffic; the same for a
+        // GradScaler whose scale is 1). Clipped amsgrad tables step on the torch backend
+        // (backends/cuda.py clips_amsgrad).
+        if (SCALED && !AMSGRAD) fg = adamw_clip(fg, s.clip_coef);
         adamw_update(fp, fg, fm, fv, fx, s);
         word(rp, k) = V::set(word(rp, k), e, fp);
         word(rm, k) = V::set(word(rm, k), e, fm);
@@ -269,7 +273,7 @@ __device__ __forceinline__ void adamw_vector_range(const int64_t* r, int64_t pha
       }
     }
     // -------------------------------- store -------------------------------
-    if (SCALED) store_global(grad + v, rg);
+    if (SCALED && scale != 1.0f) store_global(grad + v, rg);
     store_global(param + v, rp);
     store_global(exp_avg + v, rm);
     store_global(exp_avg_sq + v, rv);

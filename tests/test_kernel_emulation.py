@@ -118,7 +118,8 @@ if not CHILD:
         "unscale_by_reciprocal": [("adamw_math.cuh", "return grad / grad_scale;",
                                    "return grad * (1.0f / grad_scale);")],
         "found_inf_eq_1": [("adamw_math.cuh", "*found_inf != 0.0f;", "*found_inf == 1.0f;")],
-        "grad_not_written_back": [(KERNEL_CU, "if (SCALED) store_global(grad + v, rg);", "")],
+        "grad_not_written_back": [(KERNEL_CU, "if (SCALED && scale != 1.0f) store_global(grad + v, rg);",
+                                   "")],
         "restore_without_context": [(KERNEL_CU, "restore_ = primary_context_active(prev_) != 0;",
                                      "restore_ = true;")],
         # Low-precision tables (issue #13): the fp32 master always taken (a param the user
@@ -134,7 +135,7 @@ if not CHILD:
         # pass's lanes walked element by element instead of vector by vector (another order:
         # the same sum to rounding, other bits); the last element of a tile left out.
         "clip_coef_skipped_in_vectors": [(KERNEL_CU,
-                                          "if (!AMSGRAD) fg = adamw_clip(fg, s.clip_coef);",
+                                          "if (SCALED && !AMSGRAD) fg = adamw_clip(fg, s.clip_coef);",
                                           "")],
         "norm_lanes_by_element": [("adamw_norm.cuh", "const int64_t u = base + v * N + e;",
                                    "const int64_t u = base + e * kTileElems / N + v;")],
@@ -712,8 +713,9 @@ else:
         total = want.max() if inf else want.sum()
         torch.testing.assert_close(ref[-1], total, rtol=1e-5, atol=0)
 
+    @pytest.mark.parametrize("scale", [3.0, 1.0])
     @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-    def test_clip_coef_matches_cpu_loop(dtype):
+    def test_clip_coef_matches_cpu_loop(dtype, scale):
         """The step with a clip coefficient (and under GradScaler) is bitwise the CPU loop's
         on every path, the grads written back unscaled and unclipped, and the coefficient is
         applied (every exp_avg differs from an unclipped step's; the params need not: Adam's
@@ -723,13 +725,16 @@ else:
         ref = case.clone()
         plain = case.clone()
         coef = torch.tensor(0.37)
-        sc = torch.tensor(3.0)
+        sc = torch.tensor(scale)
+        # scale 1.0: how backends/cuda.py runs a clipped table without a GradScaler (the
+        # SCALED kernels with a scale of 1, which write no grad); the CPU loop takes no scale.
         amp = dict(grad_scale=sc.data_ptr(), clip_coef=coef.data_ptr())
+        cpu = amp if scale != 1.0 else dict(clip_coef=coef.data_ptr())
         before = case.snapshot()
         _EMU.set_order("threads", 3, 2)
         case.step_cuda(_C, **amp)
-        ref.step_cpu(_C, **amp)
-        plain.step_cpu(_C, grad_scale=sc.data_ptr())
+        ref.step_cpu(_C, **cpu)
+        plain.step_cpu(_C, **{k: v for k, v in cpu.items() if k != "clip_coef"})
         check_guards(case)
         check_untouched(case, before)
         compare(case, ref, "clip coefficient: kernel vs CPU loop")

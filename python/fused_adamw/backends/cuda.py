@@ -13,11 +13,15 @@ from .. import _ext, _table
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+_ONES: dict = {}  # device -> a float32 1.0 there (clipped steps without a GradScaler)
+
+
 class CudaBackend:
     name = "cuda"
     clips = True  # grad_norm_rows and table.clip_coef (fused_adamw._clip)
-    # NOTE on amsgrad: the amsgrad loops do not apply the coefficient (a register spill on
-    # sm_80, kernels/adamw_kernel.cu): a clipped table with amsgrad rows steps on torch.
+    # NOTE on amsgrad: the amsgrad loops do not apply the coefficient (register spills,
+    # kernels/adamw_kernel.cu NOTE on clipping): a clipped table with amsgrad rows steps on
+    # the torch backend.
     clips_amsgrad = False
     # NOTE on track_norms: the per-tile norm partials are not in the CUDA kernels yet; tables
     # with track_norms are stepped by the torch backend (fused_adamw._clip.backend_of).
@@ -45,6 +49,13 @@ class CudaBackend:
         amp = _ext.amp_args(table)
         coef = getattr(table, "clip_coef", None)
         amp["clip_coef"] = 0 if coef is None else coef.data_ptr()
+        if coef is not None and table.grad_scale is None:
+            # Only the SCALED kernels clip (NOTE on clipping in kernels/adamw_kernel.cu):
+            # a scale of 1.0 on the device, for which they write no grad back.
+            one = _ONES.get(device)
+            if one is None:
+                one = _ONES[device] = torch.ones((), dtype=torch.float32, device=device)
+            amp["grad_scale"] = one.data_ptr()
         # The moments' dtype, and whether a 16-bit table's groups may carry a master mode:
         # then the launcher runs the low-precision kernel, which reads each row's mode (the
         # hparams are on the device; their host copy says which kernel to launch).
