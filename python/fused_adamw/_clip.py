@@ -49,11 +49,12 @@ step carries every DTensor row's three sums (float32 [n, 3]), one per group. Wit
 all-reduced once more over that group. Without DTensors and without a group: none. Every rank
 must step the same DTensor params (FSDP2 does), or the collectives do not match.
 
-NOTE on backends: cpu (the C++ loop), cuda (kernels/adamw_norm.cuh + the coefficient in every
-update kernel) and triton (backends/triton_norm.py) run the norm pass and the coefficient; the
-cpu and torch backends also the per-row norms of ``track_norms``. A table whose backend lacks
-a part is stepped by the torch backend when norms are wanted (``backend_of``): correct, slower
-(track_norms on CUDA and Triton tables, for now).
+NOTE on backends: cpu (the C++ loop), cuda (kernels/adamw_norm.cuh; the coefficient in the
+GradScaler and low-precision kernels, see the NOTE on clipping in kernels/adamw_kernel.cu) and
+triton (backends/triton_norm.py) run the norm pass and the coefficient; the cpu and torch
+backends also the per-row norms of ``track_norms``. A table whose backend lacks a part is
+stepped by the torch backend when norms are wanted (``backend_of``): correct, slower
+(track_norms on CUDA and Triton tables, and clipped CUDA tables with amsgrad, for now).
 
 NOTE on GradScaler's skipped steps: ``opt.grad_norm`` holds the non-finite norm torch's
 ``clip_grad_norm_`` would return; no param stepped, so every ``opt.norms`` entry is NaN.
