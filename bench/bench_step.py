@@ -4,6 +4,7 @@
     python bench/bench_step.py --quick --out /tmp/b  # tiny sizes: a smoke test
     python bench/bench_step.py --out bench/results   # results meant to be committed
     python bench/bench_step.py --cases flat,small --dtypes float32 --backends cpu,torch-fused
+    python bench/bench_step.py --suite --out /tmp/s  # the GPU suite's cut (bench/gpu_suite.sh)
 
 Implementations: FusedAdamW with each backend that can run on the device ("cuda", "triton",
 "cpu", "torch"; the ones that cannot run are listed as skipped with the dispatcher's reason),
@@ -26,6 +27,13 @@ formula (:func:`bytes_per_param`), GB/s, the ratio to the device's copy bandwidt
 the same run, the speedup over each torch variant, the host time of step() (GPU), the extra
 memory allocated during step() (GPU) and the bytes of optimizer state. A separate "host" case
 times step() on 5,000 one-element CPU params: the optimizer's cost per param on the host.
+On a GPU the kernel time is measured beside the host time: CUDA events around the step()
+queued behind a GPU busy-wait, so the kernels run back to back, with no launch gap.
+
+``--suite`` is the cut bench/gpu_suite.sh runs in its minute: cuda, triton and torch fused,
+fresh grads, flat fp32 and bf16 buffers of 1e9, 1e8 and 1e6 params, 5,000 x 10k, and one case
+per low-precision kind (``lowp``: bf16 params with an fp32 master, with the remainder, with
+stochastic rounding, and fp32 params with bf16 moments), 10 timed steps after 3 warm-up.
 
 The copy bandwidth is measured at the start, beside every case and at the end; when it varies
 by more than 20%, or the load average exceeds the core count, the run is flagged as loaded: a
@@ -73,7 +81,17 @@ TORCH_VARIANTS = {  # torch.optim.AdamW keyword arguments
 }
 ALL_IMPLS = FUSED_BACKENDS + tuple(TORCH_VARIANTS)
 GRAD_MODES = ("fresh", "persistent")
-CASE_KINDS = ("flat", "llm", "small", "flat-amsgrad", "host")
+CASE_KINDS = ("flat", "llm", "small", "flat-amsgrad", "host", "lowp")
+DEFAULT_CASES = ("flat", "llm", "small", "flat-amsgrad", "host")
+# The low-precision kinds (the "lowp" cases): param dtype and FusedAdamW's options. torch's
+# AdamW has neither option: its variants are skipped there (the flat rows are their baseline).
+LOWP_KINDS = {
+    "bf16-master-fp32": (torch.bfloat16, dict(master_weights="fp32")),
+    "bf16-remainder": (torch.bfloat16, dict(master_weights="remainder")),
+    "bf16-stochastic": (torch.bfloat16, dict(master_weights="stochastic")),
+    "fp32-bf16-moments": (torch.float32, dict(state_dtype=torch.bfloat16)),
+}
+SUITE_IMPLS = ("cuda", "triton", "torch-fused")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 HOST_IMPLS = ("cpu", "torch-fused")  # the host case: FusedAdamW(backend="cpu") vs torch fused
@@ -87,7 +105,8 @@ RECORD_KEYS = (
     "host_us", "extra_mem_bytes", "state_bytes", "ns_per_param", "p20_ns_per_param",
     "p80_ns_per_param", "host_ratio", "sets", "interleaved_with", "reps", "warmup", "device",
     "device_name", "cores", "threads", "torch", "triton", "cuda", "fused_adamw", "git_commit",
-    "git_dirty", "date", "quick", "loadavg", "copy_gbps_run", "load_warning",
+    "git_dirty", "date", "quick", "loadavg", "copy_gbps_run", "load_warning", "kernel_ms",
+    "options",
 )
 
 
@@ -110,11 +129,15 @@ def llm_shapes(d_model: int, n_layers: int, vocab: int, mlp_mult: int = 4) -> li
 # 20 * (12 * 2048^2 + 2 * 2048) + 2 * 50257 * 2048 + 2048 = 1,212,569,600 params in 163 tensors.
 # CPU: flat 50M; llm d_model=512, 12 layers, vocab 16384 -> 54,538,752 params in 99 tensors.
 # small: 5,000 tensors of 10,000 elements (50M params) everywhere. host: 5,000 one-element
-# params on the CPU.
+# params on the CPU. lowp: one flat tensor per low-precision kind. suite_flat: the --suite's
+# flat sizes, most telling first.
 SIZES = {
-    "gpu": dict(flat=1_000_000_000, llm=(2048, 20, 50257), small=(5000, 10_000), host=5000),
-    "cpu": dict(flat=50_000_000, llm=(512, 12, 16384), small=(5000, 10_000), host=5000),
-    "quick": dict(flat=1 << 16, llm=(64, 2, 512), small=(100, 1000), host=500),
+    "gpu": dict(flat=1_000_000_000, llm=(2048, 20, 50257), small=(5000, 10_000), host=5000,
+                lowp=100_000_000, suite_flat=(1_000_000_000, 100_000_000, 1_000_000)),
+    "cpu": dict(flat=50_000_000, llm=(512, 12, 16384), small=(5000, 10_000), host=5000,
+                lowp=10_000_000, suite_flat=(50_000_000, 10_000_000, 1_000_000)),
+    "quick": dict(flat=1 << 16, llm=(64, 2, 512), small=(100, 1000), host=500, lowp=1 << 16,
+                  suite_flat=(1 << 16, 1000)),
 }
 
 
@@ -125,6 +148,7 @@ class Case:
     dtype: torch.dtype
     amsgrad: bool
     shapes: list[tuple]
+    options: dict = field(default_factory=dict)  # FusedAdamW's low-precision options
 
     @property
     def numel(self) -> int:
@@ -132,11 +156,12 @@ class Case:
 
 
 def build_cases(kinds: list[str], dtypes: list[torch.dtype], sizes: dict) -> list[Case]:
-    """flat and llm in every requested dtype; small and flat-amsgrad in float32 only. (The
-    host case is separate: :func:`run_host`.)"""
+    """flat and llm in every requested dtype; small and flat-amsgrad in float32 only; lowp:
+    one case per low-precision kind, in its own dtype. (The host case is separate:
+    :func:`run_host`.)"""
     cases = []
     for kind in CASE_KINDS:
-        if kind not in kinds or kind == "host":
+        if kind not in kinds or kind in ("host", "lowp"):
             continue
         if kind == "flat":
             shapes, kind_dtypes = [(sizes["flat"],)], dtypes
@@ -151,16 +176,51 @@ def build_cases(kinds: list[str], dtypes: list[torch.dtype], sizes: dict) -> lis
             if dtype in dtypes:
                 cases.append(Case(f"{kind}-{SHORT[dtype]}", kind, dtype,
                                   kind == "flat-amsgrad", shapes))
+    if "lowp" in kinds:
+        cases += lowp_cases(sizes["lowp"])
     return cases
 
 
-def bytes_per_param(dtype: torch.dtype, amsgrad: bool) -> int:
+def lowp_cases(numel: int) -> list[Case]:
+    return [Case(f"lowp-{name}", "lowp", dtype, False, [(numel,)], dict(options))
+            for name, (dtype, options) in LOWP_KINDS.items()]
+
+
+def count_name(n: int) -> str:
+    """1000000000 -> "1e9"; other counts as they are."""
+    e = round(math.log10(n)) if n > 0 else 0
+    return f"1e{e}" if n == 10 ** e else str(n)
+
+
+def suite_cases(sizes: dict) -> list[Case]:
+    """--suite: flat fp32 and bf16 at each of sizes["suite_flat"] (the largest first, as the
+    headline numbers come first in a run that may be cut), then 5,000 x 10k, then lowp."""
+    n, size = sizes["small"]
+    cases = []
+    for i, numel in enumerate(sizes["suite_flat"]):
+        for dtype in (torch.float32, torch.bfloat16):
+            cases.append(Case(f"flat-{SHORT[dtype]}-{count_name(numel)}", "flat", dtype, False,
+                              [(numel,)]))
+        if i == 0:
+            cases.append(Case("small-fp32", "small", torch.float32, False, [(size,)] * n))
+    return cases + lowp_cases(sizes["lowp"])
+
+
+def bytes_per_param(dtype: torch.dtype, amsgrad: bool, options: dict | None = None) -> int:
     """Bytes one step must move per param: read p, g, m, v and write p, m, v (7 * itemsize:
     28 B fp32, 14 B bf16); amsgrad also reads and writes max_exp_avg_sq (+2 * itemsize: 36 B
     fp32). Every implementation is charged these useful bytes, whatever it really moves
-    (torch's foreach path moves about three times as much)."""
+    (torch's foreach path moves about three times as much). Low-precision options: moments
+    of ``state_dtype`` (m, v read and written: 4 * its itemsize), and the master mode's buffer
+    read and written: "fp32" 8 B, "remainder" 4 B (int16), "kahan" 2 * itemsize, "stochastic"
+    nothing (bf16 with an fp32 master: 6 + 8 + 8 = 22 B; fp32 with bf16 moments: 12 + 8 = 20 B)."""
     item = torch.empty((), dtype=dtype).element_size()
-    return (7 + (2 if amsgrad else 0)) * item
+    options = options or {}
+    state = options.get("state_dtype") or dtype
+    state_item = torch.empty((), dtype=state).element_size()
+    extra = {None: 0, "fp32": 8, "remainder": 4, "kahan": 2 * item,
+             "stochastic": 0}[options.get("master_weights")]
+    return 3 * item + (4 + (2 if amsgrad else 0)) * state_item + extra
 
 
 # ---------------------------------------------------------------------------- device
@@ -253,7 +313,7 @@ def memory_per_impl(case: Case) -> int:
     grads, exp_avg, exp_avg_sq (and max_exp_avg_sq), the fresh grads of the next step while
     the old ones are alive, and room for an optimizer's own buffers or temporaries."""
     item = torch.empty((), dtype=case.dtype).element_size()
-    return (7 + (1 if case.amsgrad else 0)) * item * case.numel
+    return ((7 + (1 if case.amsgrad else 0)) * item + (8 if case.options else 0)) * case.numel
 
 
 def plan_groups(n_impls: int, per_impl: int, budget: int) -> list[range]:
@@ -379,9 +439,11 @@ class Runner:
     def opt(self) -> torch.optim.Optimizer:
         return self.sets[self._k][1]
 
-    def build(self, shapes: list[tuple], p0: torch.Tensor, amsgrad: bool, n_sets: int) -> None:
+    def build(self, shapes: list[tuple], p0: torch.Tensor, amsgrad: bool, n_sets: int,
+              options: dict | None = None) -> None:
         """n_sets independent sets of params (copies of p0's slices) and an optimizer each,
-        stepped once (the state exists before timing starts)."""
+        stepped once (the state exists before timing starts); ``options``: FusedAdamW's
+        low-precision options (master_weights, state_dtype)."""
         for _ in range(n_sets):
             params, off = [], 0
             for shape in shapes:
@@ -393,7 +455,7 @@ class Runner:
                                         amsgrad=amsgrad, **TORCH_VARIANTS[self.impl])
             else:
                 opt = FusedAdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, amsgrad=amsgrad,
-                                 backend=self.impl)
+                                 backend=self.impl, **(options or {}))
             for p, g in zip(params, self.sources):
                 p.grad = g.clone()
             opt.step()
@@ -483,28 +545,36 @@ def time_round_robin(runners: list[Runner], warmup: int, reps: int,
         runner.times.append(start.elapsed_time(end) * 1e-3)
 
 
-def host_times(runner: Runner, reps: int, gpu_step_s: float) -> list[float] | None:
-    """CUDA only: wall time of the step() call itself, seconds, with the GPU kept busy.
+def host_times(runner: Runner, reps: int,
+               gpu_step_s: float) -> tuple[list[float], list[float]] | None:
+    """CUDA only: (wall time of the step() call itself, the step's kernel time), seconds, with
+    the GPU kept busy.
 
     Before each timed call the stream gets a GPU busy-wait (torch.cuda._sleep) longer than the
     call, so every launch in step() returns at once instead of waiting for a free GPU; the
     perf_counter pair around step() then measures the host's work (Python, dispatch, launches)
-    alone. Grads are prepared and the queue drained outside the timed region.
+    alone. A pair of CUDA events around the same call, queued behind the busy-wait, times the
+    step's kernels run back to back: the device's time without the host's launch gaps. Grads
+    are prepared and the queue drained outside the timed region.
     """
     if not hasattr(torch.cuda, "_sleep"):
         return None
     sleep_s = max(0.02, 3 * gpu_step_s)
     cycles = int(_gpu_cycles_per_second() * sleep_s)
-    ts = []
+    ts, events = [], []
     for _ in range(reps):
         runner.prepare()
         torch.cuda.synchronize()
         torch.cuda._sleep(cycles)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
+        start.record()
         runner.step()
+        end.record()
         ts.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
-    return ts
+        events.append((start, end))
+    return ts, [a.elapsed_time(b) * 1e-3 for a, b in events]
 
 
 def extra_memory(runner: Runner, device: torch.device) -> int | None:
@@ -618,7 +688,8 @@ def _fmt(x, spec):
 
 
 COLUMNS = ("case", "implementation", "grads", "median ms", "p20 ms", "p80 ms", "GB/s",
-           "% copy", "x for-loop", "x foreach", "x fused", "host us", "extra MB", "state MB")
+           "% copy", "x for-loop", "x foreach", "x fused", "kernel ms", "host us", "extra MB",
+           "state MB")
 HOST_COLUMNS = ("case", "implementation", "grads", "median ns/param", "p20", "p80",
                 "time / torch-fused")
 
@@ -634,7 +705,7 @@ def table_rows(records: list[dict]) -> list[list[str]]:
             r["case"], r["impl"], r["grads"], f"{r['median_ms']:.3f}", f"{r['p20_ms']:.3f}",
             f"{r['p80_ms']:.3f}", f"{r['gbps']:.1f}", f"{100 * r['frac_of_copy']:.0f}%",
             *(_fmt(sp.get(v), ".2f") for v in TORCH_VARIANTS),
-            _fmt(r["host_us"], ".1f"),
+            _fmt(r["kernel_ms"], ".3f"), _fmt(r["host_us"], ".1f"),
             _fmt(None if r["extra_mem_bytes"] is None else r["extra_mem_bytes"] / 2**20, ".1f"),
             f"{r['state_bytes'] / 2**20:.1f}",
         ])
@@ -721,20 +792,27 @@ def plot(records: list[dict], copy_gbps: float, title: str, path: Path) -> str:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backends", default=",".join(ALL_IMPLS),
-                    help=f"comma list from {', '.join(ALL_IMPLS)} (default: all)")
-    ap.add_argument("--grads", default=",".join(GRAD_MODES),
-                    help="grad modes: fresh, persistent (default: both)")
-    ap.add_argument("--cases", default=",".join(CASE_KINDS),
-                    help=f"comma list from {', '.join(CASE_KINDS)} (default: all)")
-    ap.add_argument("--dtypes", default=",".join(DTYPES),
+    ap.add_argument("--backends", default=None,
+                    help=f"comma list from {', '.join(ALL_IMPLS)} (default: all; --suite: "
+                         f"{', '.join(SUITE_IMPLS)})")
+    ap.add_argument("--grads", default=None,
+                    help="grad modes: fresh, persistent (default: both; --suite: fresh)")
+    ap.add_argument("--cases", default=None,
+                    help=f"comma list from {', '.join(CASE_KINDS)} (default: "
+                         f"{', '.join(DEFAULT_CASES)})")
+    ap.add_argument("--dtypes", default=None,
                     help="comma list from float32, bfloat16 (default: both; small and "
                          "flat-amsgrad are float32 only)")
+    ap.add_argument("--suite", action="store_true",
+                    help="the GPU suite's cut: its own cases (flat fp32 and bf16 at three "
+                         "sizes, small, lowp); --backends and --grads default to "
+                         f"{','.join(SUITE_IMPLS)} and fresh, reps/warmup to 10/3")
     ap.add_argument("--reps", type=int, default=None,
-                    help="timed steps per implementation (default: 20 GPU, 10 CPU, 3 quick)")
+                    help="timed steps per implementation (default: 20 GPU, 10 CPU, 3 quick; "
+                         "--suite 10)")
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed steps per implementation first (default: 5 GPU, 2 CPU, "
-                         "1 quick)")
+                         "1 quick; --suite 3)")
     ap.add_argument("--host-reps", type=int, default=None,
                     help="timed steps per implementation in the host case (default: 50, "
                          "5 quick)")
@@ -758,10 +836,18 @@ def parse_args(argv=None):
         if bad:
             ap.error(f"unknown {what}: {', '.join(bad)}; expected from {', '.join(allowed)}")
         return items
-    args.backends = split(args.backends, ALL_IMPLS, "backends")
-    args.grads = split(args.grads, GRAD_MODES, "grads")
-    args.cases = split(args.cases, CASE_KINDS, "cases")
-    args.dtypes = [DTYPES[d] for d in split(args.dtypes, tuple(DTYPES), "dtypes")]
+    if args.suite and (args.cases is not None or args.dtypes is not None):
+        ap.error("--suite chooses its own cases: drop --cases and --dtypes")
+    args.backends = split(args.backends or ",".join(SUITE_IMPLS if args.suite else ALL_IMPLS),
+                          ALL_IMPLS, "backends")
+    args.grads = split(args.grads or ("fresh" if args.suite else ",".join(GRAD_MODES)),
+                       GRAD_MODES, "grads")
+    args.cases = split(args.cases or ",".join(DEFAULT_CASES), CASE_KINDS, "cases")
+    args.dtypes = [DTYPES[d] for d in split(args.dtypes or ",".join(DTYPES), tuple(DTYPES),
+                                            "dtypes")]
+    if args.suite and not args.quick:
+        args.reps = args.reps or 10
+        args.warmup = 3 if args.warmup is None else args.warmup
     return args
 
 
@@ -805,7 +891,7 @@ def run_case(case: Case, impls: list[tuple[str, str]], device: torch.device, env
     sync = synchronizer(device)
     p0, g0 = initial_data(case, device)
     sources = grad_sources(case, g0)
-    bpp = bytes_per_param(case.dtype, case.amsgrad)
+    bpp = bytes_per_param(case.dtype, case.amsgrad, case.options)
     bytes_moved = bpp * case.numel
     records: dict[tuple[str, str], dict] = {}
     runners: list[Runner] = []
@@ -817,9 +903,13 @@ def run_case(case: Case, impls: list[tuple[str, str]], device: torch.device, env
             family="torch.optim.AdamW" if impl in TORCH_VARIANTS else "fused_adamw",
             backend=impl, grads=grads, bytes_per_param=bpp, bytes_moved=bytes_moved,
             copy_gbps=case_copy, reps=reps, warmup=warmup, cache_bytes=cache, **env,
-            quick=args.quick)
+            quick=args.quick, options={k: str(v).replace("torch.", "")
+                                       for k, v in case.options.items()})
         records[(impl, grads)] = rec
         reason = skip_reason(impl, case.dtype, device)
+        if case.options and impl in TORCH_VARIANTS:
+            reason = ("torch.optim.AdamW has no master weights or state dtype (the flat rows "
+                      "of the param dtype are its baseline)")
         if reason is not None:
             rec.update(status="skipped", reason=reason)
             progress(f"{case.name} {rec['impl']} {grads}: skipped ({reason})")
@@ -835,7 +925,7 @@ def run_case(case: Case, impls: list[tuple[str, str]], device: torch.device, env
         t0 = time.perf_counter()
         for r in members:
             try:
-                r.build(case.shapes, p0, case.amsgrad, sets)
+                r.build(case.shapes, p0, case.amsgrad, sets, case.options)
             except Exception as e:  # noqa: BLE001
                 r.fail(e)
                 r.release()
@@ -851,7 +941,7 @@ def run_case(case: Case, impls: list[tuple[str, str]], device: torch.device, env
                 continue
             try:
                 med, p20, p80 = quantiles(r.times)
-                host = host_times(r, reps, med) if on_gpu else None
+                host, kernel = (host_times(r, reps, med) if on_gpu else None) or (None, None)
                 extra = extra_memory(r, device)
                 sync()
                 rec.update(
@@ -859,6 +949,7 @@ def run_case(case: Case, impls: list[tuple[str, str]], device: torch.device, env
                     gbps=bytes_moved / med / 1e9,
                     frac_of_copy=bytes_moved / med / 1e9 / case_copy,
                     host_us=None if host is None else statistics.median(host) * 1e6,
+                    kernel_ms=None if kernel is None else statistics.median(kernel) * 1e3,
                     extra_mem_bytes=extra, state_bytes=state_bytes(r.sets[0][1]))
                 progress(f"{case.name} {rec['impl']} {r.grads}: {med * 1e3:.3f} ms (p20 "
                          f"{p20 * 1e3:.3f}, p80 {p80 * 1e3:.3f}), {rec['gbps']:.1f} GB/s")
@@ -954,7 +1045,7 @@ def run(args) -> list[dict]:
         torch.set_num_threads(args.threads)
     env = environment(device)
     cores = env["cores"] or 1
-    cases = build_cases(args.cases, args.dtypes, sizes)
+    cases = suite_cases(sizes) if args.suite else build_cases(args.cases, args.dtypes, sizes)
     cache = last_level_cache_bytes(device)
 
     copy_nbytes = (16 << 20) if args.quick else (1 << 30) if on_gpu else (256 << 20)
@@ -985,7 +1076,7 @@ def run(args) -> list[dict]:
         jsonl.add(case_records)
 
     host_records = []
-    if "host" in args.cases:
+    if "host" in args.cases and not args.suite:
         host_records = run_host(args, env, sizes["host"], host_reps, warmup)
         loads += [r["loadavg"] for r in host_records if r["loadavg"] is not None]
         jsonl.add(host_records)
@@ -1022,7 +1113,8 @@ def run(args) -> list[dict]:
         lines += ["", format_table(COLUMNS, table_rows(records)), "",
                   "GB/s = bytes formula (bench/README.md) / median; % copy = GB/s / the copy "
                   "bandwidth beside the case; x <variant> = that torch variant's median (same "
-                  "grads) / this median; host us and extra MB: GPU only"]
+                  "grads) / this median; kernel ms (the step's kernels back to back, CUDA "
+                  "events), host us and extra MB: GPU only"]
         over = [r for r in records if r["status"] == "ok" and r["frac_of_copy"] > 1]
         if over and not warning:
             lines.append(f"{len(over)} row(s) above 100% of copy: the step moved its bytes "

@@ -87,6 +87,8 @@ constexpr int64_t kMaxGrid = 2147483647;  // gridDim.x limit; the tile loop stri
 template <typename T>
 struct Vec;
 
+// scalar / set_scalar: element e of a word as stored (the low-precision loop needs a 16-bit
+// param's bits, not only its value); get / set: as a float.
 template <>
 struct Vec<float> {
   static constexpr int N = 4;         // elements per 16-byte vector
@@ -94,6 +96,10 @@ struct Vec<float> {
   using Scalar = float;
   __device__ __forceinline__ static float one_to_float(float x) { return x; }
   __device__ __forceinline__ static float one_from_float(float f) { return f; }
+  __device__ __forceinline__ static float scalar(unsigned int w, int) { return __uint_as_float(w); }
+  __device__ __forceinline__ static unsigned int set_scalar(unsigned int, int, float x) {
+    return __float_as_uint(x);
+  }
   __device__ __forceinline__ static float get(unsigned int w, int) { return __uint_as_float(w); }
   __device__ __forceinline__ static unsigned int set(unsigned int, int, float f) {
     return __float_as_uint(f);
@@ -112,12 +118,19 @@ struct Vec16 {
   __device__ __forceinline__ static unsigned short one_from_float(float f) {
     return Half16::from_float(f);
   }
+  __device__ __forceinline__ static unsigned short scalar(unsigned int w, int e) {
+    return static_cast<unsigned short>(e == 0 ? (w & 0xffffu) : (w >> 16));
+  }
+  __device__ __forceinline__ static unsigned int set_scalar(unsigned int w, int e,
+                                                            unsigned short x) {
+    const unsigned int b = x;
+    return e == 0 ? ((w & 0xffff0000u) | b) : ((w & 0x0000ffffu) | (b << 16));
+  }
   __device__ __forceinline__ static float get(unsigned int w, int e) {
-    return Half16::to_float(static_cast<unsigned short>(e == 0 ? (w & 0xffffu) : (w >> 16)));
+    return Half16::to_float(scalar(w, e));
   }
   __device__ __forceinline__ static unsigned int set(unsigned int w, int e, float f) {
-    const unsigned int b = Half16::from_float(f);
-    return e == 0 ? ((w & 0xffff0000u) | b) : ((w & 0x0000ffffu) | (b << 16));
+    return set_scalar(w, e, Half16::from_float(f));
   }
 };
 
@@ -176,6 +189,48 @@ __device__ __forceinline__ void store_global(uint4* p, const uint4& r) {
 __device__ __forceinline__ unsigned int& word(uint4& r, int k) {
   return k == 0 ? r.x : (k == 1 ? r.y : (k == 2 ? r.z : r.w));
 }
+
+// G consecutive elements of one stream in the 16-byte vectors that hold them (G / V::N of
+// them: one for 8 16-bit elements, two for 8 fp32 ones), updated in place one element at a
+// time through word() and V's get / set, as the plain loop does with one vector. V is the
+// stream's Vec (int16 remainders: Vec<__nv_bfloat16>'s 16-bit lanes, through scalar /
+// set_scalar only). Q elements ("a quad") at a time: load_part(q) loads the vector that starts
+// at element q * Q (before the quad's update), store_part(q) stores the one that ends with
+// the quad (after it): an fp32 vector per quad of 4, a 16-bit one at the first and after the
+// last. e and q are compile-time constants after unrolling.
+template <typename V, int G>
+struct Lanes {
+  static_assert(G % V::N == 0, "a group is whole 16-byte vectors");
+  static constexpr int kVecs = G / V::N;
+  uint4 r[kVecs];
+  template <int Q>
+  __device__ __forceinline__ void load_part(const uint4* p, int q, bool nc = false) {
+    if ((q * Q) % V::N == 0) {
+      const int k = q * Q / V::N;
+      r[k] = nc ? __ldg(p + k) : load_global(p + k);  // nc: the read-only cache path
+    }
+  }
+  template <int Q>
+  __device__ __forceinline__ void store_part(uint4* p, int q) {
+    if (((q + 1) * Q) % V::N == 0) {
+      const int k = (q + 1) * Q / V::N - 1;
+      store_global(p + k, r[k]);
+    }
+  }
+  __device__ __forceinline__ unsigned int& word_of(int e) {
+    return word(r[e / V::N], (e % V::N) / V::kPerWord);
+  }
+  __device__ __forceinline__ float get(int e) { return V::get(word_of(e), e % V::kPerWord); }
+  __device__ __forceinline__ void set(int e, float f) {
+    word_of(e) = V::set(word_of(e), e % V::kPerWord, f);
+  }
+  __device__ __forceinline__ typename V::Scalar scalar(int e) {
+    return V::scalar(word_of(e), e % V::kPerWord);
+  }
+  __device__ __forceinline__ void set_scalar(int e, typename V::Scalar x) {
+    word_of(e) = V::set_scalar(word_of(e), e % V::kPerWord, x);
+  }
+};
 
 template <typename T>
 __device__ __forceinline__ float load_one(const int64_t addr) {
@@ -346,87 +401,301 @@ __device__ __forceinline__ float round_stochastic<float>(float f, uint32_t) {
   return f;
 }
 
-// Positions [u0, u1) of a row of a low-precision table, one element at a time (thread t takes
-// u0 + t, u0 + t + kThreads...), under master mode MODE (kMaster*, adamw_math.cuh): params of
-// T, moments of S. The element's arithmetic is csrc/cpu_adamw.cpp's tile_loop_master (and
-// tile_loop for kMasterNone) line for line, so that the two agree bit for bit. amsgrad and
-// GradScaler are uniform runtime branches here (s.amsgrad, scaled): one loop per mode.
+// The extra buffer of master mode MODE for params of T (kernels/adamw_params.h kRowExtra):
+// its element type X, its 16-byte vector layout V (Lanes) and whether the mode has one.
+template <typename T, int MODE>
+struct LowpExtra {  // kMasterNone, kMasterStochastic: none
+  static constexpr bool kHas = false;
+  using X = typename Vec<T>::Scalar;
+  using V = Vec<T>;
+};
+template <typename T>
+struct LowpExtra<T, kMasterFp32> {  // the fp32 master
+  static constexpr bool kHas = true;
+  using X = float;
+  using V = Vec<float>;
+};
+template <typename T>
+struct LowpExtra<T, kMasterRemainder> {  // int16 remainders (bfloat16 params)
+  static constexpr bool kHas = true;
+  using X = int16_t;
+  using V = Vec<__nv_bfloat16>;  // 16-bit lanes, read and written as bits
+};
+template <typename T>
+struct LowpExtra<T, kMasterKahan> {  // the compensation, of the param's dtype
+  static constexpr bool kHas = true;
+  using X = typename Vec<T>::Scalar;
+  using V = Vec<T>;
+};
+
+// One element of a low-precision row under master mode MODE (kMaster*, adamw_math.cuh): from
+// the param as stored (pb) and the mode's extra element (xb: fp32 master, int16 remainder or
+// compensation; untouched by the modes without one), the moments and the (unscaled) grad as
+// floats, to the values to store. The arithmetic is csrc/cpu_adamw.cpp's tile_loop_master
+// (and tile_loop for kMasterNone) line for line, so that the two agree bit for bit; the
+// scalar and the vector loops below both run this one function. i: the element's index in
+// the param's storage order (the stochastic rounding's counter).
+template <typename T, int MODE>
+__device__ __forceinline__ void lowp_update(typename Vec<T>::Scalar& pb,
+                                            typename LowpExtra<T, MODE>::X& xb, float fg,
+                                            float& fm, float& fv, float& fx,
+                                            const AdamWScalars& s, uint32_t key, int64_t i) {
+  using PT = typename Vec<T>::Scalar;
+  float fp;
+  if constexpr (MODE == kMasterFp32) {
+    const float m = xb;
+    fp = Vec<T>::one_from_float(m) == pb ? m : Vec<T>::one_to_float(pb);  // a written param wins
+  } else if constexpr (MODE == kMasterRemainder) {
+    fp = remainder_join(pb, xb);
+  } else {
+    fp = Vec<T>::one_to_float(pb);
+  }
+  const float p0 = fp;
+  adamw_update(fp, fg, fm, fv, fx, s);
+  if constexpr (MODE == kMasterFp32) {
+    xb = fp;
+    pb = Vec<T>::one_from_float(fp);
+  } else if constexpr (MODE == kMasterRemainder) {
+    uint16_t p16;
+    remainder_split(fp, p16, xb);
+    pb = p16;
+  } else if constexpr (MODE == kMasterKahan) {
+    float y;
+    const PT ps = Vec<T>::one_from_float(kahan_sum(p0, fp, Vec<T>::one_to_float(xb), y));
+    pb = ps;
+    xb = Vec<T>::one_from_float(kahan_residual(y, p0, Vec<T>::one_to_float(ps)));
+  } else if constexpr (MODE == kMasterStochastic) {
+    pb = Vec<T>::one_from_float(round_stochastic<T>(fp, sr_bits(key, i)));
+  } else {
+    pb = Vec<T>::one_from_float(fp);
+  }
+}
+
+// Position u of a row of a low-precision table (element u - phase), alone: params of T,
+// moments of S, master mode MODE; amsgrad and GradScaler are uniform runtime branches here
+// (s.amsgrad, scaled). key: the row's stochastic rounding key (kMasterStochastic; else
+// unused).
 template <typename T, typename S, int MODE>
-__device__ __forceinline__ void adamw_lowp_range(const int64_t* r, int64_t phase, int64_t u0,
-                                                 int64_t u1, const AdamWScalars& s,
-                                                 bool scaled, float scale) {
+__device__ __forceinline__ void adamw_lowp_one(const int64_t* r, int64_t phase, int64_t u,
+                                               const AdamWScalars& s, bool scaled, float scale,
+                                               uint32_t key) {
   using PT = typename Vec<T>::Scalar;
   using ST = typename Vec<S>::Scalar;
+  using X = typename LowpExtra<T, MODE>::X;
   PT* const param = reinterpret_cast<PT*>(r[kRowParam]);
   PT* const grad = reinterpret_cast<PT*>(r[kRowGrad]);
   ST* const exp_avg = reinterpret_cast<ST*>(r[kRowExpAvg]);
   ST* const exp_avg_sq = reinterpret_cast<ST*>(r[kRowExpAvgSq]);
   ST* const max_exp_avg_sq = reinterpret_cast<ST*>(r[kRowMaxExpAvgSq]);
+  X* const extra = reinterpret_cast<X*>(r[kRowExtra]);
+  const int64_t i = u - phase;  // the element's index in the param's storage order
+  // -------------------------------- load --------------------------------
+  PT pb = param[i];
+  X xb = LowpExtra<T, MODE>::kHas ? extra[i] : X();
+  float fm = Vec<S>::one_to_float(exp_avg[i]);
+  float fv = Vec<S>::one_to_float(exp_avg_sq[i]);
+  float fx = s.amsgrad ? Vec<S>::one_to_float(max_exp_avg_sq[i]) : 0.0f;
+  float fg = Vec<T>::one_to_float(grad[i]);
+  // ------------------------------- compute ------------------------------
+  if (scaled) {
+    fg = adamw_unscale(fg, scale);
+    grad[i] = Vec<T>::one_from_float(fg);
+  }
+  lowp_update<T, MODE>(pb, xb, fg, fm, fv, fx, s, key, i);
+  // -------------------------------- store -------------------------------
+  param[i] = pb;
+  if (LowpExtra<T, MODE>::kHas) extra[i] = xb;
+  exp_avg[i] = Vec<S>::one_from_float(fm);
+  exp_avg_sq[i] = Vec<S>::one_from_float(fv);
+  if (s.amsgrad) max_exp_avg_sq[i] = Vec<S>::one_from_float(fx);
+}
+
+// Positions [u0, u1) of a row of a low-precision table, one element at a time (thread t takes
+// u0 + t, u0 + t + kThreads...): a tile with a buffer off the param's 16-byte grid, or rows
+// without a vector loop (kLowpVectorised).
+template <typename T, typename S, int MODE>
+__device__ __forceinline__ void adamw_lowp_range(const int64_t* r, int64_t phase, int64_t u0,
+                                                 int64_t u1, const AdamWScalars& s,
+                                                 bool scaled, float scale, uint32_t key) {
+  for (int64_t u = u0 + threadIdx.x; u < u1; u += kThreads) {
+    adamw_lowp_one<T, S, MODE>(r, phase, u, s, scaled, scale, key);
+  }
+}
+
+// Elements per step of the low-precision vector loop: 8, so that every stream is whole
+// 16-byte vectors (one of each 16-bit stream, two of each fp32 one: the fp32 master, the
+// moments of 16-bit params, float32 params and grads).
+constexpr int kLowpGroup = 8;
+constexpr int kQuad = 4;  // elements per fp32 vector: the group is updated a quad at a time
+static_assert(2 * kLowpGroup <= kThreads, "a tile's head and tail take one pass of the block");
+
+// The 16-byte vectors of buffer `addr` (elements of `size` bytes) from position u = 0 of the
+// row on, i.e. element -phase (the row's groups are then whole vectors: row_group_aligned).
+__device__ __forceinline__ uint4* group_base(int64_t addr, int64_t phase, int64_t size) {
+  return reinterpret_cast<uint4*>(addr - phase * size);
+}
+
+// Whole groups [g0, g1) of a row whose buffers all sit on the param's 16-byte grid
+// (row_group_aligned); group g holds positions [g * G, (g + 1) * G). Thread t takes groups
+// g0 + t, g0 + t + kThreads...; a group is updated a quad (kQuad elements) at a time in the
+// registers its vectors were loaded into (Lanes): the 16-bit streams' vectors are loaded
+// before the first quad and stored after the last, an fp32 stream's vector of each quad
+// around that quad. So at most one fp32 vector per stream is live, and the first quad has
+// every stream's load in flight at once: 4 or 5 independent 16-byte loads (64 or 80 bytes
+// per thread; the plain kernels: 64). AMSGRAD and SCALED are template parameters (one loop
+// per combination of kLowpVectorised): each loop moves exactly its streams, the grad through
+// the read-only path (__ldg) unless it is written back, as in the plain kernel.
+template <typename T, typename S, int MODE, bool AMSGRAD, bool SCALED>
+__device__ __forceinline__ void adamw_lowp_vector_range(const int64_t* r, int64_t phase,
+                                                        int64_t g0, int64_t g1, AdamWScalars s,
+                                                        float scale, uint32_t key) {
+  constexpr int G = kLowpGroup;
+  using E = LowpExtra<T, MODE>;
+  using PL = Lanes<Vec<T>, G>;            // param and grad
+  using SL = Lanes<Vec<S>, G>;            // moments
+  using XL = Lanes<typename E::V, G>;     // the mode's extra buffer
+  constexpr int64_t kP = sizeof(typename Vec<T>::Scalar), kS = sizeof(typename Vec<S>::Scalar);
+  s.amsgrad = AMSGRAD;  // a compile-time constant from here on
+  // The thread's first group, then kThreads groups on: a 32-bit count (at most
+  // kTileElems / G groups per tile) and pointers stepped by a constant.
+  const int64_t first = g0 + threadIdx.x;
+  uint4* __restrict__ pp = group_base(r[kRowParam], phase, kP) + first * PL::kVecs;
+  uint4* __restrict__ pg = group_base(r[kRowGrad], phase, kP) + first * PL::kVecs;
+  uint4* __restrict__ pm = group_base(r[kRowExpAvg], phase, kS) + first * SL::kVecs;
+  uint4* __restrict__ pv = group_base(r[kRowExpAvgSq], phase, kS) + first * SL::kVecs;
+  uint4* __restrict__ px =  // a row without amsgrad may have no max buffer (0)
+      AMSGRAD ? group_base(r[kRowMaxExpAvgSq], phase, kS) + first * SL::kVecs : nullptr;
+  uint4* __restrict__ pe =
+      E::kHas ? group_base(r[kRowExtra], phase, sizeof(typename E::V::Scalar)) + first * XL::kVecs
+              : nullptr;
+  int64_t i0 = first * G - phase;  // the index of the group's first element in the param
+  const int n = static_cast<int>(g1 - g0);
+  for (int k = threadIdx.x; k < n; k += kThreads) {
+    PL rp, rg;
+    SL rm, rv, rx;
+    XL re;
+#pragma unroll
+    for (int q = 0; q < G / kQuad; ++q) {
+      // -------------------------------- load --------------------------------
+      rp.template load_part<kQuad>(pp, q);
+      rg.template load_part<kQuad>(pg, q, !SCALED);  // __ldg unless written back
+      rm.template load_part<kQuad>(pm, q);
+      rv.template load_part<kQuad>(pv, q);
+      if (AMSGRAD) rx.template load_part<kQuad>(px, q);
+      if (E::kHas) re.template load_part<kQuad>(pe, q);
+      // ------------------------------- compute ------------------------------
+#pragma unroll
+      for (int e = q * kQuad; e < (q + 1) * kQuad; ++e) {
+        const int64_t i = i0 + e;  // the element's index in the param's storage order
+        typename Vec<T>::Scalar pb = rp.scalar(e);
+        typename E::X xb = E::kHas ? static_cast<typename E::X>(re.scalar(e)) : typename E::X();
+        float fm = rm.get(e);
+        float fv = rv.get(e);
+        float fx = AMSGRAD ? rx.get(e) : 0.0f;
+        float fg = rg.get(e);
+        if (SCALED) {
+          fg = adamw_unscale(fg, scale);
+          rg.set(e, fg);
+        }
+        lowp_update<T, MODE>(pb, xb, fg, fm, fv, fx, s, key, i);
+        rp.set_scalar(e, pb);
+        if (E::kHas) re.set_scalar(e, static_cast<typename E::V::Scalar>(xb));
+        rm.set(e, fm);
+        rv.set(e, fv);
+        if (AMSGRAD) rx.set(e, fx);
+      }
+      // -------------------------------- store -------------------------------
+      if (SCALED) rg.template store_part<kQuad>(pg, q);
+      rp.template store_part<kQuad>(pp, q);
+      if (E::kHas) re.template store_part<kQuad>(pe, q);
+      rm.template store_part<kQuad>(pm, q);
+      rv.template store_part<kQuad>(pv, q);
+      if (AMSGRAD) rx.template store_part<kQuad>(px, q);
+    }
+    pp += kThreads * PL::kVecs;
+    pg += kThreads * PL::kVecs;
+    pm += kThreads * SL::kVecs;
+    pv += kThreads * SL::kVecs;
+    if (AMSGRAD) px += kThreads * SL::kVecs;
+    if (E::kHas) pe += kThreads * XL::kVecs;
+    i0 += kThreads * G;
+  }
+}
+
+// NOTE on amsgrad and GradScaler: only rows with neither take the vector loop; an amsgrad
+// row, or any row under GradScaler, of a low-precision table runs the scalar loop (as all
+// did before). With a vector loop for each of the four (amsgrad, GradScaler) combinations,
+// ptxas (CUDA 13.0, sm_90) spilled in all five kernels under the (256, 4) bound (64
+// registers): STACK 32 (fp32/bf16) to 112 bytes (bf16/bf16), LDL/STL inside the amsgrad and
+// GradScaler loops (a fifth stream, or the grad vector kept for its store back), and four
+// copies of every loop made the kernels 7x larger (kernels/NOTES.md).
+template <bool AMSGRAD, bool SCALED>
+constexpr bool kLowpVectorised = !AMSGRAD && !SCALED;
+
+// Groups [g0, g1) of a tile through the vector loop, the tile's positions before and after
+// them one per thread; false (nothing done) where this combination has no vector loop.
+template <typename T, typename S, int MODE, bool AMSGRAD, bool SCALED>
+__device__ __forceinline__ bool adamw_lowp_vector_tile(const int64_t* r, const TileWork& w,
+                                                       int64_t g0, int64_t g1, float scale,
+                                                       uint32_t key) {
+  if constexpr (!kLowpVectorised<AMSGRAD, SCALED>) {
+    return false;
+  } else {
+    // The head [u_begin, g0 G) and the tail [g1 G, u_end): under 2 G positions, one per
+    // thread (one scalar pass instead of two loops: fewer registers live into the vector
+    // loop), then the groups.
+    constexpr int64_t G = kLowpGroup;
+    const int64_t head = g0 * G - w.u_begin, j = threadIdx.x;
+    if (j < head + (w.u_end - g1 * G)) {
+      const int64_t u = j < head ? w.u_begin + j : g1 * G + (j - head);
+      adamw_lowp_one<T, S, MODE>(r, w.phase, u, w.s, SCALED, scale, key);
+    }
+    adamw_lowp_vector_range<T, S, MODE, AMSGRAD, SCALED>(r, w.phase, g0, g1, w.s, scale, key);
+    return true;
+  }
+}
+
+// One tile of a low-precision row under mode MODE: the vector loop over its whole groups with
+// a scalar head and tail, when every buffer it touches sits on the param's
+// 16-byte grid (row_group_aligned: a grad, moment, max or extra buffer at another phase runs
+// the whole tile scalar, as the plain kernel's row_vector_aligned); else scalar throughout.
+template <typename T, typename S, int MODE>
+__device__ __forceinline__ void adamw_lowp_tile(const int64_t* r, const TileWork& w, bool scaled,
+                                                float scale) {
+  constexpr int64_t G = kLowpGroup;
+  constexpr int64_t kExtra =
+      LowpExtra<T, MODE>::kHas ? sizeof(typename LowpExtra<T, MODE>::X) : 0;
   const uint32_t key =
       MODE == kMasterStochastic
           ? sr_key(r[kRowSeed], *reinterpret_cast<const float*>(r[kRowStep]))
           : 0u;
-  for (int64_t u = u0 + threadIdx.x; u < u1; u += kThreads) {
-    const int64_t i = u - phase;  // the element's index in the param's storage order
-    // -------------------------------- load --------------------------------
-    float fp;
-    if constexpr (MODE == kMasterFp32) {
-      const float m = reinterpret_cast<const float*>(r[kRowExtra])[i];
-      const PT pb = param[i];
-      fp = Vec<T>::one_from_float(m) == pb ? m : Vec<T>::one_to_float(pb);  // a written param wins
-    } else if constexpr (MODE == kMasterRemainder) {
-      fp = remainder_join(param[i], reinterpret_cast<const int16_t*>(r[kRowExtra])[i]);
-    } else {
-      fp = Vec<T>::one_to_float(param[i]);
+  if (row_group_aligned(r, w.phase, sizeof(typename Vec<T>::Scalar),
+                        sizeof(typename Vec<S>::Scalar), kExtra, w.s.amsgrad)) {
+    const int64_t g0 = (w.u_begin + G - 1) / G, g1 = w.u_end / G;
+    if (g0 < g1) {
+      bool done;
+      if (w.s.amsgrad) {
+        done = scaled ? adamw_lowp_vector_tile<T, S, MODE, true, true>(r, w, g0, g1, scale, key)
+                      : adamw_lowp_vector_tile<T, S, MODE, true, false>(r, w, g0, g1, scale, key);
+      } else {
+        done = scaled ? adamw_lowp_vector_tile<T, S, MODE, false, true>(r, w, g0, g1, scale, key)
+                      : adamw_lowp_vector_tile<T, S, MODE, false, false>(r, w, g0, g1, scale, key);
+      }
+      if (done) return;
     }
-    const float p0 = fp;
-    float fm = Vec<S>::one_to_float(exp_avg[i]);
-    float fv = Vec<S>::one_to_float(exp_avg_sq[i]);
-    float fx = s.amsgrad ? Vec<S>::one_to_float(max_exp_avg_sq[i]) : 0.0f;
-    float fg = Vec<T>::one_to_float(grad[i]);
-    // ------------------------------- compute ------------------------------
-    if (scaled) {
-      fg = adamw_unscale(fg, scale);
-      grad[i] = Vec<T>::one_from_float(fg);
-    }
-    fg = adamw_clip(fg, s.clip_coef);
-    adamw_update(fp, fg, fm, fv, fx, s);
-    // -------------------------------- store -------------------------------
-    if constexpr (MODE == kMasterFp32) {
-      reinterpret_cast<float*>(r[kRowExtra])[i] = fp;
-      param[i] = Vec<T>::one_from_float(fp);
-    } else if constexpr (MODE == kMasterRemainder) {
-      uint16_t pb;
-      int16_t rem;
-      remainder_split(fp, pb, rem);
-      param[i] = pb;
-      reinterpret_cast<int16_t*>(r[kRowExtra])[i] = rem;
-    } else if constexpr (MODE == kMasterKahan) {
-      PT* const comp = reinterpret_cast<PT*>(r[kRowExtra]);
-      float y;
-      const PT ps = Vec<T>::one_from_float(kahan_sum(p0, fp, Vec<T>::one_to_float(comp[i]), y));
-      param[i] = ps;
-      comp[i] = Vec<T>::one_from_float(kahan_residual(y, p0, Vec<T>::one_to_float(ps)));
-    } else if constexpr (MODE == kMasterStochastic) {
-      param[i] = Vec<T>::one_from_float(round_stochastic<T>(fp, sr_bits(key, i)));
-    } else {
-      param[i] = Vec<T>::one_from_float(fp);
-    }
-    exp_avg[i] = Vec<S>::one_from_float(fm);
-    exp_avg_sq[i] = Vec<S>::one_from_float(fv);
-    if (s.amsgrad) max_exp_avg_sq[i] = Vec<S>::one_from_float(fx);
   }
+  adamw_lowp_range<T, S, MODE>(r, w.phase, w.u_begin, w.u_end, w.s, scaled, scale, key);
 }
 
 // The low-precision kernels: params of T with moments of S (a pair of state_pair_supported)
 // and, for 16-bit params, each row's master mode read per tile from its group's hparams
 // (kHpMasterMode), as the CPU loop does. A mode the CPU loop does not run (remainder with
 // float16 params, an unknown code) leaves the tile untouched there, and here.
-// NOTE on the scalar path: every access is one element (coalesced across the warp, 2 or 4
-// bytes per thread), not the plain kernels' 16-byte vectors: correctness first (these tables
-// carry one more stream, or moments of another width than the param, so the plain kernels'
-// one-phase vector loop does not apply as is). amsgrad and GradScaler are runtime branches,
-// so there is one kernel per dtype pair: 5 per arch (kernels/NOTES.md).
+// NOTE on the loops: per mode a vector loop over groups of 8 elements (adamw_lowp_tile), with
+// the plain kernels' 16-byte global loads and stores on every stream, scalar head and tail
+// and scalar rows off the grid (or with amsgrad or GradScaler: kLowpVectorised). amsgrad and
+// GradScaler are runtime branches between the loops, so there is one kernel per dtype pair:
+// 5 per arch (kernels/NOTES.md).
 template <typename T, typename S>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     adamw_lowp_kernel(const AdamWParams p) {  // every pointer a device pointer
@@ -439,29 +708,26 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     const TileWork w = tile_work(p, t, kSize);
     const int64_t* const r = p.rows + w.row * kRowCols;
     if constexpr (std::is_same<T, float>::value) {  // float32 params: no master mode
-      adamw_lowp_range<T, S, kMasterNone>(r, w.phase, w.u_begin, w.u_end, w.s, scaled, scale);
+      adamw_lowp_tile<T, S, kMasterNone>(r, w, scaled, scale);
       continue;
     }
     switch (master_mode_of(p, r)) {
       case kMasterNone:
-        adamw_lowp_range<T, S, kMasterNone>(r, w.phase, w.u_begin, w.u_end, w.s, scaled, scale);
+        adamw_lowp_tile<T, S, kMasterNone>(r, w, scaled, scale);
         break;
       case kMasterFp32:
-        adamw_lowp_range<T, S, kMasterFp32>(r, w.phase, w.u_begin, w.u_end, w.s, scaled, scale);
+        adamw_lowp_tile<T, S, kMasterFp32>(r, w, scaled, scale);
         break;
       case kMasterRemainder:
         if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-          adamw_lowp_range<T, S, kMasterRemainder>(r, w.phase, w.u_begin, w.u_end, w.s, scaled,
-                                                   scale);
+          adamw_lowp_tile<T, S, kMasterRemainder>(r, w, scaled, scale);
         }
         break;  // float16: refused by the optimizer; the CPU loop leaves the tile too
       case kMasterKahan:
-        adamw_lowp_range<T, S, kMasterKahan>(r, w.phase, w.u_begin, w.u_end, w.s, scaled,
-                                             scale);
+        adamw_lowp_tile<T, S, kMasterKahan>(r, w, scaled, scale);
         break;
       case kMasterStochastic:
-        adamw_lowp_range<T, S, kMasterStochastic>(r, w.phase, w.u_begin, w.u_end, w.s, scaled,
-                                                  scale);
+        adamw_lowp_tile<T, S, kMasterStochastic>(r, w, scaled, scale);
         break;
       default:
         break;

@@ -77,4 +77,21 @@ FUSED_ADAMW_HD bool row_vector_aligned(const int64_t* r, bool amsgrad) {
   return (x & 15u) == 0;
 }
 
+// The low-precision kernel's form (buffers of several element sizes): whether element -phase
+// of every buffer a row reads (grad and param of `size` bytes, the moments of `state_size`,
+// max_exp_avg_sq with amsgrad, the master mode's extra buffer of `extra_size`, 0: none)
+// would be 16-byte aligned, i.e. every buffer shares the param's 16-byte grid in elements, so
+// that positions [k * G, (k + 1) * G) are whole 16-byte vectors of all of them for any G
+// that is a multiple of 16 / each size. For one element size it is row_vector_aligned.
+FUSED_ADAMW_HD bool row_group_aligned(const int64_t* r, int64_t phase, int64_t size,
+                                      int64_t state_size, int64_t extra_size, bool amsgrad) {
+  const int64_t p = phase * size, ps = phase * state_size;
+  uint64_t x = static_cast<uint64_t>(r[kRowParam] - p) | static_cast<uint64_t>(r[kRowGrad] - p) |
+               static_cast<uint64_t>(r[kRowExpAvg] - ps) |
+               static_cast<uint64_t>(r[kRowExpAvgSq] - ps);
+  if (amsgrad) x |= static_cast<uint64_t>(r[kRowMaxExpAvgSq] - ps);
+  if (extra_size != 0) x |= static_cast<uint64_t>(r[kRowExtra] - phase * extra_size);
+  return (x & 15u) == 0;
+}
+
 }  // namespace fused_adamw

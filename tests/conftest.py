@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 
 import pytest
 import torch
@@ -13,6 +15,37 @@ ODD_SIZES = [0, 1, 7, 1023, 1024, 1025, 4097, 278011]
 HAS_CUDA = torch.cuda.is_available()
 HAS_MPS = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# FUSED_ADAMW_TEST_TIMEOUT=SECONDS (bench/gpu_suite.sh sets it; pytest-timeout may be missing on
+# the GPU machine): a test running longer fails with a Timeout, and the run goes on with the
+# next test; one stuck where no signal reaches Python (a hung kernel) gets its traceback
+# dumped and the process ended 30 s later. Unset (CI): no timeout.
+TEST_TIMEOUT_S = float(os.environ.get("FUSED_ADAMW_TEST_TIMEOUT") or 0)
+
+
+class PerTestTimeout(Exception):
+    pass
+
+
+def _on_alarm(signum, frame):
+    raise PerTestTimeout(f"the test ran longer than FUSED_ADAMW_TEST_TIMEOUT={TEST_TIMEOUT_S:g} s")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    if TEST_TIMEOUT_S <= 0 or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT_S)
+    faulthandler.dump_traceback_later(TEST_TIMEOUT_S + 30, exit=True)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        faulthandler.cancel_dump_traceback_later()
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(autouse=True)

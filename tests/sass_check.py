@@ -2,7 +2,8 @@
 """Checks the compiled CUDA kernel's SASS, without a GPU.
 
 For every instantiation of kernels/adamw_kernel.cu (``adamw_kernel<float|__nv_bfloat16|__half,
-HAS_MAX false|true>`` and ``adamw_steps_kernel``) and every arch in a binary, from
+HAS_MAX false|true, SCALED false|true>``, the low-precision ``adamw_lowp_kernel<T, S>`` and
+``adamw_steps_kernel``) and every arch in a binary, from
 ``cuobjdump -sass``, ``-res-usage``, ``-elf`` and ``-ptx``:
 
 * **local**: no local memory: no LDL/STL instruction, ``STACK:0`` and ``LOCAL:0`` (no spill, no
@@ -20,6 +21,10 @@ HAS_MAX false|true>`` and ``adamw_steps_kernel``) and every arch in a binary, fr
   elements per vector for fp32 and 8 for 16-bit: 28 (fp32) / 14 (16-bit), 36 / 18 with amsgrad.
   ``HAS_MAX=true`` must hold both loops (amsgrad rows and plain rows of the same table),
   ``HAS_MAX=false`` only the plain one.
+* the low-precision kernels: one such loop per master mode over groups of 8 elements, each
+  stream in whole 16-byte vectors (one per 16-bit stream, two per fp32 one), counts and bytes
+  per element by :func:`lowp_streams` (e.g. bf16 params with fp32 moments and an fp32 master:
+  8 loads / 7 stores, 30 B/elem), held to vec128, global and bytes as above.
 
 The vector main loop is found in the SASS as an innermost loop (a backward BRA to an earlier
 address; the body is [target, branch]) that holds a 128-bit global or generic access.
@@ -74,14 +79,46 @@ SHORT = {"float": "fp32", "__nv_bfloat16": "bf16", "__half": "fp16"}
 
 # The low-precision kernels (issue #13: master modes, state_dtype), one per supported
 # (param, state) pair (kernels/adamw_params.h state_pair_supported): adamw_lowp_kernel<T, S>.
-# NOTE on their exemption from vec128 and bytes: they run one element per access (scalar by
-# design, kernels/adamw_kernel.cu "NOTE on the scalar path"), so they have no 128-bit loop to
-# check; they are held to the other checks (no local memory, registers within their bound,
-# the declared bound equal to LOWP_MIN_BLOCKS) and must have NO 128-bit loop: a vector path
-# added later has to come with its STREAMS here.
+# Their vector loops (kernels/adamw_kernel.cu adamw_lowp_vector_range) step groups of
+# LOWP_GROUP elements, every stream in whole 16-byte vectors: one per 16-bit stream, two per
+# fp32 one. One loop per master mode the param dtype takes (LOWP_MODES) and per (amsgrad,
+# GradScaler) combination of LOWP_VECTOR_KINDS; a row of another combination runs the scalar
+# loop. They are held to every check of the plain kernels' loops: vec128 (only 128-bit
+# accesses, in the counts of lowp_streams), global (LDG/STG), bytes (the formula's).
 LOWP_PAIRS = [("float", "__nv_bfloat16"), ("__nv_bfloat16", "__nv_bfloat16"),
               ("__nv_bfloat16", "float"), ("__half", "__half"), ("__half", "float")]
 LOWP_MIN_BLOCKS = 4  # (256, 4): 64 registers, as the plain kernels without amsgrad
+LOWP_GROUP = 8
+LOWP_MODES = {"float": ("none",),
+              "__nv_bfloat16": ("none", "fp32", "remainder", "kahan", "stochastic"),
+              "__half": ("none", "fp32", "kahan", "stochastic")}  # remainder: bfloat16 only
+# Bytes per element of a mode's extra buffer (kRowExtra): None: the param's dtype.
+LOWP_EXTRA_SIZE = {"none": 0, "stochastic": 0, "fp32": 4, "remainder": 2, "kahan": None}
+# (amsgrad, GradScaler) with a vector loop: the kernel's kLowpVectorised. amsgrad and
+# GradScaler rows of a low-precision table run scalar: vectorised, they spilled at 64
+# registers (kernels/adamw_kernel.cu "NOTE on amsgrad and GradScaler").
+LOWP_VECTOR_KINDS = ((False, False),)
+
+
+def lowp_streams(t: str, s: str, mode: str, amsgrad: bool, scaled: bool) -> tuple[int, int]:
+    """(loads, stores) of 16-byte vectors per group of LOWP_GROUP elements: param and grad in,
+    the moments (and max_exp_avg_sq) in and out, the mode's extra buffer in and out, the param
+    out and, under GradScaler, the grad out."""
+    def vecs(size: int) -> int:
+        return LOWP_GROUP * size // 16
+    p, m = vecs(ELEM_SIZE[t]), vecs(ELEM_SIZE[s])
+    xs = LOWP_EXTRA_SIZE[mode]
+    x = vecs(ELEM_SIZE[t] if xs is None else xs) if xs != 0 else 0
+    moments = (3 if amsgrad else 2) * m
+    return 2 * p + moments + x, p + (p if scaled else 0) + moments + x
+
+
+def lowp_expected(t: str, s: str) -> dict[tuple[str, bool, bool], tuple[int, int]]:
+    """{(mode, amsgrad, scaled): (loads, stores)} of every vector loop adamw_lowp_kernel<t, s>
+    must hold."""
+    return {(mode, a, sc): lowp_streams(t, s, mode, a, sc) for mode in LOWP_MODES[t]
+            for a, sc in LOWP_VECTOR_KINDS}
+
 
 EXPECTED_KERNELS = [f"adamw_kernel<{t}, {m}, {sc}>" for t in ("float", "__nv_bfloat16", "__half")
                     for m in ("false", "true") for sc in ("false", "true")] + [
@@ -395,6 +432,7 @@ class Loop:
     generic128: int = 0   # of load128 + store128: LD/ST through a generic address
     narrow: list[str] = dataclasses.field(default_factory=list)  # other-width accesses
     bytes: int = 0        # all global/generic bytes per iteration
+    lowp_unroll: int = 0  # a low-precision loop's unroll (check_lowp_loops), 0: not one
 
     @property
     def kind(self) -> tuple[bool, int] | None:
@@ -476,8 +514,12 @@ class Result:
     def ok(self) -> bool:
         return not self.failures
 
+    @property
+    def lowp(self) -> bool:
+        return kernel_lowp(self.mangled) is not None
+
     def loops_text(self) -> str:
-        if self.has_max is None:
+        if self.has_max is None and not self.lowp:
             return "-"
         parts = []
         for lp in self.loops:
@@ -490,12 +532,14 @@ class Result:
         return ", ".join(parts) or "none"
 
     def bytes_text(self) -> str:
-        if self.has_max is None:
+        if self.has_max is None and not self.lowp:
             return "-"
         parts = []
         for lp in self.loops:
             k = lp.kind
             u = k[1] if k else max(1, lp.load128 // 4)
+            if self.lowp:
+                u = lp.lowp_unroll or 1
             v = lp.bytes / (self.elems * u)
             parts.append(f"{v:g}")
         return ", ".join(parts) or "-"
@@ -534,10 +578,6 @@ def check_function(arch: str, mangled: str, insns: list[Insn], res: dict[str, in
                             "(tests/sass_check.py LOWP_MIN_BLOCKS)")
         if maxntid is not None and maxntid != THREADS:
             failures.append(f"launch bound: .maxntid {maxntid}, expected {THREADS}")
-        wide = [lp for lp in vector_loops(insns) if lp.load128 or lp.store128]
-        if wide:
-            failures.append(f"vec128: the scalar low-precision kernel has {len(wide)} loop(s) "
-                            "with 128-bit accesses: give them STREAMS and checks")
     elif has_max is None:  # the steps kernel: (256) only
         bound = min(255, REGS_PER_SM // THREADS)
     else:
@@ -552,7 +592,11 @@ def check_function(arch: str, mangled: str, insns: list[Insn], res: dict[str, in
         failures.append(f"registers: {regs} > {bound}")
     loops: list[Loop] = []
     elems = ELEMS_PER_VECTOR.get(t) if t else None
-    if has_max is not None:
+    if lowp:
+        loops = vector_loops(insns)
+        elems = LOWP_GROUP
+        failures += check_lowp_loops(kernel_lowp(mangled), loops)
+    elif has_max is not None:
         loops = vector_loops(insns)
         kinds = []
         for lp in loops:
@@ -588,6 +632,48 @@ def check_function(arch: str, mangled: str, insns: list[Insn], res: dict[str, in
                             f"SCALED={'true' if scaled else 'false'} kernel")
     return Result(arch, mangled, kernel, regs, bound, ptxas_cap, min_blocks, stack, local,
                   local_insns, loops, elems, has_max, failures)
+
+
+def check_lowp_loops(pair: tuple[str, str], loops: list[Loop]) -> list[str]:
+    """vec128, global and bytes of an adamw_lowp_kernel<T, S>'s vector loops: each loop makes
+    only 128-bit global accesses in the counts of some (mode, amsgrad, scaled) of lowp_expected
+    (times an unroll), moving its formula's bytes per element, and every expected loop is there
+    (loops of equal counts matched by number: the bfloat16 kahan and remainder loops move the
+    same vectors)."""
+    t, s = pair
+    expected = lowp_expected(t, s)
+    signatures = set(expected.values())
+    failures, found = [], []
+    for lp in loops:
+        where = f"loop {lp.start:#x}-{lp.end:#x}"
+        if lp.narrow:
+            failures.append(f"vec128: {where} has non-128-bit accesses {sorted(set(lp.narrow))}")
+        if lp.generic128:
+            failures.append(f"global: {where}: {lp.generic128} of {lp.load128 + lp.store128} "
+                            "128-bit accesses are generic LD/ST, not LDG/STG")
+        unroll = next((u for u in range(1, 9) if lp.load128 % u == 0 and lp.store128 % u == 0
+                       and (lp.load128 // u, lp.store128 // u) in signatures), None)
+        if unroll is None:
+            failures.append(f"vec128: {where} has {lp.load128} 128-bit loads and {lp.store128} "
+                            f"stores: no low-precision loop of {SHORT[t]}/{SHORT[s]} has "
+                            f"those (want one of {sorted(signatures)}, times an unroll)")
+            continue
+        ld, st = lp.load128 // unroll, lp.store128 // unroll
+        found.append((ld, st))
+        lp.lowp_unroll = unroll
+        want_b = 16 * (ld + st) / LOWP_GROUP
+        got_b = lp.bytes / (LOWP_GROUP * unroll)
+        if got_b != want_b:
+            failures.append(f"bytes: {where}: {got_b:g} B/elem, expected {want_b:g}")
+    for sig in sorted(signatures):
+        kinds = sorted(k for k, v in expected.items() if v == sig)
+        have = found.count(sig)
+        if have < len(kinds):
+            names = ", ".join(f"{m}{' amsgrad' if a else ''}{' GradScaler' if sc else ''}"
+                              for m, a, sc in kinds)
+            failures.append(f"vec128: {have} vector loop(s) of {sig[0]} loads / {sig[1]} stores,"
+                            f" expected {len(kinds)} ({names})")
+    return failures
 
 
 def check_binary(binary: Path, cuobjdump: str, nvdisasm: str | None,

@@ -138,6 +138,13 @@ def test_bytes_formula(bench):
     assert bench.bytes_per_param(torch.float32, amsgrad=False) == 28
     assert bench.bytes_per_param(torch.float32, amsgrad=True) == 36
     assert bench.bytes_per_param(torch.bfloat16, amsgrad=False) == 14
+    # low precision: bf16 p r+w, g r (6) + bf16 m, v r+w (8) + the mode's buffer r+w
+    bf16 = lambda **o: bench.bytes_per_param(torch.bfloat16, False, o)  # noqa: E731
+    assert (bf16(master_weights="fp32"), bf16(master_weights="remainder"),
+            bf16(master_weights="kahan"), bf16(master_weights="stochastic")) == (22, 18, 18, 14)
+    assert bf16(master_weights="fp32", state_dtype=torch.float32) == 30
+    # fp32 p r+w, g r (12) + bf16 m, v r+w (8)
+    assert bench.bytes_per_param(torch.float32, False, {"state_dtype": torch.bfloat16}) == 20
 
 
 def test_case_sizes(bench):
@@ -148,8 +155,14 @@ def test_case_sizes(bench):
     assert sum(math.prod(s) for s in bench.llm_shapes(512, 12, 16384)) == 54_538_752
     cases = {c.name: c for c in bench.build_cases(
         list(bench.CASE_KINDS), [torch.float32, torch.bfloat16], bench.SIZES["cpu"])}
+    lowp = {"lowp-bf16-master-fp32", "lowp-bf16-remainder", "lowp-bf16-stochastic",
+            "lowp-fp32-bf16-moments"}
     assert set(cases) == {"flat-fp32", "flat-bf16", "llm-fp32", "llm-bf16", "small-fp32",
-                          "flat-amsgrad-fp32"}
+                          "flat-amsgrad-fp32"} | lowp
+    assert cases["lowp-bf16-remainder"].options == {"master_weights": "remainder"}
+    assert cases["lowp-fp32-bf16-moments"].dtype == torch.float32
+    # the default run is the one it always was: lowp only when asked for
+    assert "lowp" not in bench.parse_args([]).cases
     assert cases["flat-fp32"].shapes == [(50_000_000,)]
     assert cases["small-fp32"].shapes == [(10_000,)] * 5000
     assert cases["flat-amsgrad-fp32"].amsgrad and not cases["flat-fp32"].amsgrad
@@ -199,3 +212,52 @@ def test_training_step_bench_quick(tmp_path):
     assert rows[2]["skipped"] == "CUDA graphs need a CUDA device"
     assert all(x["median_s"] > 0 for x in rows[:2])
     assert "scaler  fused_adamw" in r.stdout
+
+
+def test_suite_cases_and_defaults(bench):
+    """--suite on a GPU: flat fp32 and bf16 at 1e9, 1e8 and 1e6 params (largest first),
+    5,000 x 10k, one case per low-precision kind at 1e8; cuda, triton and torch fused, fresh
+    grads, 10 timed steps after 3 warm-up. It chooses its cases itself."""
+    cases = bench.suite_cases(bench.SIZES["gpu"])
+    assert [(c.name, c.numel) for c in cases] == [
+        ("flat-fp32-1e9", 10**9), ("flat-bf16-1e9", 10**9), ("small-fp32", 5000 * 10_000),
+        ("flat-fp32-1e8", 10**8), ("flat-bf16-1e8", 10**8), ("flat-fp32-1e6", 10**6),
+        ("flat-bf16-1e6", 10**6), ("lowp-bf16-master-fp32", 10**8),
+        ("lowp-bf16-remainder", 10**8), ("lowp-bf16-stochastic", 10**8),
+        ("lowp-fp32-bf16-moments", 10**8)]
+    assert cases[2].shapes == [(10_000,)] * 5000
+    args = bench.parse_args(["--suite"])
+    assert (args.backends, args.grads, args.reps, args.warmup) == (
+        ["cuda", "triton", "torch-fused"], ["fresh"], 10, 3)
+    assert bench.parse_args(["--suite", "--backends", "cpu", "--reps", "4"]).backends == ["cpu"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--suite", "--cases", "flat"])
+
+
+def test_suite_quick_run(bench, tmp_path, capsys):
+    """--suite --quick runs on the CPU: every suite case, fresh grads only, the low-precision
+    cases stepped with their options by FusedAdamW and skipped with the reason for torch's
+    AdamW; the kernel time is GPU only (n/a here)."""
+    records = bench.main(["--suite", "--quick", "--device", "cpu", "--backends",
+                          "cpu,torch-fused", "--out", str(tmp_path), "--reps", "1",
+                          "--warmup", "0", "--threads", "1", "--plot", "none"])
+    out = capsys.readouterr().out
+    assert "kernel ms" in out
+    names = [c.name for c in bench.suite_cases(bench.SIZES["quick"])]
+    assert list(dict.fromkeys(r["case"] for r in records)) == names
+    assert {r["grads"] for r in records} == {"fresh"}
+    by = {(r["case"], r["impl"]): r for r in records}
+    for name in names:
+        ours, torchs = by[(name, "fused_adamw[cpu]")], by[(name, "torch-fused")]
+        assert ours["status"] == "ok", ours["reason"]
+        assert ours["kernel_ms"] is None
+        if name.startswith("lowp-"):
+            assert torchs["status"] == "skipped" and "master weights" in torchs["reason"]
+        else:
+            assert torchs["status"] == "ok" and ours["options"] == {}
+    r = by[("lowp-bf16-master-fp32", "fused_adamw[cpu]")]
+    assert r["options"] == {"master_weights": "fp32"} and r["bytes_per_param"] == 22
+    # the fp32 master is state: 4 B/param more than the bf16 moments' 4
+    assert r["state_bytes"] >= 8 * r["numel"]
+    assert by[("lowp-fp32-bf16-moments", "fused_adamw[cpu]")]["options"] == {
+        "state_dtype": "bfloat16"}

@@ -90,5 +90,7 @@ def test_demo_with_an_unusable_device_exits_with_one_line(device):
     proc = _run("fused_adamw.demo", "--device", device, "--steps", "1")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("demo.py: error: --device " + device), proc.stderr
+    # One line, argparse's error format without the usage (the reason is not buried).
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("python -m fused_adamw.demo: error: --device " + device), lines

@@ -16,6 +16,7 @@ import torch
 from _oracle import atol_for, draw, new_opt, torch_adamw, torch_lacks, twin
 from _trajectory import describe, max_err, real
 from conftest import backend_cells
+from fused_adamw import FusedAdamW
 
 CELLS = backend_cells()
 CPU_CELLS = [c for c in CELLS if c.values[1] == "cpu"]
@@ -366,3 +367,94 @@ def test_dtype_change_then_reloaded_state_trains_as_torch(cast):
         # may differ by a few fp16 ulps of |p| < 1 after 5 steps; 8 ulps is well below one
         # step's move (lr 1e-2 = 10 ulps) summed over 5 steps.
         assert_close(ours, theirs, atol=8 * torch.finfo(torch.float16).eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue #18's review: (i) a grad whose storage is swapped between steps was read with the old
+# dtype (cpu backend: NaNs) or advanced the step count before raising (torch backend); (ii)
+# decouple_lr with a differentiable group was refused only at step(), after the fused groups
+# stepped; (iii) a bad grad in a differentiable group was found after the fused groups
+# stepped, by a message naming no param. Each now raises before anything changes, naming it.
+
+
+@torch_lacks  # torch raises too, but names no param (and steps param 0 first)
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("swap", ["double", "reshaped"])
+def test_grad_swapped_by_data_is_refused_before_anything_changes(backend, swap):
+    ps = [torch.nn.Parameter(torch.randn(4, 6)) for _ in range(3)]
+    opt = new_opt(ps, backend=backend)
+    gen = torch.Generator().manual_seed(1)
+    train([(opt, ps)], 2, gen)  # fresh grads every step: the table's fast path
+    for p in ps:
+        p.grad = draw(p, gen)
+    g = ps[1].grad
+    ps[1].grad.data = g.double() if swap == "double" else torch.randn(6, 4, generator=gen)
+    before = snapshot(opt, ps)
+    with pytest.raises(RuntimeError) as info:
+        opt.step()
+    msg = str(info.value)
+    assert "param 1 of param group 0" in msg, msg
+    assert ("float64" in msg) if swap == "double" else ("(6, 4)" in msg), msg
+    assert_nothing_changed(before, opt, ps)
+
+
+def _differentiable_group(**kw):
+    p = torch.nn.Parameter(torch.randn(5))
+    return {"params": [p], "differentiable": True, **kw}
+
+
+@torch_lacks  # decouple_lr is ours
+def test_decouple_lr_with_a_differentiable_group_is_refused_when_the_group_is_added():
+    with pytest.raises(NotImplementedError, match="param group 0: decouple_lr .* "
+                                                  "differentiable=True"):
+        FusedAdamW([torch.nn.Parameter(torch.randn(3))], differentiable=True, decouple_lr=True)
+    with pytest.raises(NotImplementedError, match="param group 1: decouple_lr"):
+        FusedAdamW([{"params": [torch.nn.Parameter(torch.randn(3))]},
+                    _differentiable_group()], decouple_lr=True)
+    opt = FusedAdamW([torch.nn.Parameter(torch.randn(3))], decouple_lr=True)
+    with pytest.raises(NotImplementedError, match="param group 1: decouple_lr"):
+        opt.add_param_group(_differentiable_group())
+    assert len(opt.param_groups) == 1
+    opt.add_param_group(_differentiable_group(decouple_lr=False))  # the way out it names
+
+
+@torch_lacks  # decouple_lr is ours
+def test_a_group_edited_to_decouple_lr_and_differentiable_is_refused_before_any_launch():
+    fused = torch.nn.Parameter(torch.randn(5))
+    opt = FusedAdamW([{"params": [fused]}, _differentiable_group()])
+    opt.param_groups[1]["decouple_lr"], opt.param_groups[1]["max_lr"] = True, 1e-3
+    fused.grad = torch.randn(5)
+    opt.param_groups[1]["params"][0].grad = torch.randn(5)
+    ps = [fused, opt.param_groups[1]["params"][0]]
+    before = snapshot(opt, ps)
+    with pytest.raises(NotImplementedError, match="param group 1: decouple_lr"):
+        opt.step()
+    assert_nothing_changed(before, opt, ps)
+
+
+@torch_lacks  # torch's messages name no param
+@pytest.mark.parametrize("bad", ["sparse", "shape"])
+def test_a_bad_grad_in_a_differentiable_group_is_refused_before_anything_changes(bad):
+    fused = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3, 2))]
+    group = _differentiable_group()
+    group["params"].append(torch.nn.Parameter(torch.randn(4, 2)))
+    opt = FusedAdamW([{"params": fused}, group])
+    diff = group["params"]
+    for p in fused + diff:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    for p in fused + diff:
+        p.grad = torch.randn(p.shape)
+    if bad == "sparse":
+        diff[1].grad = torch.sparse_coo_tensor(torch.tensor([[1, 3]]), torch.randn(2, 2),
+                                               (4, 2), check_invariants=True)
+    else:
+        diff[1].grad.data = torch.randn(2, 4)  # swapped past the grad setter's check
+    ps = fused + diff
+    before = snapshot(opt, ps)
+    with pytest.raises(RuntimeError) as info:
+        opt.step()
+    msg = str(info.value)
+    assert "param 1 of param group 1" in msg, msg
+    assert ("SparseAdam" in msg) if bad == "sparse" else ("(2, 4)" in msg), msg
+    assert_nothing_changed(before, opt, ps)

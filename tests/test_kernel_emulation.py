@@ -124,13 +124,21 @@ if not CHILD:
                                      "restore_ = true;")],
         # Low-precision tables (issue #13): the fp32 master always taken (a param the user
         # wrote is lost), the stochastic bits drawn by position instead of element index
-        # (shifted by the param's phase), the Kahan compensation dropped.
+        # (shifted by the param's phase; the vector loop's index serves nothing else), the
+        # Kahan compensation dropped.
         "master_always_wins": [(KERNEL_CU, "fp = Vec<T>::one_from_float(m) == pb ? m : "
                                 "Vec<T>::one_to_float(pb);", "fp = m;")],
-        "sr_bits_by_position": [(KERNEL_CU, "round_stochastic<T>(fp, sr_bits(key, i))",
-                                 "round_stochastic<T>(fp, sr_bits(key, u))")],
-        "kahan_ignores_compensation": [(KERNEL_CU, "Vec<T>::one_to_float(comp[i]), y)",
+        "sr_bits_by_position": [(KERNEL_CU, "int64_t i0 = first * G - phase;",
+                                 "int64_t i0 = first * G;")],
+        "kahan_ignores_compensation": [(KERNEL_CU, "Vec<T>::one_to_float(xb), y)",
                                         "0.0f, y)")],
+        # The low-precision vector loop (issue #21): a wrong element of the group (the first
+        # moment of its neighbour in the same 32-bit word or vector), a tile whose extra
+        # buffer is off the param's grid taken as aligned (its vectors straddle the group).
+        "lowp_vector_wrong_lane": [(KERNEL_CU, "float fm = rm.get(e);",
+                                    "float fm = rm.get(e ^ 1);")],
+        "lowp_extra_phase_ignored": [("adamw_tile.cuh",
+                                      "if (extra_size != 0) x |= ", "if (false) x |= ")],
         # Gradient clipping (issue #19): the coefficient skipped on the vector path; the norm
         # pass's lanes walked element by element instead of vector by vector (another order:
         # the same sum to rounding, other bits); the last element of a tile left out.
@@ -144,8 +152,8 @@ if not CHILD:
     }
     MUTANT_CHECKS = ("(matches_cpu_loop and fp32-some-exact) or (every_phase and bf16-exact) "
                      "or tiles_run_once_on_their_block[5] or untouched or steps_kernel "
-                     "or offsets_past or grad_scaler or found_inf or restore_creates or lowp_matches "
-                     "or clip")
+                     "or offsets_past or grad_scaler or found_inf or restore_creates "
+                     "or lowp_matches or lowp_every_phase or clip")
 
     def _detection(out: str) -> str | None:
         """How a failed child run caught the mutant, or None if it did not fail on a check."""
@@ -464,17 +472,19 @@ else:
 
     def test_lowp_every_phase():
         """Low-precision rows at every element phase of the param, grad at the same and at
-        another phase, moments and the mode's buffer at theirs: every tile edge of the scalar
-        loop, two steps (the second capped and shuffled)."""
+        another phase, moments and the mode's buffer at theirs (the vector loop over groups of
+        8 with scalar head and tail) or the max or mode's buffer at another (scalar
+        throughout): every tile edge, two steps (the second capped and shuffled)."""
         for dtype, sdtype, modes in ((BF, F32, ("fp32", "remainder")),
-                                     (F16, F16, ("stochastic", "kahan"))):
+                                     (F16, F16, ("stochastic", "kahan")),
+                                     (F32, BF, (None, None))):
             nph = phases(dtype)
             specs = []
             for n in (1, 9, 1025, 16385):
                 for ph in range(nph):
                     other = (ph + 1 + n % (nph - 1)) % nph
-                    specs += [Spec(n, 0, ph), Spec(n, 1, ph, grad_phase=other),
-                              Spec(n, 0, ph, max_phase=other)]
+                    specs += [Spec(n, 0, ph), Spec(n, 1, ph), Spec(n, 1, ph, grad_phase=other),
+                              Spec(n, 0, ph, max_phase=other), Spec(n, 1, ph, extra_phase=other)]
             groups = [dict(GROUPS[0], amsgrad=True, master=modes[0]),
                       dict(GROUPS[1], amsgrad=False, master=modes[1])]
             case = Case.new(dtype, specs, groups, "exact", seed=24, state_dtype=sdtype)

@@ -3,9 +3,10 @@
 For sm_90 and every arch of setup.py's default list, every instantiation: no local memory,
 registers within the launch bound, a 128-bit vector main loop of global loads and stores, and
 the loop's global bytes per element equal to the formula (28 / 14 B per fp32 / 16-bit element,
-36 / 18 with amsgrad). The binary is the built extension (CI installs the wheel, built for the
-default archs) where it holds those archs; archs it lacks are compiled here with setup.py's nvcc
-flags. Two deliberately broken copies of the kernel show that the checker can fail.
+36 / 18 with amsgrad); the low-precision kernels one such loop per master mode, each with its
+streams' counts and bytes (sass_check.lowp_streams). The binary is the built extension (CI
+installs the wheel, built for the default archs) where it holds those archs; archs it lacks are
+compiled here with setup.py's nvcc flags. Two deliberately broken copies of the kernel show that the checker can fail.
 
 Skips with the reason when cuobjdump / nvdisasm (CUDA toolkit, the nvidia-cuda-cuobjdump and
 nvidia-cuda-nvdisasm wheels, or Triton's copies) or nvcc is missing.
@@ -139,6 +140,19 @@ def test_vector_loop_bytes_per_element(results):
 
 
 @needs_tools
+def test_lowp_vector_loops(results):
+    """Each low-precision kernel has one 128-bit loop per master mode its params take, moving
+    that mode's bytes per element (e.g. bf16 params, fp32 moments, fp32 master: 30 B)."""
+    lowp = [r for r in results if r.lowp]
+    assert {r.kernel for r in lowp} == {f"adamw_lowp_kernel<{t}, {s}>" for t, s in sc.LOWP_PAIRS}
+    for r in lowp:
+        t, s = sc.kernel_lowp(r.mangled)
+        want = sorted(16 * (ld + st) / sc.LOWP_GROUP for ld, st in sc.lowp_expected(t, s).values())
+        got = sorted(float(b) for b in r.bytes_text().split(", "))
+        assert got == want, (r.arch, r.kernel, got, r.failures)
+
+
+@needs_tools
 def test_vector_loop_is_global_space(results):
     """LDG/STG (any modifiers), not generic LD/ST: the 128-bit accesses of the vector loop go to
     global memory by instruction, not through a generic address."""
@@ -175,16 +189,23 @@ def mutant_spills(src: str) -> str:
 
 def mutant_narrow_store(src: str) -> str:
     """adamw_kernel without launch bounds, and the vector loop's param store done as four 32-bit
-    (volatile, so not merged back) stores."""
+    (volatile, so not merged back) stores; so are the low-precision loops' stores (Lanes)."""
     a, b = _launch_bounds_span(src)
     src = src[:a] + src[b:]
     store = re.compile(r"^(\s*)store_global\(param \+ v, rp\);", re.M)
     if not store.search(src):
         raise AssertionError("tests/test_sass.py: no `store_global(param + v, rp);` in "
                              "kernels/adamw_kernel.cu any more: update the mutation")
-    return store.sub(
+    src = store.sub(
         r"\1{ volatile unsigned int* p32 = reinterpret_cast<volatile unsigned int*>(param + v);"
         r" p32[0] = rp.x; p32[1] = rp.y; p32[2] = rp.z; p32[3] = rp.w; }", src, count=1)
+    lanes = "      store_global(p + k, r[k]);\n"
+    if src.count(lanes) != 1:
+        raise AssertionError("tests/test_sass.py: no `store_global(p + k, r[k]);` (Lanes) in "
+                             "kernels/adamw_kernel.cu any more: update the mutation")
+    return src.replace(lanes, "      { volatile unsigned int* p32 = reinterpret_cast<volatile "
+                       "unsigned int*>(p + k); p32[0] = r[k].x; p32[1] = r[k].y; "
+                       "p32[2] = r[k].z; p32[3] = r[k].w; }\n")
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +250,10 @@ def test_checker_reports_narrow_stores_and_a_missing_bound(mutants):
     res = mutants["narrow"]
     print("\n" + sc.table(res))
     for r in res:
+        if r.lowp:
+            assert any(f.startswith("vec128") and "non-128-bit" in f for f in r.failures), (
+                r.kernel, r.failures)
+            continue
         if r.has_max is None:
             assert r.ok, r.failures
             continue
@@ -308,3 +333,35 @@ def test_parser_finds_the_vector_loop():
     r = sc.check_function("sm_90", key[1], insns, {"REG": 40, "STACK": 0, "LOCAL": 0}, 64,
                           (256, 4))
     assert any("non-128-bit" in f for f in r.failures), r.failures
+
+
+def test_lowp_loop_check():
+    """check_lowp_loops on made-up loops of adamw_lowp_kernel<__nv_bfloat16, __nv_bfloat16>
+    (runs without any CUDA tool): the expected set passes; a missing loop, a loop of another
+    stream count, a narrow access and a generic access are each reported."""
+    def loop(ld, st, narrow=(), generic=0):
+        lp = sc.Loop(0x100, 0x200, [], ld, st, generic, list(narrow))
+        lp.bytes = 16 * (ld + st) + sum(sc.access_bytes(op) for op in narrow)
+        return lp
+
+    pair = ("__nv_bfloat16", "__nv_bfloat16")
+    want = sc.lowp_expected(*pair)
+    assert want[("fp32", False, False)] == (6, 5)  # + two fp32 master vectors in and out
+    assert want[("kahan", False, False)] == want[("remainder", False, False)] == (5, 4)
+    loops = [loop(*v) for v in want.values()]
+    assert sc.check_lowp_loops(pair, loops) == []
+    assert [lp.lowp_unroll for lp in loops] == [1] * len(loops)
+    assert sc.check_lowp_loops(pair, [loop(2 * ld, 2 * st) for ld, st in want.values()]) == []
+    fails = sc.check_lowp_loops(pair, [lp for lp in loops if (lp.load128, lp.store128) != (5, 4)]
+                                + [loop(5, 4)])  # kahan's and remainder's: one of two
+    assert fails == ["vec128: 1 vector loop(s) of 5 loads / 4 stores, expected 2 (kahan, "
+                     "remainder)"], fails
+    fails = sc.check_lowp_loops(pair, loops + [loop(7, 3)])
+    assert len(fails) == 1 and fails[0].startswith("vec128: loop 0x100-0x200 has 7 128-bit "
+                                                   "loads and 3 stores"), fails
+    fails = sc.check_lowp_loops(pair, loops[:-1] + [loop(4, 3, narrow=["STG.E"])])
+    assert sorted(f.split(":")[0] for f in fails) == ["bytes", "vec128"], fails
+    fails = sc.check_lowp_loops(pair, loops[:-1] + [loop(4, 3, generic=2)])
+    assert [f.split(":")[0] for f in fails] == ["global"], fails
+    # fp32 params with bf16 moments: two vectors of param and grad, one of each moment
+    assert sc.lowp_expected("float", "__nv_bfloat16") == {("none", False, False): (6, 4)}

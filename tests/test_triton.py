@@ -37,7 +37,8 @@ SIZES = [0, 1, 7, 1023, 1024, 1025, 4097]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
 MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
-BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
+        torch.int16: torch.int16}
 
 # Tolerances against the torch backend, in ulp of the storage dtype at the scale of the buffer
 # (see assert_ulps and compare). They were set for 20+ steps (TestCuda runs 24 to 30); the
@@ -365,6 +366,74 @@ def test_params_and_grads_at_odd_offsets(dtype):
     assert (buf[between] == sentinel).all(), "elements between the params were written"
     assert (gbuf[gbetween] == sentinel).all()
     compare((oa, params), (ob, twin), f"odd-offsets-{dtype}")
+
+
+ON_GRID_CASES = [(torch.float32, None, None), (torch.float32, torch.bfloat16, None),
+                 (torch.bfloat16, torch.float32, "fp32"), (torch.bfloat16, None, "remainder"),
+                 (torch.float16, torch.float32, "kahan"), (torch.bfloat16, None, "stochastic")]
+
+
+@requires_interpreter
+@pytest.mark.parametrize("dtype,state_dtype,mode", ON_GRID_CASES,
+                         ids=[f"{DTYPE_IDS[DTYPES.index(d)]}-{s}-{m}"
+                              for d, s, m in ON_GRID_CASES])
+def test_grid_body_and_edges_at_odd_phases_match_the_cpu_loop(dtype, state_dtype, mode):
+    """The kernel walks each tile as a masked head, whole unmasked blocks on the param's
+    16-byte grid (the body the compiled kernel reads 128 bits at a time) and a masked tail,
+    or as masked blocks only when a buffer is off the grid. Params at 16-byte phases 3, 1, 3
+    (fp32) or 3, 1, 7 (16-bit), one of two tiles, with grads at their param's phase (on the
+    grid: head, body, tail) and one grad at another phase (edges only); every mode buffer
+    and moment at the param's phase, as the table allocates them. Bit for bit with the cpu
+    backend (the C++ loop over the header), amsgrad, weight decay and GradScaler (a skipped
+    step) included."""
+    from fused_adamw import _ext
+
+    if _ext.unavailable_reason() is not None:
+        pytest.skip(f"needs the cpu backend: {_ext.unavailable_reason()}")
+    sizes = [2500, _table.TILE_ELEMS + 700, 300]
+    total = 3 + sum(sizes) + 2 * len(sizes) + 1
+
+    def train(backend):
+        gen = torch.Generator().manual_seed(4)
+        buf = torch.randn(total, generator=gen).to(dtype)
+        gbuf = torch.zeros(total, dtype=dtype)
+        params = []
+        for v in carve(buf, sizes, at=3, gap=2):
+            p = torch.nn.Parameter(torch.empty(0, dtype=dtype))
+            p.data = v
+            params.append(p)
+        *grads, last = carve(gbuf, sizes, at=3, gap=2)  # the last one moved by one element
+        grads.append(gbuf[last.storage_offset() + 1:][:sizes[2]])
+        torch.manual_seed(7)  # the stochastic seed
+        opt = FusedAdamW(params, lr=1e-2, weight_decay=0.1, amsgrad=True, backend=backend,
+                         master_weights=mode, state_dtype=state_dtype)
+        for i in range(5):
+            for p, g in zip(params, grads):
+                g.copy_(torch.randn(g.shape, generator=gen) * (8 if i >= 2 else 1))
+                p.grad = g
+            if i >= 2:  # GradScaler's sync-free path; step 3 is skipped
+                opt.grad_scale = torch.tensor(8.0)
+                opt.found_inf = torch.tensor(1.0 if i == 3 else 0.0)
+            opt.step()
+        (table,) = opt._tables.values()
+        return params, grads, table, [buf.clone(), gbuf.clone()] + _state_tensors(opt, params)
+
+    params, grads, table, a = train("cpu")
+    *_, b = train("triton")
+    size = params[0].element_size()
+    phases = [(p.data_ptr() % 16) // size for p in params]
+    assert phases == ([3, 1, 3] if size == 4 else [3, 1, 7]), phases
+    grad_phases = [(g.data_ptr() % 16) // size for g in grads]
+    assert grad_phases[:2] == phases[:2] and grad_phases[2] != phases[2]
+    assert not table.stage_in and table.n_tiles == 4
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert same_bits(x, y), f"tensor {i} differs"
+
+
+def _state_tensors(opt, params):
+    return [v.clone() for p in params for _, v in sorted(opt.state[p].items())
+            if isinstance(v, torch.Tensor)]
 
 
 def check_none_grads_untouched(dtype, device):

@@ -50,11 +50,13 @@ all-reduced once more over that group. Without DTensors and without a group: non
 must step the same DTensor params (FSDP2 does), or the collectives do not match.
 
 NOTE on backends: cpu (the C++ loop), cuda (kernels/adamw_norm.cuh; the coefficient in the
-GradScaler and low-precision kernels, see the NOTE on clipping in kernels/adamw_kernel.cu) and
-triton (backends/triton_norm.py) run the norm pass and the coefficient; the cpu and torch
-backends also the per-row norms of ``track_norms``. A table whose backend lacks a part is
-stepped by the torch backend when norms are wanted (``backend_of``): correct, slower
-(track_norms on CUDA and Triton tables, and clipped CUDA tables with amsgrad, for now).
+GradScaler kernels, see the NOTE on clipping in kernels/adamw_kernel.cu) runs the norm pass
+and the coefficient; the cpu and torch backends also the per-row norms of ``track_norms``.
+backends/triton_norm.py is the Triton norm pass (bitwise the CPU loop's under the
+interpreter), not yet wired in: Triton's kernel was rewritten meanwhile (issue #21) and takes
+no coefficient yet. A table whose backend lacks a part is stepped by the torch backend when
+norms are wanted (``backend_of``): correct, slower (Triton tables; on CUDA, track_norms,
+amsgrad and low-precision tables, for now).
 
 NOTE on GradScaler's skipped steps: ``opt.grad_norm`` holds the non-finite norm torch's
 ``clip_grad_norm_`` would return; no param stepped, so every ``opt.norms`` entry is NaN.
@@ -118,8 +120,9 @@ def backend_of(opt, table):
     norm pass and the clip coefficient (``clips = True``) and, with track_norms, the per-row
     norms (``tracks_norms = True``), else the torch backend (correct everywhere, slower)."""
     b = table.backend
+    clips_table = getattr(b, "clips_table", None)
     if (getattr(b, "clips", False) and (not opt._track_norms or getattr(b, "tracks_norms", False))
-            and (getattr(b, "clips_amsgrad", True) or not table.has_max)):
+            and (clips_table is None or clips_table(table))):
         return b
     from . import _dispatch
 

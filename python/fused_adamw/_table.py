@@ -120,6 +120,9 @@ _is_contiguous = torch.Tensor.is_contiguous
 _grad_of = operator.attrgetter("grad")
 _is_sparse = operator.attrgetter("is_sparse")
 _numel = torch.Tensor.numel
+_stride = torch.Tensor.stride
+_dtype_of = operator.attrgetter("dtype")
+_shape_of = operator.attrgetter("shape")
 
 
 class Repartition(Exception):
@@ -252,6 +255,53 @@ def describe(name: str, t: torch.Tensor) -> str:
 
 
 # ------------------------------------------------------------------------------------------
+# streams: the device buffers the kernels read (the packed table, the hparams rows)
+# ------------------------------------------------------------------------------------------
+# NOTE on streams: a buffer the kernels read is written (an upload, a Tensor hyperparameter's
+# copy) on the stream current at that step, and a launch reads it on the stream current at
+# its step. A step on another stream than the last one would overwrite a buffer that a launch
+# may still read. So each such buffer has a list of its users: the streams that used it since
+# it was last written. A write waits on every other user (before_write: an event recorded now
+# on it, after its launches) and leaves the writing stream the only user; a launch adds its
+# stream (used_on); a buffer dropped is recorded on its users (retire: torch's record_stream),
+# so that the caching allocator hands its memory out again only after they are done. On one
+# stream (the steady state) this is a comparison per launch and per write, no CUDA call.
+
+
+def current_stream(device: torch.device):
+    """The stream work for ``device`` is queued on now; None where work is not asynchronous
+    (the CPU)."""
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+def used_on(users: list, stream) -> None:
+    """A launch on ``stream`` reads the buffer whose users are ``users``."""
+    if stream not in users:
+        users.append(stream)
+
+
+def before_write(device: torch.device, users: list) -> None:
+    """Orders a write, next on ``device``'s current stream, into the buffer whose users are
+    ``users`` after their work; the writing stream is then its only user."""
+    stream = current_stream(device)
+    if stream is None:
+        return
+    for s in users:
+        if s != stream:
+            stream.wait_stream(s)
+    users[:] = [stream]
+
+
+def retire(buf: torch.Tensor | None, users: list) -> None:
+    """``buf``, a buffer the kernels read, is dropped: its memory is reused only after the
+    work of its users is done."""
+    if buf is None:
+        return
+    for s in users:
+        buf.record_stream(s)
+
+
+# ------------------------------------------------------------------------------------------
 # the table of one (device, dtype)
 # ------------------------------------------------------------------------------------------
 
@@ -300,6 +350,7 @@ class Plan:
     data_ptrs: list = field(default_factory=list)
     locals: list = field(default_factory=list)
     rows: list[_RowPlan] = field(default_factory=list)
+    grad_ids: list | None = None  # ids of ``grads`` when prepare had them ("grads")
 
 
 class Table:
@@ -318,11 +369,12 @@ class Table:
         self.backend: Any = None
         # What the rows were built from (compared with the live tensors every step).
         self.data_ptrs: list[int] | None = None
+        self.geometry: tuple | None = None  # the params' numels, dtypes and strides (prepare)
         self.locals: list | None = None
         self.grad_ids: list[int] | None = None
         self.mask: list[bool] | None = None
         self.grad_ptrs: list[int] = []
-        self.numels: list[int] = []  # the rows' element counts (what fresh grads must have)
+        self.shapes: list = []  # the rows' shapes (what fresh grads must have)
         self.state_tensors: list[torch.Tensor] = []  # every state tensor the rows point to
         self.state_ptrs: list[int] = []
         self.amsgrad_sig: tuple | None = None
@@ -346,6 +398,12 @@ class Table:
         self.found_inf: torch.Tensor | None = None
         self.torch_lists: dict | None = None  # the torch backend's per-group lists (cached)
         self.rebuilds = 0  # how many times rows were built (tests and the bench read it)
+        # CUDA: the streams that used ``packed`` since its last write (the NOTE on streams);
+        # whether a CUDA graph captured a launch that reads it, and the captured buffers
+        # replaced since (kept for the graphs' life: see the NOTE on CUDA graphs in _upload).
+        self.users: list = []
+        self.captured = False
+        self.graph_buffers: list[torch.Tensor] = []
 
     # -------------------------------------------------------------------------- per step
 
@@ -364,10 +422,19 @@ class Table:
             locals_ = params
             grads = list(map(_grad_of, params))
         data_ptrs = list(map(_data_ptr, locals_))
+        # NOTE on staleness: what the kernel relies on for each param is compared with what
+        # the rows were built from: its address, numel, dtype and strides. The address alone
+        # misses a `p.data = t` of another size or dtype that the caching allocator placed
+        # where the old storage was, and a re-view at the same address (p.data = p.data[:k],
+        # p.data = p.data.t()). Strides: a fast table's params are contiguous, and then numel
+        # and contiguity fix the walk (one cheap pass); other tables compare the strides.
+        geometry = self.geometry
         if (data_ptrs != self.data_ptrs
-                or (self.has_dtensor and not all(map(operator.is_, locals_, self.locals)))
-                # A param re-viewed at the same address (p.data = p.data.t()).
+                or list(map(_numel, locals_)) != geometry[0]
+                or list(map(_dtype_of, locals_)) != geometry[1]
                 or (self.fast_grads and not all(map(_is_contiguous, locals_)))
+                or (not self.fast_grads and list(map(_stride, locals_)) != geometry[2])
+                or (self.has_dtensor and not all(map(operator.is_, locals_, self.locals)))
                 # A state tensor whose storage was swapped (state["exp_avg"].data = t).
                 or list(map(_data_ptr, self.state_tensors)) != self.state_ptrs):
             rebuild = True
@@ -379,7 +446,9 @@ class Table:
         grad_ids = list(map(id, grads))
         if not rebuild and grad_ids == self.grad_ids:
             # The same grads as last step (zero_grad(set_to_none=False), DDP bucket views).
-            active_grads = list(compress(grads, self.mask))
+            # A row per param: every param has its grad (no pass to pick them).
+            active_grads = (grads if self.n_rows == len(grads)
+                            else list(compress(grads, self.mask)))
             grad_ptrs = list(map(_data_ptr, active_grads))
             if grad_ptrs == self.grad_ptrs:
                 return Plan("same" if self.rows else "idle", grads, self.mask, active_grads,
@@ -388,18 +457,22 @@ class Table:
         mask = list(map(operator.is_not, grads, repeat(None)))
         if not any(mask):
             return Plan("idle", grads, mask)
-        active_grads = list(compress(grads, mask))
+        active_grads = grads if all(mask) else list(compress(grads, mask))
+        if (not rebuild and mask == self.mask and self.fast_grads
+                and all(map(_is_contiguous, active_grads))
+                and list(map(_shape_of, active_grads)) == self.shapes
+                and list(map(_dtype_of, active_grads)).count(self.dtype) == len(active_grads)):
+            # Fresh grads (the default zero_grad()): contiguous like their params (a sparse
+            # grad is not), of their shapes and dtype (a grad swapped by p.grad.data = t may
+            # be neither: the rebuild below refuses it, naming the param), new addresses.
+            return Plan("grads", grads, mask, active_grads, list(map(_data_ptr, active_grads)),
+                        grad_ids=grad_ids)
         if any(map(_is_sparse, active_grads)):
             i = next(i for i, g in enumerate(grads) if g is not None and g.is_sparse)
             raise RuntimeError(
                 f"FusedAdamW does not support sparse gradients: "
                 f"{describe(self.names[i], local(params[i]))} has a sparse grad; use "
                 "torch.optim.SparseAdam for sparse params")
-        if (not rebuild and mask == self.mask and self.fast_grads
-                and all(map(_is_contiguous, active_grads))
-                and list(map(_numel, active_grads)) == self.numels):
-            # Fresh grads (the default zero_grad()): contiguous like their params, new addresses.
-            return Plan("grads", grads, mask, active_grads, list(map(_data_ptr, active_grads)))
         return self._plan_rebuild(opt, grads, mask, active_grads, data_ptrs, locals_)
 
     def _plan_rebuild(self, opt, grads, mask, active_grads, data_ptrs, locals_) -> Plan:
@@ -449,7 +522,27 @@ class Table:
                             f"the optimizer state 'step' of {name} is {step!r}; it must be a "
                             "number or a one-element tensor")
             rows.append(_RowPlan(i, gi, p, lp, g, st or None, amsgrad, fix_step, mode))
+        self._check_shared_steps(rows)
         return Plan("rebuild", grads, mask, active_grads, [], data_ptrs, locals_, rows)
+
+    def _check_shared_steps(self, rows: list[_RowPlan]) -> None:
+        """Two rows of one launch cannot count one step tensor (state[p1]["step"] is
+        state[p2]["step"]): the kernel's count is a read-modify-write per row, not atomic, so a
+        GPU would add 1 or 2 by chance and the CPU loop always 2. Refused, naming both."""
+        seen: dict[int, int] = {}
+        for rp in rows:
+            step = rp.state.get("step") if rp.state else None
+            if not isinstance(step, torch.Tensor):
+                continue  # a number: fix_step makes the row its own tensor
+            step = local(step)
+            key = step.data_ptr() or id(step)  # no address (meta tensors): the object
+            first = seen.setdefault(key, rp.index)
+            if first != rp.index:
+                raise RuntimeError(
+                    f"{self.names[first]} and {self.names[rp.index]} share one optimizer "
+                    "state 'step' tensor (state[p]['step'] is the same tensor for both): one "
+                    "fused step cannot count it once per param. Give each param its own, "
+                    "e.g. opt.state[p]['step'] = opt.state[p]['step'].clone()")
 
     def _check_state_tensor(self, name: str, lp: torch.Tensor, key: str, t,
                             dtype: torch.dtype) -> None:
@@ -514,7 +607,7 @@ class Table:
             self.mask = plan.mask or None
             if not self.rows and self.packed is not None:
                 return  # idle before as now: nothing to rebuild (and nothing allocated)
-            self.grad_ptrs, self.numels = [], []
+            self.grad_ptrs, self.shapes = [], []
             self.state_tensors, self.state_ptrs = [], []
             self.rows, self.kernel_grads = [], []
             self._rebuild_packed()
@@ -525,7 +618,7 @@ class Table:
             return
         if plan.kind == "grads":  # only on fast tables: every grad contiguous, real, unstaged
             self.kernel_grads = plan.active_grads
-            self.grad_ids, self.mask = list(map(id, plan.grads)), plan.mask
+            self.grad_ids, self.mask = plan.grad_ids, plan.mask
             self.grad_ptrs = plan.grad_ptrs
             self._patch_grads(plan.grad_ptrs)
             return
@@ -538,6 +631,8 @@ class Table:
             self.kernel_grads = []
 
     def _build_rows(self, plan: Plan, opt) -> None:
+        for scratch, _ in self.stage_in:
+            retire(scratch, self.users)
         self.stage_in, self.stage_out, self.stage_grads = [], [], []
         rows = []
         fast = True
@@ -591,8 +686,10 @@ class Table:
             state_tensors.extend(local(st[k]) for k in keys)
         self.state_tensors = state_tensors
         self.state_ptrs = list(map(_data_ptr, state_tensors))
-        self.numels = [r.param.numel() for r in rows]
+        self.shapes = [r.param.shape for r in rows]
         self.data_ptrs, self.locals = plan.data_ptrs, plan.locals
+        self.geometry = (list(map(_numel, plan.locals)), list(map(_dtype_of, plan.locals)),
+                         list(map(_stride, plan.locals)))
         self.grad_ids, self.mask = list(map(id, plan.grads)), plan.mask
         self.grad_ptrs = list(map(_data_ptr, plan.active_grads))
         self.amsgrad_sig = tuple(bool(g["amsgrad"]) for g in opt.param_groups)
@@ -711,13 +808,32 @@ class Table:
             return
         if self.device.type == "cuda" and not host.is_pinned():
             host = host.pin_memory()
+        # NOTE on the host buffer: it is never written once its copy is queued (_patch_grads
+        # writes a clone); dropped, torch's caching host allocator reuses it only after the
+        # copy ran (a non_blocking copy from pinned memory records an event on its stream).
         self.host_packed = host
+        if self.captured:
+            # NOTE on CUDA graphs: a captured step reads this buffer at every replay, for the
+            # graph's life, which the optimizer cannot see end. An eager step that changes the
+            # table after a capture (new grads, a rebuild) therefore writes a new buffer and
+            # keeps the captured one, unchanged and allocated: the graph replays what it
+            # captured (as with its other inputs, keeping them valid is the graph owner's
+            # part), and eager steps step what they see. Refusing the change instead would
+            # forbid eager steps beside a graph; the cost is one table (n_rows * 88 bytes)
+            # kept per capture followed by a change.
+            self.graph_buffers.append(self.packed)
+            self.packed, self.captured, self.users = None, False, []
         if self.packed is None or self.packed.numel() != host.numel():
+            retire(self.packed, self.users)
             self.packed = torch.empty(host.numel(), dtype=torch.int64, device=self.device)
+            self.users = []
+        before_write(self.device, self.users)
         self.packed.copy_(host, non_blocking=True)
 
     def stage_before(self) -> None:
         if self.stage_in:
+            # The scratch tensors are read by the launches as the table is: same users.
+            before_write(self.device, self.users)
             torch._foreach_copy_([s for s, _ in self.stage_in], [src for _, src in self.stage_in])
 
     def stage_after(self) -> None:

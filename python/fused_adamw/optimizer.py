@@ -282,6 +282,13 @@ class FusedAdam(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def _reset_caches(self) -> None:
+        if "_tables" in self.__dict__:
+            self._drop_device_buffers()
+        # What CUDA graphs captured and eager steps replaced since (see the NOTE on CUDA
+        # graphs in _table.Table._upload): kept for the optimizer's life.
+        self._graph_buffers: list[Tensor] = self.__dict__.get("_graph_buffers", [])
+        self._graph_hparams: set = set()  # the keys of _hparams whose rows a graph captured
+        self._hparam_users: dict = {}  # key of _hparams -> its users (_table's NOTE on streams)
         self._tables: dict | None = None  # (device, dtype) -> _table.Table
         self._layout: tuple | None = None  # what the tables were built from
         self._hparams: dict = {}  # (device, opmath dtype) -> (host rows, device tensor)
@@ -295,6 +302,7 @@ class FusedAdam(torch.optim.Optimizer):
         state = {k: v for k, v in state.items()
                  if k not in ("_tables", "_layout", "_hparams", "_owner", "_state_obj",
                               "_has_cuda", "grad_scale", "found_inf", "_compile_key",
+                              "_graph_buffers", "_graph_hparams", "_hparam_users",
                               "_clip_state", "_grad_norm_process_group", "grad_norm", "norms")}
         state["_backend_request"] = self._backend_request
         state["_decouple_lr"] = self._decouple_lr
@@ -382,6 +390,7 @@ class FusedAdam(torch.optim.Optimizer):
             # schedulers: an alias would follow it). decouple_lr divides by it.
             group.setdefault("max_lr", _lr_snapshot(group.get("lr", self.defaults["lr"])))
         _decay_form({**self.defaults, **group}, index)
+        _check_differentiable_form({**self.defaults, **group}, index)
         super().add_param_group(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -488,6 +497,7 @@ class FusedAdam(torch.optim.Optimizer):
                 or key[4] != old[4] or key[5] != old[5])
 
     def _build_tables(self, key: tuple) -> None:
+        self._drop_device_buffers()
         by_key: dict = {}
         _clip.check_groups(self, list(enumerate(self.param_groups)))
         for gi, group in enumerate(self.param_groups):
@@ -513,7 +523,25 @@ class FusedAdam(torch.optim.Optimizer):
         self._tables = tables
         self._layout = key
         self._hparams = {}
+        self._graph_hparams = set()
+        self._hparam_users = {}
         self._has_cuda = any(k[0].type == "cuda" for k in tables)
+
+    def _drop_device_buffers(self) -> None:
+        """Before the tables and hparams rows are replaced: what a CUDA graph captured is kept
+        (the NOTE on CUDA graphs in _table.Table._upload), the rest is retired on the streams
+        that read it (the NOTE on streams in _table)."""
+        for t in (self._tables or {}).values():
+            self._graph_buffers.extend(t.graph_buffers)
+            if t.captured:
+                self._graph_buffers.append(t.packed)
+            else:
+                _table.retire(t.packed, t.users)
+        for key, (_, buf) in self._hparams.items():
+            if key in self._graph_hparams:
+                self._graph_buffers.append(buf)
+            else:
+                _table.retire(buf, self._hparam_users.get(key, []))
 
     def _refresh_hparams(self, capturing: bool = False) -> None:
         """This step's hyperparameter rows on every device: one small upload when a value
@@ -535,6 +563,14 @@ class FusedAdam(torch.optim.Optimizer):
                     "that change Tensors on the params' device (a scheduler then fills them in "
                     "place)")
             if cached is None or cached[0] != rows or tensors:
+                # Writes into rows a launch read go after it (the NOTE on streams in _table;
+                # a capture starts synchronized, and its writes are the graph's own); rows a
+                # graph captured are replaced, not rewritten (the NOTE on CUDA graphs there).
+                captured = key in self._graph_hparams
+                users = self._hparam_users.setdefault(key, [])
+                if cached is not None and not capturing and (
+                        cached[0] == rows or not captured):
+                    _table.before_write(t.device, users)
                 if (cached is not None and cached[0] != rows and t.device.type == "cpu"
                         and cached[1].shape[0] == len(rows)):
                     # CPU: rewritten in place through numpy (no torch op, no allocation);
@@ -545,8 +581,15 @@ class FusedAdam(torch.optim.Optimizer):
                     host = torch.tensor(rows, dtype=key[1])
                     if t.device.type == "cuda":
                         host = host.pin_memory()
-                    if cached is None or cached[1].shape != host.shape:
+                    if cached is None or cached[1].shape != host.shape or captured:
+                        if captured:
+                            self._graph_buffers.append(cached[1])
+                            self._graph_hparams.discard(key)
+                        elif cached is not None:
+                            _table.retire(cached[1], users)
+                        users.clear()
                         table = host.to(t.device, non_blocking=True)
+                        _table.before_write(t.device, users)
                     else:
                         table = cached[1]
                         table.copy_(host, non_blocking=True)
@@ -606,6 +649,8 @@ class FusedAdam(torch.optim.Optimizer):
             plans = [t.prepare(self, True, amsgrad_sig) for t in tables]
         if capturing:
             self._check_capturable(plans, grad_scale, found_inf)
+        if any(key[4]):
+            self._check_differentiable_groups()
         self._refresh_hparams(capturing)
         for t, plan in zip(tables, plans):
             t.commit(plan, self)
@@ -634,6 +679,15 @@ class FusedAdam(torch.optim.Optimizer):
                     t.stage_after()
                 finally:
                     t.grad_scale = t.found_inf = None
+                if capturing:  # what this graph reads is kept for its life
+                    t.captured = True
+                    self._graph_hparams.add((t.device, _table.opmath_dtype(t.dtype)))
+                else:
+                    stream = _table.current_stream(t.device)
+                    if stream is not None:
+                        _table.used_on(t.users, stream)
+                        _table.used_on(self._hparam_users.setdefault(
+                            (t.device, _table.opmath_dtype(t.dtype)), []), stream)
             t.release()
         if clip:
             _clip.after_step(self, tables, found_inf)
@@ -721,6 +775,28 @@ class FusedAdam(torch.optim.Optimizer):
             t.release()
         self._owner.dirty = False
 
+    def _check_differentiable_groups(self) -> None:
+        """The differentiable groups' input, checked with the others before any launch (so a
+        bad grad there changes nothing), each error naming the group or the param."""
+        for gi, group in enumerate(self.param_groups):
+            if not group.get("differentiable"):
+                continue
+            _check_differentiable_form(group, gi)
+            for j, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                name = f"param {j} of param group {gi}"
+                if g.is_sparse:
+                    raise RuntimeError(
+                        f"FusedAdamW does not support sparse gradients: "
+                        f"{_table.describe(name, p)} has a sparse grad; use "
+                        "torch.optim.SparseAdam for sparse params")
+                if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
+                    raise RuntimeError(
+                        f"{_table.describe(name, p)} on {p.device} has a grad of shape "
+                        f"{tuple(g.shape)}, {g.dtype} on {g.device}; they must match")
+
     def _differentiable_step(self, grad_scale=None, found_inf=None) -> None:
         """Groups with ``differentiable=True``: autograd must see the update, which no fused
         kernel offers, so they are stepped by torch's own single-tensor Adam
@@ -740,10 +816,6 @@ class FusedAdam(torch.optim.Optimizer):
             for gi, group in enumerate(self.param_groups):
                 if not group.get("differentiable"):
                     continue
-                if group.get("decouple_lr"):
-                    raise NotImplementedError(
-                        f"param group {gi}: decouple_lr is not available with "
-                        "differentiable=True (torch's differentiable Adam has no such form)")
                 lists = ([], [], [], [], [], [])
                 for p in group["params"]:
                     if p.grad is None:
@@ -909,6 +981,16 @@ def _decay_form(group: dict, index: int) -> tuple[float, float]:
             "created with lr=0 has max_lr 0). Set group['max_lr'] to the peak lr of your "
             "schedule (> 0), or weight_decay=0")
     return 0.0, float(max_lr) if max_lr > 0 else 0.0
+
+
+def _check_differentiable_form(group: dict, index: int) -> None:
+    """decouple_lr has no differentiable form: refused when a group is added (the
+    constructor's groups included) and, for edited groups, before any launch."""
+    if group.get("differentiable") and group.get("decouple_lr"):
+        raise NotImplementedError(
+            f"param group {index}: decouple_lr is not available with differentiable=True "
+            "(torch's differentiable Adam, which steps such groups, has no such form); use "
+            "decouple_lr=False for this group")
 
 
 def _hparam_row(group: dict, index: int = 0) -> tuple[list[float], list[tuple[int, Tensor]]]:

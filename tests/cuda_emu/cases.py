@@ -19,7 +19,8 @@ Low-precision tables (issue #13): ``state_dtype`` gives the moments another dtyp
 param's element phase modulo their own vector), and a group's ``master`` key (None, "fp32",
 "remainder", "kahan", "stochastic") its master mode (hparams column HP_MASTER_MODE): its rows
 get the mode's "extra" buffer (float32 master, int16 remainder, Kahan compensation of the
-param's dtype) and a stochastic-rounding seed. A row whose mode has no buffer (none,
+param's dtype; at the param's element phase modulo its own vector, or ``extra_phase``) and a
+stochastic-rounding seed. A row whose mode has no buffer (none,
 stochastic, any float32 row) may still carry a poisoned extra pointer (``max_in_row``), which
 the kernel must ignore, as the max buffer.
 """
@@ -97,6 +98,7 @@ class Spec:
     phase: int = 0            # the param's (and exp_avg's, exp_avg_sq's) element phase
     grad_phase: int | None = None  # None: the param's
     max_phase: int | None = None   # None: the param's
+    extra_phase: int | None = None  # the master mode's buffer; None: the param's
     in_table: bool = True     # False: no grad this step (not in the table), all poisoned
     max_in_row: bool = True   # a non-amsgrad group's row still points at a (poisoned) max buffer
     step0: float = 0.0
@@ -183,7 +185,8 @@ class Case:
                 bdt = case.sdtype if name in MOMENTS else dtype
                 if name == "extra":
                     bdt = dtype if edt is None else edt  # no buffer: a poisoned one
-                phase = {"grad": s.grad_phase, "max_exp_avg_sq": s.max_phase}.get(name)
+                phase = {"grad": s.grad_phase, "max_exp_avg_sq": s.max_phase,
+                         "extra": s.extra_phase}.get(name)
                 phase = (s.phase if phase is None else phase) % phases(bdt)
                 b = Buf.new(s.numel, bdt, phase, layout, device)
                 poisoned = (not s.in_table or (name == "max_exp_avg_sq" and not ams)

@@ -23,6 +23,14 @@ class CudaBackend:
     # kernels/adamw_kernel.cu NOTE on clipping): a clipped table with amsgrad rows steps on
     # the torch backend.
     clips_amsgrad = False
+
+    def clips_table(self, table: _table.Table) -> bool:
+        """Whether the kernels apply the clip coefficient to ``table``: the plain kernels
+        only (the low-precision kernels, rewritten at 16-byte width in issue #21, do not
+        clip yet), without amsgrad (clips_amsgrad)."""
+        lowp = table.state_dtype != table.dtype or (table.dtype != torch.float32 and any(
+            row[_table.HP_MASTER_MODE] != 0 for row in table.host_hparams))
+        return not lowp and not table.has_max
     # NOTE on track_norms: the per-tile norm partials are not in the CUDA kernels yet; tables
     # with track_norms are stepped by the torch backend (fused_adamw._clip.backend_of).
     tracks_norms = False

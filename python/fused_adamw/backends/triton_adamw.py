@@ -38,6 +38,7 @@ Imports triton at module level; without it the import fails with the install hin
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -258,11 +259,14 @@ def to_storage(x, ptr, BF16_BY_HAND: tl.constexpr):
         return x.to(ptr.dtype.element_ty)
 
 
-# NOTE on configuration: one fixed config, no autotuning. The kernel updates the user's tensors
-# in place, so benchmarking configs on them would apply the update many times, and a table of
-# scratch rows per dtype is not worth it for the backend that stands in when the CUDA kernel
-# cannot run. BLOCK_SIZE divides the tile (16384 elements): 16 iterations per tile.
-_BLOCK_SIZE = 1024
+# NOTE on configuration: one fixed config per variant, no autotuning. The kernel updates the
+# user's tensors in place, so benchmarking configs on them would apply the update many times,
+# and a table of scratch rows per dtype is not worth it for the backend that stands in when the
+# CUDA kernel cannot run. 4 warps; a body block gives each thread one 16-byte vector of the
+# narrower buffers (block_size: 512 positions for float32 tables, 1024 when a buffer is 16-bit),
+# an edge block one element (EDGE_SIZE). Both divide the tile (16384). Registers are capped
+# per variant (max_registers), as the CUDA kernel's launch bounds.
+_EDGE_SIZE = 128
 _NUM_WARPS = 4
 
 
@@ -280,19 +284,43 @@ def row_of_tile(tile_starts_ptr, n_rows, tile):
     return lo
 
 
-@triton.jit
+# NOTE on specialisation: Triton compiles a kernel per value of what it specialises on, and
+# besides constexprs and None arguments it specialises on integers equal to 1 (a constexpr),
+# integers divisible by 16 and pointers aligned to 16 bytes. n_rows and the tables' addresses
+# change with the params (tile_starts sits 80 * n_rows bytes into `packed`: 16-byte aligned for
+# even n_rows only), so a CUDA-graph capture of a step could compile a kernel that no eager
+# step compiled (capture_problem keys on `variant`). They are therefore not specialised: n_rows
+# is int64 whatever its value, the pointers carry no alignment, and a variant is exactly
+# `variant()` (tests/test_triton_compile.py checks that with Triton's own binder). The kernel
+# reads them as scalars, so nothing is lost; the buffers' alignment is the row's business.
+#
+# NOTE on vector width: the addresses come from the int64 table, so Triton knows nothing of
+# their alignment and would access every element alone (a 32- or 16-bit access each; 118 to
+# 222 registers, 64-bit addresses per element). As the CUDA kernel (adamw_tile), a tile
+# walks positions u = phase + i on the param's 16-byte grid (i the element index, phase the
+# param's element offset in its 16-byte vector): buffers are addressed from `base = addr -
+# phase` elements, which is 16-byte aligned for every buffer of the row at the param's element
+# phase (the table allocates state and master buffers there; a user's state tensor or a grad
+# may sit elsewhere). For such a row the whole blocks of BLOCK_SIZE positions are the body,
+# unmasked, with the bases and positions declared aligned and contiguous (tl.multiple_of,
+# tl.max_contiguous: 128-bit accesses); the partial blocks at the ends are the edges, masked
+# (scalar). A row with any buffer off the grid runs all its blocks as edges. The update of an
+# element is the same in both (adamw_block), so is its result.
+@triton.jit(do_not_specialize=["n_rows"],
+            do_not_specialize_on_alignment=["rows_ptr", "tile_starts_ptr", "hparams_ptr",
+                                            "grad_scale_ptr", "found_inf_ptr"])
 def adamw_kernel(
     rows_ptr,  # *int64 [n_rows, ROW_COLS]: addresses of param, grad, exp_avg, exp_avg_sq, max, step; numel; group
     tile_starts_ptr,  # *int64 [n_rows + 1]: the first tile of each row
     hparams_ptr,  # *fp32 [n_groups, HPARAM_COLS]: lr, beta1, beta2, eps, wd, maximize, amsgrad,
     #               decay mode, max_lr, master mode (column 9, 16-bit tables)
-    n_rows,  # rows in the table
+    n_rows: tl.int64,  # rows in the table
     grad_scale_ptr,  # *fp32 GradScaler's scale (grads divided by it and written back), or None
     found_inf_ptr,  # *fp32 GradScaler's found_inf (!= 0: nothing is written), or None
-    clip_coef_ptr,  # *fp32 the clip coefficient (issue #19, adamw_clip), or None
     DTYPE: tl.constexpr,  # the params' (and grads') storage type (tl.float32, bfloat16, float16)
     STATE_DTYPE: tl.constexpr,  # the moments' (state_dtype; DTYPE by default)
-    ELEM_BYTES: tl.constexpr,  # its size
+    ELEM_BYTES: tl.constexpr,  # DTYPE's size
+    STATE_BYTES: tl.constexpr,  # STATE_DTYPE's size
     HAS_MAX: tl.constexpr,  # some row uses amsgrad
     HAS_MASTER: tl.constexpr,  # 16-bit params: rows may have a master mode (hparams column 9)
     ROW_COLS: tl.constexpr,  # _table.ROW_COLS
@@ -301,9 +329,11 @@ def adamw_kernel(
     LIBDEVICE_POW: tl.constexpr,  # libdevice powf (GPU) or float64 exp2/log2 (interpreter)
     BF16_BY_HAND: tl.constexpr,  # DTYPE is bf16 rounded with integer ops (interpreter, to_storage)
     STATE_BF16_BY_HAND: tl.constexpr,  # the same for STATE_DTYPE
-    BLOCK_SIZE: tl.constexpr,  # elements per iteration of the tile loop
+    BLOCK_SIZE: tl.constexpr,  # positions per body block (a divisor of TILE_ELEMS)
+    EDGE_SIZE: tl.constexpr,  # positions per edge block (a divisor of BLOCK_SIZE)
 ):
     # ---------------------------------------------------------------- map program id to tile
+    # tile_work_in_row (adamw_tile.cuh): positions [u_begin, u_end) of row r.
     tile = tl.program_id(0).to(tl.int64)
     r = row_of_tile(tile_starts_ptr, n_rows, tile)
     row = rows_ptr + r * ROW_COLS
@@ -311,20 +341,22 @@ def adamw_kernel(
     phase = (param_addr % 16) // ELEM_BYTES
     numel = tl.load(row + 6)  # _table.ROW_NUMEL
     j = tile - tl.load(tile_starts_ptr + r)
-    begin = tl.maximum(j * TILE_ELEMS, phase) - phase  # element indices [begin, end)
-    end = tl.minimum((j + 1) * TILE_ELEMS, phase + numel) - phase
+    u_begin = tl.maximum(j * TILE_ELEMS, phase)
+    u_end = tl.minimum((j + 1) * TILE_ELEMS, phase + numel)
     if found_inf_ptr is not None:  # adamw_step_skipped: an empty range writes nothing
-        end = tl.where(tl.load(found_inf_ptr) != 0.0, begin, end)
+        u_end = tl.where(tl.load(found_inf_ptr) != 0.0, u_begin, u_end)
+    grad_scale = 1.0
     if grad_scale_ptr is not None:
         grad_scale = tl.load(grad_scale_ptr)
-    if clip_coef_ptr is not None:
-        clip_coef = tl.load(clip_coef_ptr)
-    param_ptr = param_addr.to(tl.pointer_type(DTYPE))
-    grad_ptr = tl.load(row + 1).to(tl.pointer_type(DTYPE))  # _table.ROW_GRAD
-    exp_avg_ptr = tl.load(row + 2).to(tl.pointer_type(STATE_DTYPE))  # _table.ROW_EXP_AVG
-    exp_avg_sq_ptr = tl.load(row + 3).to(tl.pointer_type(STATE_DTYPE))  # _table.ROW_EXP_AVG_SQ
-    step_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32))  # _table.ROW_STEP
-    step = tl.load(step_ptr)  # after this step's increment (adamw_steps_kernel)
+    grad_addr = tl.load(row + 1)  # _table.ROW_GRAD
+    exp_avg_addr = tl.load(row + 2)  # _table.ROW_EXP_AVG
+    exp_avg_sq_addr = tl.load(row + 3)  # _table.ROW_EXP_AVG_SQ
+    step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))  # _table.ROW_STEP, after
+    #                                               this step's increment (adamw_steps_kernel)
+    # Off the grid: a buffer whose base (its address minus phase elements) is not 16-byte
+    # aligned (the param's is, by the definition of phase).
+    off_grid = (grad_addr - phase * ELEM_BYTES) | (exp_avg_addr - phase * STATE_BYTES) | (
+        exp_avg_sq_addr - phase * STATE_BYTES)
 
     # ---------------------------------------------------------------- load this param's scalars
     hp = hparams_ptr + tl.load(row + 7) * HPARAM_COLS  # _table.ROW_GROUP
@@ -343,118 +375,176 @@ def adamw_kernel(
     maximize = tl.load(hp + 5) != 0.0  # _table.HP_MAXIMIZE
     # ---------------------------------------------------------------- the master mode's buffer
     # master_mode_of (adamw_tile.cuh): float32 tables ignore the column. The extra buffer is
-    # typed per mode (float master, int16 remainder, DTYPE compensation); the stochastic key
-    # is computed once per tile from the row's seed and step count, as the CPU loop.
+    # typed per mode (float master, int16 remainder, DTYPE compensation) in adamw_block; the
+    # stochastic key is computed once per tile from the row's seed and step count, as the CPU
+    # loop.
+    mode = MASTER_NONE
+    extra_addr = param_addr  # unused without a master mode
+    key = tl.zeros((), dtype=tl.uint32)
     if HAS_MASTER:
         mode = tl.load(hp + 9).to(tl.int32)  # _table.HP_MASTER_MODE
         extra_addr = tl.load(row + 8)  # _table.ROW_EXTRA
-        master_ptr = extra_addr.to(tl.pointer_type(tl.float32))
-        rem_ptr = extra_addr.to(tl.pointer_type(tl.int16))
-        comp_ptr = extra_addr.to(tl.pointer_type(DTYPE))
         key = sr_key(tl.load(row + 9), step)  # _table.ROW_SEED
+        extra_bytes = tl.where(mode == MASTER_FP32, 4, ELEM_BYTES)  # remainder: int16
+        has_extra = (mode == MASTER_FP32) | (mode == MASTER_REMAINDER) | (mode == MASTER_KAHAN)
+        off_grid |= tl.where(has_extra, extra_addr - phase * extra_bytes, 0)
+    amsgrad = False
+    max_addr = exp_avg_sq_addr  # unused without amsgrad
     if HAS_MAX:
         max_addr = tl.load(row + 4)  # _table.ROW_MAX_EXP_AVG_SQ, 0 without amsgrad
         amsgrad = (tl.load(hp + 6) != 0.0) & (max_addr != 0)  # _table.HP_AMSGRAD
-        # The max buffer is read and written only for amsgrad rows: masked off (no memory
-        # traffic, and the param's address stands in for a null one) elsewhere. NOTE on the
-        # integer bound: `mask & amsgrad` with a scalar bool fails in the interpreter of
-        # triton 3.9 (numpy bitwise_and on int1).
-        max_exp_avg_sq_ptr = tl.where(amsgrad, max_addr, param_addr).to(
-            tl.pointer_type(STATE_DTYPE))
-        amsgrad_end = tl.where(amsgrad, end, begin)
-    else:
-        amsgrad = False
+        off_grid |= tl.where(amsgrad, max_addr - phase * STATE_BYTES, 0)
 
-    # ---------------------------------------------------------------- loop over the tile
-    for block_start in tl.range(begin, end, BLOCK_SIZE):
-        offsets = block_start + tl.arange(0, BLOCK_SIZE)
-        mask = offsets < end
-        # ------------------------------------------------------------ load, storage dtype -> fp32
-        param_raw = tl.load(param_ptr + offsets, mask=mask)
-        param = param_raw.to(tl.float32)
-        if HAS_MASTER:  # the float the update starts from (adamw_math.cuh's table of modes)
-            if mode == MASTER_FP32:
-                m = tl.load(master_ptr + offsets, mask=mask)
-                # a written param wins: the header compares the stored bits
-                same = (to_storage(m, param_ptr, BF16_BY_HAND).to(tl.uint16, bitcast=True)
-                        == param_raw.to(tl.uint16, bitcast=True))
-                param = tl.where(same, m, param)
-            elif mode == MASTER_REMAINDER:
-                param = remainder_join(param_raw.to(tl.uint16, bitcast=True),
-                                       tl.load(rem_ptr + offsets, mask=mask))
-        p0 = param
-        grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-        exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
-        exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
-        if HAS_MAX:
-            amsgrad_mask = offsets < amsgrad_end
-            max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=amsgrad_mask,
-                                     other=0.0).to(tl.float32)
-        else:
-            max_exp_avg_sq = exp_avg_sq  # unused: amsgrad is the constant False
-
-        # ------------------------------------------------------------ compute in fp32
-        if grad_scale_ptr is not None:  # adamw_unscale, written back to the grad
-            grad = adamw_unscale(grad, grad_scale)
-            tl.store(grad_ptr + offsets, to_storage(grad, grad_ptr, BF16_BY_HAND), mask=mask)
-        if clip_coef_ptr is not None:  # adamw_clip: the grad itself stays unclipped
-            grad = grad * clip_coef
-        param, exp_avg, exp_avg_sq, max_exp_avg_sq = adamw_update(
-            param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
-            lr, beta1, beta2, eps, weight_decay, decay, bias_correction1, bias_correction2_sqrt,
-            maximize, amsgrad, l2,
-        )
-
-        # ------------------------------------------------------------ store, fp32 -> storage dtype
-        if HAS_MASTER:
-            store_param(param, p0, offsets, mask, param_ptr, mode, master_ptr, rem_ptr, comp_ptr,
-                        key, BF16_BY_HAND)
-        else:
-            tl.store(param_ptr + offsets, to_storage(param, param_ptr, BF16_BY_HAND), mask=mask)
-        tl.store(exp_avg_ptr + offsets, to_storage(exp_avg, exp_avg_ptr, STATE_BF16_BY_HAND),
-                 mask=mask)
-        tl.store(exp_avg_sq_ptr + offsets,
-                 to_storage(exp_avg_sq, exp_avg_sq_ptr, STATE_BF16_BY_HAND), mask=mask)
-        if HAS_MAX:
-            tl.store(max_exp_avg_sq_ptr + offsets,
-                     to_storage(max_exp_avg_sq, max_exp_avg_sq_ptr, STATE_BF16_BY_HAND),
-                     mask=amsgrad_mask)
+    # ---------------------------------------------------------------- the tile's blocks
+    # Body: the whole blocks of BLOCK_SIZE positions in [u_begin, u_end) (none when off the
+    # grid); edges: the positions before and after it, in masked blocks of EDGE_SIZE.
+    body_lo = tl.where((off_grid & 15) == 0,
+                       (u_begin + BLOCK_SIZE - 1) // BLOCK_SIZE * BLOCK_SIZE, u_end)
+    body_hi = tl.maximum(u_end - u_end % BLOCK_SIZE, body_lo)
+    first = u_begin - u_begin % EDGE_SIZE
+    n_head = (tl.minimum(body_lo, u_end) - first + EDGE_SIZE - 1) // EDGE_SIZE
+    n_tail = (tl.maximum(u_end - body_hi, 0) + EDGE_SIZE - 1) // EDGE_SIZE
+    for start in tl.range(body_lo, body_hi, BLOCK_SIZE):
+        adamw_block(start, u_begin, u_end, phase, param_addr, grad_addr, exp_avg_addr,
+                    exp_avg_sq_addr, max_addr, extra_addr, grad_scale, lr, beta1, beta2, eps,
+                    weight_decay, decay, bias_correction1, bias_correction2_sqrt, maximize,
+                    amsgrad, l2, mode, key, grad_scale_ptr is not None,
+                    DTYPE, STATE_DTYPE, HAS_MAX, HAS_MASTER, BF16_BY_HAND, STATE_BF16_BY_HAND,
+                    BLOCK_SIZE, False)
+    for k in tl.range(0, n_head + n_tail):
+        start = tl.where(k < n_head, first + k * EDGE_SIZE, body_hi + (k - n_head) * EDGE_SIZE)
+        adamw_block(start, u_begin, u_end, phase, param_addr, grad_addr, exp_avg_addr,
+                    exp_avg_sq_addr, max_addr, extra_addr, grad_scale, lr, beta1, beta2, eps,
+                    weight_decay, decay, bias_correction1, bias_correction2_sqrt, maximize,
+                    amsgrad, l2, mode, key, grad_scale_ptr is not None,
+                    DTYPE, STATE_DTYPE, HAS_MAX, HAS_MASTER, BF16_BY_HAND, STATE_BF16_BY_HAND,
+                    EDGE_SIZE, True)
 
 
 @triton.jit
-def store_param(param, p0, offsets, mask, param_ptr, mode, master_ptr, rem_ptr, comp_ptr, key,
+def grid_base(addr, phase, ty: tl.constexpr, ON_GRID: tl.constexpr):
+    """Position 0 of a buffer of element type ``ty`` at ``addr`` whose element 0 sits at
+    position ``phase``; declared 16-byte aligned when ``ON_GRID`` (the body)."""
+    base = addr.to(tl.pointer_type(ty)) - phase
+    if ON_GRID:
+        base = tl.multiple_of(base, 16)
+    return base
+
+
+@triton.jit
+def adamw_block(start, u_begin, u_end, phase, param_addr, grad_addr, exp_avg_addr,
+                exp_avg_sq_addr, max_addr, extra_addr, grad_scale, lr, beta1, beta2, eps,
+                weight_decay, decay, bias_correction1, bias_correction2_sqrt, maximize, amsgrad,
+                l2, mode, key, SCALED: tl.constexpr, DTYPE: tl.constexpr,
+                STATE_DTYPE: tl.constexpr, HAS_MAX: tl.constexpr, HAS_MASTER: tl.constexpr,
+                BF16_BY_HAND: tl.constexpr, STATE_BF16_BY_HAND: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr):
+    """Positions [start, start + BLOCK_SIZE) of a row: a body block (MASKED false: all of them
+    in the row, every buffer on the 16-byte grid) or an edge block (masked to [u_begin,
+    u_end))."""
+    u = start + tl.arange(0, BLOCK_SIZE)
+    if MASKED:
+        mask = (u >= u_begin) & (u < u_end)
+    else:
+        mask = None
+        u = tl.max_contiguous(tl.multiple_of(u, BLOCK_SIZE), BLOCK_SIZE)
+    on_grid: tl.constexpr = not MASKED
+    param_ptrs = grid_base(param_addr, phase, DTYPE, on_grid) + u
+    grad_ptrs = grid_base(grad_addr, phase, DTYPE, on_grid) + u
+    exp_avg_ptrs = grid_base(exp_avg_addr, phase, STATE_DTYPE, on_grid) + u
+    exp_avg_sq_ptrs = grid_base(exp_avg_sq_addr, phase, STATE_DTYPE, on_grid) + u
+
+    # ---------------------------------------------------------------- load, storage -> fp32
+    param_raw = tl.load(param_ptrs, mask=mask)
+    param = param_raw.to(tl.float32)
+    if HAS_MASTER:  # the float the update starts from (adamw_math.cuh's table of modes)
+        if mode == MASTER_FP32:
+            m = tl.load(grid_base(extra_addr, phase, tl.float32, on_grid) + u, mask=mask)
+            # a written param wins: the header compares the stored bits
+            same = (to_storage(m, param_ptrs, BF16_BY_HAND).to(tl.uint16, bitcast=True)
+                    == param_raw.to(tl.uint16, bitcast=True))
+            param = tl.where(same, m, param)
+        elif mode == MASTER_REMAINDER:
+            param = remainder_join(param_raw.to(tl.uint16, bitcast=True),
+                                   tl.load(grid_base(extra_addr, phase, tl.int16, on_grid) + u,
+                                           mask=mask))
+    p0 = param
+    grad = tl.load(grad_ptrs, mask=mask).to(tl.float32)
+    exp_avg = tl.load(exp_avg_ptrs, mask=mask).to(tl.float32)
+    exp_avg_sq = tl.load(exp_avg_sq_ptrs, mask=mask).to(tl.float32)
+    if HAS_MAX:  # read and written for amsgrad rows only (masked off: no traffic)
+        max_ptrs = grid_base(max_addr, phase, STATE_DTYPE, on_grid) + u
+        # NOTE on the block of a scalar bool: Triton 3.9's interpreter takes neither a
+        # broadcast int1 scalar as a mask nor `mask & amsgrad` (numpy bitwise_and on int1).
+        max_mask = tl.broadcast_to(amsgrad.to(tl.int32), [BLOCK_SIZE]) != 0
+        if MASKED:
+            max_mask = max_mask & mask
+        max_exp_avg_sq = tl.load(max_ptrs, mask=max_mask, other=0.0).to(tl.float32)
+    else:
+        max_exp_avg_sq = exp_avg_sq  # unused: amsgrad is the constant False
+
+    # ---------------------------------------------------------------- compute in fp32
+    if SCALED:  # adamw_unscale, written back to the grad
+        grad = adamw_unscale(grad, grad_scale)
+        tl.store(grad_ptrs, to_storage(grad, grad_ptrs, BF16_BY_HAND), mask=mask)
+    param, exp_avg, exp_avg_sq, max_exp_avg_sq = adamw_update(
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
+        lr, beta1, beta2, eps, weight_decay, decay, bias_correction1, bias_correction2_sqrt,
+        maximize, amsgrad, l2,
+    )
+
+    # ---------------------------------------------------------------- store, fp32 -> storage
+    if HAS_MASTER:
+        store_param(param, p0, u - phase, mask, param_ptrs, mode,
+                    grid_base(extra_addr, phase, tl.float32, on_grid) + u,
+                    grid_base(extra_addr, phase, tl.int16, on_grid) + u,
+                    grid_base(extra_addr, phase, DTYPE, on_grid) + u, key, BF16_BY_HAND)
+    else:
+        tl.store(param_ptrs, to_storage(param, param_ptrs, BF16_BY_HAND), mask=mask)
+    tl.store(exp_avg_ptrs, to_storage(exp_avg, exp_avg_ptrs, STATE_BF16_BY_HAND), mask=mask)
+    tl.store(exp_avg_sq_ptrs, to_storage(exp_avg_sq, exp_avg_sq_ptrs, STATE_BF16_BY_HAND),
+             mask=mask)
+    if HAS_MAX:
+        tl.store(max_ptrs, to_storage(max_exp_avg_sq, max_ptrs, STATE_BF16_BY_HAND),
+                 mask=max_mask)
+
+
+@triton.jit
+def store_param(param, p0, i, mask, param_ptrs, mode, master_ptrs, rem_ptrs, comp_ptrs, key,
                 BF16_BY_HAND: tl.constexpr):
     """The param's store under its row's master mode (tile_loop_master in csrc/cpu_adamw.cpp):
-    ``param`` is adamw_update's result, ``p0`` the float it started from."""
+    ``param`` is adamw_update's result, ``p0`` the float it started from, ``i`` the element
+    indices (the stochastic rounding's counter)."""
     if mode == MASTER_FP32:
-        tl.store(master_ptr + offsets, param, mask=mask)
-        tl.store(param_ptr + offsets, to_storage(param, param_ptr, BF16_BY_HAND), mask=mask)
+        tl.store(master_ptrs, param, mask=mask)
+        tl.store(param_ptrs, to_storage(param, param_ptrs, BF16_BY_HAND), mask=mask)
     elif mode == MASTER_REMAINDER:  # bfloat16 only (the optimizer refuses it for float16)
         p, rem = remainder_split(param)
-        tl.store(param_ptr + offsets, p.to(param_ptr.dtype.element_ty, bitcast=True), mask=mask)
-        tl.store(rem_ptr + offsets, rem, mask=mask)
+        tl.store(param_ptrs, p.to(param_ptrs.dtype.element_ty, bitcast=True), mask=mask)
+        tl.store(rem_ptrs, rem, mask=mask)
     elif mode == MASTER_KAHAN:
-        s, y = kahan_sum(p0, param, tl.load(comp_ptr + offsets, mask=mask).to(tl.float32))
-        ps = to_storage(s, param_ptr, BF16_BY_HAND)
-        tl.store(param_ptr + offsets, ps, mask=mask)
-        tl.store(comp_ptr + offsets,
-                 to_storage(kahan_residual(y, p0, ps.to(tl.float32)), comp_ptr, BF16_BY_HAND),
+        s, y = kahan_sum(p0, param, tl.load(comp_ptrs, mask=mask).to(tl.float32))
+        ps = to_storage(s, param_ptrs, BF16_BY_HAND)
+        tl.store(param_ptrs, ps, mask=mask)
+        tl.store(comp_ptrs,
+                 to_storage(kahan_residual(y, p0, ps.to(tl.float32)), comp_ptrs, BF16_BY_HAND),
                  mask=mask)
     elif mode == MASTER_STOCHASTIC:
-        r = sr_bits(key, offsets)
-        if param_ptr.dtype.element_ty == tl.bfloat16:
+        r = sr_bits(key, i)
+        if param_ptrs.dtype.element_ty == tl.bfloat16:
             param = round_bf16_stochastic(param, r)
         else:
             param = round_f16_stochastic(param, r)
-        tl.store(param_ptr + offsets, to_storage(param, param_ptr, BF16_BY_HAND), mask=mask)
+        tl.store(param_ptrs, to_storage(param, param_ptrs, BF16_BY_HAND), mask=mask)
     else:  # MASTER_NONE
-        tl.store(param_ptr + offsets, to_storage(param, param_ptr, BF16_BY_HAND), mask=mask)
+        tl.store(param_ptrs, to_storage(param, param_ptrs, BF16_BY_HAND), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"],  # as adamw_kernel's NOTE on specialisation
+            do_not_specialize_on_alignment=["rows_ptr", "found_inf_ptr"])
 def adamw_steps_kernel(
     rows_ptr,  # *int64 [n_rows, ROW_COLS]
-    n_rows,  # rows in the table
+    n_rows: tl.int64,  # rows in the table (not specialised either)
     found_inf_ptr,  # *fp32 GradScaler's found_inf, or None
     ROW_COLS: tl.constexpr,  # _table.ROW_COLS
     BLOCK_SIZE: tl.constexpr,  # rows per program
@@ -486,11 +576,89 @@ def has_master(table: _table.Table) -> bool:
         row[_table.HP_MASTER_MODE] != 0 for row in table.host_hparams)
 
 
+# The moments' dtypes each param dtype takes (optimizer._check_low_precision: its own, float32,
+# or bfloat16 beside float32 params).
+_STATE_DTYPES = {torch.float32: (torch.float32, torch.bfloat16),
+                 torch.bfloat16: (torch.bfloat16, torch.float32),
+                 torch.float16: (torch.float16, torch.float32)}
+
+
+class Variant(NamedTuple):
+    """What Triton compiles a separate :func:`adamw_kernel` for on one device: its constexprs
+    (:func:`kernel_constexprs`) and which of its pointer arguments are None."""
+
+    dtype: torch.dtype  # the params' (and grads')
+    state_dtype: torch.dtype  # the moments'
+    has_max: bool  # some row uses amsgrad
+    has_master: bool  # 16-bit params, some group with a master mode
+    scaled: bool  # GradScaler's grad_scale is given
+    skippable: bool  # GradScaler's found_inf is given
+
+
 def variant(table: _table.Table) -> tuple:
-    """What Triton compiles a separate kernel for (its constexprs and None arguments)."""
-    return (table.device, table.dtype, table.state_dtype, table.has_max, has_master(table),
-            table.grad_scale is None, table.found_inf is None,
-            getattr(table, "clip_coef", None) is None)
+    """The key of the kernels a step of ``table`` launches: (device, :class:`Variant`)."""
+    return (table.device, Variant(table.dtype, table.state_dtype, table.has_max,
+                                  has_master(table), table.grad_scale is not None,
+                                  table.found_inf is not None))
+
+
+def variants() -> list[Variant]:
+    """Every variant :func:`launch` can compile (tests/test_triton_compile.py compiles each)."""
+    return [Variant(dtype, state_dtype, has_max, has_master, scaled, skippable)
+            for dtype in _SUPPORTED_DTYPES for state_dtype in _STATE_DTYPES[dtype]
+            for has_max in (False, True)
+            for has_master in ((False, True) if dtype != torch.float32 else (False,))
+            for scaled in (False, True) for skippable in (False, True)]
+
+
+def max_registers(v: Variant) -> int:
+    """ptxas's register cap (maxnreg) for variant ``v``: the CUDA kernel's 64 (32 warps per SM)
+    where the kernel fits in it without spilling, else the smallest of 80, 96 and 128 that
+    does, measured with Triton 3.9's ptxas for sm_90 (a sweep of the four caps over every
+    variant; ptxas is not monotone here: some spill at 96 and not at 80). 16-bit params hold
+    8 elements a thread (one 16-byte vector), as fp32 moments and masters 8 more registers
+    each. tests/test_triton_compile.py fails on any spill; kernels/NOTES.md has the counts."""
+    if v.dtype == torch.float32:
+        if v.state_dtype == torch.float32:
+            return 96 if v.has_max and v.scaled else 64
+        return 96 if v.scaled and not v.has_max else 80
+    if v.state_dtype == torch.float32:  # 16-bit params, fp32 moments
+        if v.has_max or (v.has_master and v.dtype == torch.float16):
+            return 128
+        return 96 if v.has_master else 80
+    return 96 if v.has_master and (v.has_max or v.dtype == torch.float16) else 80
+
+
+def launch_options(v: Variant) -> dict:
+    """:func:`adamw_kernel`'s compile options for variant ``v``."""
+    return dict(num_warps=_NUM_WARPS, maxnreg=max_registers(v))
+
+
+def block_size(v: Variant) -> int:
+    """Body positions per block: one 16-byte vector per thread of the narrower buffers (see
+    the NOTE on configuration)."""
+    return 32 * _NUM_WARPS * 16 // min(v.dtype.itemsize, v.state_dtype.itemsize)
+
+
+def kernel_constexprs(v: Variant, interpret: bool = _INTERPRET) -> dict:
+    """:func:`adamw_kernel`'s constexpr arguments for variant ``v`` (compiled, or run by the
+    interpreter)."""
+    return dict(
+        DTYPE=_TL_DTYPES[v.dtype],
+        STATE_DTYPE=_TL_DTYPES[v.state_dtype],
+        ELEM_BYTES=v.dtype.itemsize,
+        STATE_BYTES=v.state_dtype.itemsize,
+        HAS_MAX=v.has_max,
+        HAS_MASTER=v.has_master,
+        ROW_COLS=_table.ROW_COLS,
+        HPARAM_COLS=_table.HPARAM_COLS,
+        TILE_ELEMS=_table.TILE_ELEMS,
+        LIBDEVICE_POW=not interpret,
+        BF16_BY_HAND=interpret and v.dtype == torch.bfloat16,
+        STATE_BF16_BY_HAND=interpret and v.state_dtype == torch.bfloat16,
+        BLOCK_SIZE=block_size(v),
+        EDGE_SIZE=_EDGE_SIZE,
+    )
 
 
 # Variants launched at least once in this process: a CUDA-graph capture of a step whose kernel
@@ -502,53 +670,36 @@ def launch(table: _table.Table) -> None:
     """The two launches over ``table`` (step counts, then the update); no host sync."""
     if table.n_rows == 0:
         return
-    _launched.add(variant(table))
+    key = variant(table)
+    _launched.add(key)
+    steps_args, update_args = kernel_args(table)
+    adamw_steps_kernel[(triton.cdiv(table.n_rows, _STEPS_BLOCK),)](
+        *steps_args, ROW_COLS=_table.ROW_COLS, BLOCK_SIZE=_STEPS_BLOCK)
+    if table.n_tiles == 0:
+        return
+    adamw_kernel[(table.n_tiles,)](*update_args, **kernel_constexprs(key[1]),
+                                   **launch_options(key[1]))
+
+
+def kernel_args(table: _table.Table) -> tuple[tuple, tuple]:
+    """The runtime (non-constexpr) arguments of :func:`adamw_steps_kernel` and
+    :func:`adamw_kernel` for a launch over ``table``."""
     packed = table.packed
     rows = packed[: table.n_rows * _table.ROW_COLS]
     tile_starts = packed[table.n_rows * _table.ROW_COLS:]
-    adamw_steps_kernel[(triton.cdiv(table.n_rows, _STEPS_BLOCK),)](
-        rows, table.n_rows, table.found_inf, ROW_COLS=_table.ROW_COLS, BLOCK_SIZE=_STEPS_BLOCK)
-    if table.n_tiles == 0:
-        return
-    adamw_kernel[(table.n_tiles,)](
-        rows, tile_starts, table.hparams, table.n_rows, table.grad_scale, table.found_inf,
-        getattr(table, "clip_coef", None),
-        DTYPE=_TL_DTYPES[table.dtype],
-        STATE_DTYPE=_TL_DTYPES[table.state_dtype],
-        ELEM_BYTES=table.itemsize,
-        HAS_MAX=table.has_max,
-        HAS_MASTER=has_master(table),
-        ROW_COLS=_table.ROW_COLS,
-        HPARAM_COLS=_table.HPARAM_COLS,
-        TILE_ELEMS=_table.TILE_ELEMS,
-        LIBDEVICE_POW=not _INTERPRET,
-        BF16_BY_HAND=_INTERPRET and table.dtype == torch.bfloat16,
-        STATE_BF16_BY_HAND=_INTERPRET and table.state_dtype == torch.bfloat16,
-        BLOCK_SIZE=_BLOCK_SIZE,
-        num_warps=_NUM_WARPS,
-    )
+    return ((rows, table.n_rows, table.found_inf),
+            (rows, tile_starts, table.hparams, table.n_rows, table.grad_scale, table.found_inf))
 
 
 class TritonBackend:
     name = "triton"
-    clips = True  # grad_norm_rows and table.clip_coef (fused_adamw._clip)
-    tracks_norms = False  # per-row norms not in the kernel yet: such tables step on torch
-
-    def grad_norm_rows(self, table: _table.Table) -> None:
-        """The norm pass (triton_norm.py), bitwise the CPU loop's."""
-        from . import triton_norm
-
-        _launched.add(("norm",) + variant(table))
-        if table.device.type == "cuda":
-            with torch.cuda.device(table.device):
-                triton_norm.grad_norm_rows(table, _INTERPRET)
-        else:
-            triton_norm.grad_norm_rows(table, _INTERPRET)
 
     def capture_problem(self, table: _table.Table) -> str | None:
-        """Why a step of ``table`` cannot be captured into a CUDA graph now, or None."""
+        """Why a step of ``table`` cannot be captured into a CUDA graph now, or None (the
+        key is all Triton specialises on: see adamw_kernel's NOTE on specialisation)."""
         if table.n_rows and variant(table) not in _launched:
-            return ("the Triton kernel for this table (dtype, amsgrad, GradScaler use) has not "
+            return ("the Triton kernel for this table (dtypes, amsgrad, master modes, GradScaler "
+                    "use) has not "
                     "been compiled yet: run one eager step the way the graph will (with or "
                     "without the scaler) before capturing")
         return None
