@@ -79,16 +79,36 @@ AdamWParams make_params(std::uintptr_t rows, std::uintptr_t tile_starts, std::ui
   p.state_dtype = static_cast<DType>(state_dtype);
   p.grad_scale = reinterpret_cast<const float*>(grad_scale);
   p.found_inf = reinterpret_cast<const float*>(found_inf);
+  p.clip_coef = nullptr;
+  p.tile_norms = nullptr;
   return p;
 }
 
 void step_cpu(std::uintptr_t rows, std::uintptr_t tile_starts, std::uintptr_t hparams,
               int64_t n_rows, int64_t n_tiles, int64_t n_groups, int dtype, int num_threads,
-              int state_dtype, std::uintptr_t grad_scale, std::uintptr_t found_inf) {
-  const AdamWParams p = make_params(rows, tile_starts, hparams, n_rows, n_tiles, n_groups, dtype,
-                                    state_dtype, grad_scale, found_inf);
+              int state_dtype, std::uintptr_t grad_scale, std::uintptr_t found_inf,
+              std::uintptr_t clip_coef, std::uintptr_t row_norms) {
+  AdamWParams p = make_params(rows, tile_starts, hparams, n_rows, n_tiles, n_groups, dtype,
+                              state_dtype, grad_scale, found_inf);
+  if (clip_coef % 4 != 0 || row_norms % 4 != 0) {
+    throw py::value_error("clip_coef and row_norms must be 4-byte aligned float32 addresses or 0");
+  }
+  p.clip_coef = reinterpret_cast<const float*>(clip_coef);
   py::gil_scoped_release release;
-  fused_adamw::adamw_step_cpu(p, num_threads);
+  fused_adamw::adamw_step_cpu(p, num_threads, reinterpret_cast<float*>(row_norms));
+}
+
+void grad_norm_cpu(std::uintptr_t rows, std::uintptr_t tile_starts, int64_t n_rows,
+                   int64_t n_tiles, int dtype, int num_threads, bool inf,
+                   std::uintptr_t grad_scale, std::uintptr_t out) {
+  // hparams are not read: any non-null aligned address passes make_params' checks.
+  AdamWParams p = make_params(rows, tile_starts, out, n_rows, n_tiles, 0, dtype, -1,
+                              grad_scale, 0);
+  if (out == 0 || out % 8 != 0) {
+    throw py::value_error("out must be the 8-byte aligned address of n_rows + 1 float64");
+  }
+  py::gil_scoped_release release;
+  fused_adamw::adamw_grad_norm_cpu(p, num_threads, inf, reinterpret_cast<double*>(out));
 }
 
 std::vector<std::string> split_archs(const std::string& s) {
@@ -111,15 +131,37 @@ constexpr bool kHasCuda = true;
 void step_cuda(std::uintptr_t rows, std::uintptr_t tile_starts, std::uintptr_t hparams,
                int64_t n_rows, int64_t n_tiles, int64_t n_groups, int dtype, bool has_max,
                int device, std::uintptr_t stream, int state_dtype, std::uintptr_t grad_scale,
-               std::uintptr_t found_inf, bool master_modes) {
-  const AdamWParams p = make_params(rows, tile_starts, hparams, n_rows, n_tiles, n_groups, dtype,
-                                    state_dtype, grad_scale, found_inf);
+               std::uintptr_t found_inf, bool master_modes, std::uintptr_t clip_coef) {
+  AdamWParams p = make_params(rows, tile_starts, hparams, n_rows, n_tiles, n_groups, dtype,
+                              state_dtype, grad_scale, found_inf);
+  if (clip_coef % 4 != 0) throw py::value_error("clip_coef must be a 4-byte aligned address or 0");
+  p.clip_coef = reinterpret_cast<const float*>(clip_coef);
   std::string err;
   {
     py::gil_scoped_release release;
     err = fused_adamw::launch_adamw_cuda(p, has_max, device, stream, master_modes);
   }
   if (!err.empty()) throw std::runtime_error("fused_adamw CUDA step failed: " + err);
+}
+
+void grad_norm_cuda(std::uintptr_t rows, std::uintptr_t tile_starts, int64_t n_rows,
+                    int64_t n_tiles, int dtype, bool inf, std::uintptr_t grad_scale,
+                    std::uintptr_t scratch, std::uintptr_t out, int device,
+                    std::uintptr_t stream) {
+  const AdamWParams p = make_params(rows, tile_starts, out, n_rows, n_tiles, 0, dtype, -1,
+                                    grad_scale, 0);
+  if (out == 0 || out % 8 != 0 || (n_tiles > 0 && (scratch == 0 || scratch % 4 != 0))) {
+    throw py::value_error("out (float64 [n_rows + 1]) and scratch (float32 "
+                          "[n_tiles * 257]) must be aligned device addresses");
+  }
+  std::string err;
+  {
+    py::gil_scoped_release release;
+    err = fused_adamw::launch_grad_norm_cuda(p, device, stream, inf,
+                                             reinterpret_cast<float*>(scratch),
+                                             reinterpret_cast<double*>(out));
+  }
+  if (!err.empty()) throw std::runtime_error("fused_adamw CUDA grad norm failed: " + err);
 }
 
 void set_grid_cap(int64_t cap) { fused_adamw::set_grid_cap_for_testing(cap); }
@@ -136,7 +178,12 @@ constexpr const char* kNoCuda =
     "fused_adamw._C was built without CUDA (no nvcc at build time, or FUSED_ADAMW_NO_CUDA=1)";
 
 void step_cuda(std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t, int64_t, int,
-               bool, int, std::uintptr_t, int, std::uintptr_t, std::uintptr_t, bool) {
+               bool, int, std::uintptr_t, int, std::uintptr_t, std::uintptr_t, bool,
+               std::uintptr_t) {
+  throw std::runtime_error(kNoCuda);
+}
+void grad_norm_cuda(std::uintptr_t, std::uintptr_t, int64_t, int64_t, int, bool, std::uintptr_t,
+                    std::uintptr_t, std::uintptr_t, int, std::uintptr_t) {
   throw std::runtime_error(kNoCuda);
 }
 void set_grid_cap(int64_t) {}
@@ -410,11 +457,24 @@ PYBIND11_MODULE(_C, m) {
   m.def("step_cpu", &step_cpu,
         (std::string("One AdamW step over a table in host memory, on num_threads threads "
                      "(the GIL released). ") +
-         args_doc + " Then num_threads; state_dtype: the moments' dtype code (-1: dtype).")
+         args_doc + " Then num_threads; state_dtype: the moments' dtype code (-1: dtype); "
+                    "clip_coef: the address of the float32 clip coefficient the update "
+                    "multiplies each unscaled grad by (issue #19), or 0; row_norms: the "
+                    "address of float32 [n_rows, 3] that receives each row's sums of squares "
+                    "of the grad as used, the param after and the delta, or 0.")
             .c_str(),
         py::arg("rows"), py::arg("tile_starts"), py::arg("hparams"), py::arg("n_rows"),
         py::arg("n_tiles"), py::arg("n_groups"), py::arg("dtype"), py::arg("num_threads"),
-        py::arg("state_dtype") = -1, py::arg("grad_scale") = 0, py::arg("found_inf") = 0);
+        py::arg("state_dtype") = -1, py::arg("grad_scale") = 0, py::arg("found_inf") = 0,
+        py::arg("clip_coef") = 0, py::arg("row_norms") = 0);
+  m.def("grad_norm_cpu", &grad_norm_cpu,
+        "The norm pass of gradient clipping (issue #19) over a table in host memory: out "
+        "(float64 [n_rows + 1]) receives each row's sum of squares of grad / *grad_scale "
+        "(inf=True: max |.|) and their total, in kernels/adamw_math.cuh's fixed order (bitwise "
+        "the same for any num_threads). The GIL released.",
+        py::arg("rows"), py::arg("tile_starts"), py::arg("n_rows"), py::arg("n_tiles"),
+        py::arg("dtype"), py::arg("num_threads"), py::arg("inf"), py::arg("grad_scale"),
+        py::arg("out"));
   m.def("step_cuda", &step_cuda,
         (std::string("Launches one AdamW step over a table in device memory on `stream` "
                      "(cudaStream_t as int; 0 = legacy default) of `device`; asynchronous, "
@@ -427,7 +487,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("rows"), py::arg("tile_starts"), py::arg("hparams"), py::arg("n_rows"),
         py::arg("n_tiles"), py::arg("n_groups"), py::arg("dtype"), py::arg("has_max"),
         py::arg("device"), py::arg("stream"), py::arg("state_dtype") = -1,
-        py::arg("grad_scale") = 0, py::arg("found_inf") = 0, py::arg("master_modes") = false);
+        py::arg("grad_scale") = 0, py::arg("found_inf") = 0, py::arg("master_modes") = false,
+        py::arg("clip_coef") = 0);
+  m.def("grad_norm_cuda", &grad_norm_cuda,
+        "The norm pass of gradient clipping (issue #19) over a table in device memory, on "
+        "`stream` of `device`, asynchronous: out (float64 [n_rows + 1]) receives each row's "
+        "sum of squares of grad / *grad_scale (inf=True: max |.|) and their total, bitwise "
+        "grad_norm_cpu's; scratch: float32 [n_tiles * 257] device memory.",
+        py::arg("rows"), py::arg("tile_starts"), py::arg("n_rows"), py::arg("n_tiles"),
+        py::arg("dtype"), py::arg("inf"), py::arg("grad_scale"), py::arg("scratch"),
+        py::arg("out"), py::arg("device"), py::arg("stream"));
   m.def("_set_grid_cap", &set_grid_cap,
         "Tests only: caps the CUDA update's grid so that its tile loop strides (<= 0: no cap).",
         py::arg("cap"));

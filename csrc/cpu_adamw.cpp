@@ -17,9 +17,11 @@
 
 #include "cpu_adamw.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -136,21 +138,23 @@ enum class Decay { kNone, kDecoupled, kL2 };
 // Element i's grad as the update reads it: under GradScaler (SCALED) divided by the scale
 // (adamw_unscale) and stored back, as the CUDA kernel does. Shared by the plain and the
 // master-mode loops.
+// Then times the clip coefficient (adamw_clip; 1.0f without clipping), not written back.
 template <typename D, bool SCALED>
-FUSED_ADAMW_INLINE float grad_of(typename D::Storage* __restrict__ grad, int64_t i, float scale) {
+FUSED_ADAMW_INLINE float grad_of(typename D::Storage* __restrict__ grad, int64_t i, float scale,
+                                 float coef) {
   float gf = D::load(grad[i]);
   if (SCALED) {
     gf = adamw_unscale(gf, scale);
     grad[i] = D::store(gf);
   }
-  return gf;
+  return adamw_clip(gf, coef);
 }
 
 // SCALED: GradScaler's grad_scale is set: the grad is divided by `scale` (adamw_unscale) and
 // the quotient stored back, as the CUDA kernel does.
 template <typename D, typename DS, bool AMSGRAD, bool MAXIMIZE, Decay DECAY, bool SCALED>
 FUSED_ADAMW_INLINE void tile_loop(const int64_t* r, int64_t first, int64_t n, AdamWScalars s,
-                                  float scale) {
+                                  float scale, float coef) {
   using T = typename D::Storage;
   using S = typename DS::Storage;
   T* __restrict__ param = reinterpret_cast<T*>(r[kRowParam]) + first;
@@ -169,7 +173,7 @@ FUSED_ADAMW_INLINE void tile_loop(const int64_t* r, int64_t first, int64_t n, Ad
     float mf = DS::load(exp_avg[i]);
     float vf = DS::load(exp_avg_sq[i]);
     float xf = AMSGRAD ? DS::load(max_exp_avg_sq[i]) : 0.0f;
-    const float gf = grad_of<D, SCALED>(grad, i, scale);
+    const float gf = grad_of<D, SCALED>(grad, i, scale, coef);
     adamw_update(pf, gf, mf, vf, xf, s);
     param[i] = D::store(pf);
     exp_avg[i] = DS::store(mf);
@@ -186,7 +190,7 @@ FUSED_ADAMW_INLINE void tile_loop(const int64_t* r, int64_t first, int64_t n, Ad
 // stochastic key's step all stay as they were.
 template <typename D, typename DS, bool AMSGRAD, int MODE, bool SCALED>
 FUSED_ADAMW_INLINE void tile_loop_master(const int64_t* r, int64_t first, int64_t n,
-                                         AdamWScalars s, float scale) {
+                                         AdamWScalars s, float scale, float coef) {
   using T = typename D::Storage;
   using S = typename DS::Storage;
   T* __restrict__ param = reinterpret_cast<T*>(r[kRowParam]) + first;
@@ -219,7 +223,7 @@ FUSED_ADAMW_INLINE void tile_loop_master(const int64_t* r, int64_t first, int64_
     float mf = DS::load(exp_avg[i]);
     float vf = DS::load(exp_avg_sq[i]);
     float xf = AMSGRAD ? DS::load(max_exp_avg_sq[i]) : 0.0f;
-    const float gf = grad_of<D, SCALED>(grad, i, scale);
+    const float gf = grad_of<D, SCALED>(grad, i, scale, coef);
     adamw_update(pf, gf, mf, vf, xf, s);
     if constexpr (MODE == kMasterFp32) {
       master[i] = pf;
@@ -242,29 +246,31 @@ FUSED_ADAMW_INLINE void tile_loop_master(const int64_t* r, int64_t first, int64_
 
 template <typename D, typename DS, bool AMSGRAD, bool SCALED>
 FUSED_ADAMW_INLINE void tile_dispatch_master(const int64_t* r, int64_t first, int64_t n,
-                                             const AdamWScalars& s, int mode, float scale) {
+                                             const AdamWScalars& s, int mode, float scale,
+                                             float coef) {
   switch (mode) {
     case kMasterFp32:
-      return tile_loop_master<D, DS, AMSGRAD, kMasterFp32, SCALED>(r, first, n, s, scale);
+      return tile_loop_master<D, DS, AMSGRAD, kMasterFp32, SCALED>(r, first, n, s, scale, coef);
     case kMasterRemainder:
       if constexpr (std::is_same<D, BF16>::value) {
         return tile_loop_master<D, DS, AMSGRAD, kMasterRemainder, SCALED>(r, first, n, s,
-                                                                          scale);
+                                                                          scale, coef);
       }
       return;  // refused for float16 by the optimizer (_table checks it too)
     case kMasterKahan:
-      return tile_loop_master<D, DS, AMSGRAD, kMasterKahan, SCALED>(r, first, n, s, scale);
+      return tile_loop_master<D, DS, AMSGRAD, kMasterKahan, SCALED>(r, first, n, s, scale, coef);
     case kMasterStochastic:
-      return tile_loop_master<D, DS, AMSGRAD, kMasterStochastic, SCALED>(r, first, n, s, scale);
+      return tile_loop_master<D, DS, AMSGRAD, kMasterStochastic, SCALED>(r, first, n, s, scale, coef);
   }
 }
 
 template <typename D, typename DS, bool AMSGRAD, bool SCALED>
 FUSED_ADAMW_INLINE void tile_dispatch(const int64_t* r, int64_t first, int64_t n,
-                                      const AdamWScalars& s, int mode, float scale) {
+                                      const AdamWScalars& s, int mode, float scale,
+                                      float coef) {
   if constexpr (!std::is_same<D, F32>::value) {
     if (mode != kMasterNone) {
-      return tile_dispatch_master<D, DS, AMSGRAD, SCALED>(r, first, n, s, mode, scale);
+      return tile_dispatch_master<D, DS, AMSGRAD, SCALED>(r, first, n, s, mode, scale, coef);
     }
   }
   const Decay decay = s.l2 ? Decay::kL2
@@ -272,23 +278,162 @@ FUSED_ADAMW_INLINE void tile_dispatch(const int64_t* r, int64_t first, int64_t n
   if (s.maximize) {
     switch (decay) {
       case Decay::kNone:
-        return tile_loop<D, DS, AMSGRAD, true, Decay::kNone, SCALED>(r, first, n, s, scale);
+        return tile_loop<D, DS, AMSGRAD, true, Decay::kNone, SCALED>(r, first, n, s, scale, coef);
       case Decay::kDecoupled:
-        return tile_loop<D, DS, AMSGRAD, true, Decay::kDecoupled, SCALED>(r, first, n, s, scale);
+        return tile_loop<D, DS, AMSGRAD, true, Decay::kDecoupled, SCALED>(r, first, n, s, scale, coef);
       case Decay::kL2:
-        return tile_loop<D, DS, AMSGRAD, true, Decay::kL2, SCALED>(r, first, n, s, scale);
+        return tile_loop<D, DS, AMSGRAD, true, Decay::kL2, SCALED>(r, first, n, s, scale, coef);
     }
   } else {
     switch (decay) {
       case Decay::kNone:
-        return tile_loop<D, DS, AMSGRAD, false, Decay::kNone, SCALED>(r, first, n, s, scale);
+        return tile_loop<D, DS, AMSGRAD, false, Decay::kNone, SCALED>(r, first, n, s, scale, coef);
       case Decay::kDecoupled:
         return tile_loop<D, DS, AMSGRAD, false, Decay::kDecoupled, SCALED>(r, first, n, s,
-                                                                           scale);
+                                                                           scale, coef);
       case Decay::kL2:
-        return tile_loop<D, DS, AMSGRAD, false, Decay::kL2, SCALED>(r, first, n, s, scale);
+        return tile_loop<D, DS, AMSGRAD, false, Decay::kL2, SCALED>(r, first, n, s, scale, coef);
     }
   }
+}
+
+// ------------------------------------------------------------------------------------------
+// norms (issue #19): adamw_math.cuh's lane order, so that the CUDA kernel can match it
+// ------------------------------------------------------------------------------------------
+
+// Accumulates f(element) of positions [u0, u1) of tile-local lane space into lanes: position
+// u (relative to the tile's first position) goes to lane (u / N) % kNormLanes, in increasing u.
+// Whole rounds of kNormLanes vectors run as one affine loop over lanes (vectorized across
+// lanes); partial rounds at the edges one element at a time.
+template <int N, typename F>
+FUSED_ADAMW_INLINE void lanes_add(float* __restrict__ lanes, int64_t u0, int64_t u1, F f) {
+  constexpr int64_t kRound = int64_t(N) * kNormLanes;
+  int64_t u = u0;
+  const int64_t head_end = std::min(u1, (u0 + kRound - 1) / kRound * kRound);
+  for (; u < head_end; ++u) lanes[(u / N) % kNormLanes] += f(u);
+  for (; u + kRound <= u1; u += kRound) {
+    for (int l = 0; l < kNormLanes; ++l) {
+      float a = lanes[l];
+      for (int e = 0; e < N; ++e) a += f(u + int64_t(l) * N + e);
+      lanes[l] = a;
+    }
+  }
+  for (; u < u1; ++u) lanes[(u / N) % kNormLanes] += f(u);
+}
+
+template <int N, typename F>
+FUSED_ADAMW_INLINE void lanes_max(float* __restrict__ lanes, int64_t u0, int64_t u1, F f) {
+  for (int64_t u = u0; u < u1; ++u) {
+    float& a = lanes[(u / N) % kNormLanes];
+    a = adamw_norm_max(a, f(u));
+  }
+}
+
+// The norm pass over one tile: the partial of |grad / scale| (squares, or the max).
+template <typename D, bool SCALED, bool INF>
+FUSED_ADAMW_INLINE float norm_tile(const AdamWParams& p, int64_t t, int64_t row) {
+  constexpr int N = 16 / sizeof(typename D::Storage);
+  const int64_t* r = p.rows + row * kRowCols;
+  const int64_t j = t - p.tile_starts[row];
+  const int64_t phase =
+      static_cast<int64_t>(static_cast<uint64_t>(r[kRowParam]) & 15u) / sizeof(typename D::Storage);
+  const int64_t base = j * kTileElems;  // the tile's first position
+  const int64_t u_begin = std::max(base, phase);
+  const int64_t u_end = std::min(base + kTileElems, phase + r[kRowNumel]);
+  const typename D::Storage* __restrict__ g =
+      reinterpret_cast<const typename D::Storage*>(r[kRowGrad]) + (base - phase);
+  const float scale = SCALED ? *p.grad_scale : 1.0f;
+  float lanes[kNormLanes] = {};
+  auto value = [&](int64_t u) {  // u relative to the tile's first position
+    const float gf = SCALED ? adamw_unscale(D::load(g[u]), scale) : D::load(g[u]);
+    return INF ? (gf < 0 ? -gf : gf) : gf * gf;
+  };
+  if (INF) {
+    lanes_max<N>(lanes, u_begin - base, u_end - base, value);
+  } else {
+    lanes_add<N>(lanes, u_begin - base, u_end - base, value);
+  }
+  return adamw_norm_tree(lanes, INF);
+}
+
+template <typename D>
+FUSED_ADAMW_INLINE void norm_tiles_impl(const AdamWParams& p, int64_t t0, int64_t t1, bool inf,
+                                        float* out) {
+  if (t0 >= t1) return;
+  int64_t row = row_of_tile(p.tile_starts, p.n_rows, t0);
+  for (int64_t t = t0; t < t1; ++t) {
+    while (p.tile_starts[row + 1] <= t) ++row;
+    const bool scaled = p.grad_scale != nullptr;
+    out[t] = inf ? (scaled ? norm_tile<D, true, true>(p, t, row)
+                           : norm_tile<D, false, true>(p, t, row))
+                 : (scaled ? norm_tile<D, true, false>(p, t, row)
+                           : norm_tile<D, false, false>(p, t, row));
+  }
+}
+
+FUSED_ADAMW_CLONES void norm_tiles_f32(const AdamWParams& p, int64_t t0, int64_t t1, bool inf,
+                                       float* out) {
+  norm_tiles_impl<F32>(p, t0, t1, inf, out);
+}
+FUSED_ADAMW_CLONES void norm_tiles_bf16(const AdamWParams& p, int64_t t0, int64_t t1, bool inf,
+                                        float* out) {
+  norm_tiles_impl<BF16>(p, t0, t1, inf, out);
+}
+FUSED_ADAMW_CLONES void norm_tiles_f16(const AdamWParams& p, int64_t t0, int64_t t1, bool inf,
+                                       float* out) {
+  norm_tiles_impl<F16>(p, t0, t1, inf, out);
+}
+
+void norm_tiles(const AdamWParams& p, int64_t t0, int64_t t1, bool inf, float* out) {
+  switch (p.dtype) {
+    case DType::kFloat32:
+      return norm_tiles_f32(p, t0, t1, inf, out);
+    case DType::kBFloat16:
+      return norm_tiles_bf16(p, t0, t1, inf, out);
+    case DType::kFloat16:
+      return norm_tiles_f16(p, t0, t1, inf, out);
+  }
+}
+
+// A tile's update with track_norms: in chunks of whole lane rounds, the grads as used (before
+// clipping) and the params as stored are kept, the ordinary loop runs on the chunk, then the
+// three lanes take grad^2, param_after^2 and (param_after - param_before)^2 (a second,
+// cache-hot pass over the chunk: the update loop itself stays as it is).
+template <typename D, typename DS, bool AMSGRAD, bool SCALED>
+FUSED_ADAMW_INLINE void tile_with_norms(const int64_t* r, const TileWork& w, int64_t tile_base,
+                                        int mode, float scale, float coef, float* out) {
+  using T = typename D::Storage;
+  constexpr int N = 16 / sizeof(T);
+  constexpr int64_t kChunk = int64_t(N) * kNormLanes;
+  T* const param = reinterpret_cast<T*>(r[kRowParam]);
+  const T* const grad = reinterpret_cast<const T*>(r[kRowGrad]);
+  float lanes[3][kNormLanes] = {};
+  float g_used[kChunk], p_before[kChunk];
+  for (int64_t u0 = w.u_begin; u0 < w.u_end;) {
+    // chunk [u0, u1): up to the next lane-round boundary of the tile
+    const int64_t rel = u0 - tile_base;
+    const int64_t u1 = std::min(w.u_end, tile_base + (rel / kChunk + 1) * kChunk);
+    const int64_t first = u0 - w.phase, n = u1 - u0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float gf = D::load(grad[first + i]);
+      g_used[i] = SCALED ? adamw_unscale(gf, scale) : gf;
+      p_before[i] = D::load(param[first + i]);
+    }
+    tile_dispatch<D, DS, AMSGRAD, SCALED>(r, first, n, w.s, mode, scale, coef);
+    const int64_t c0 = rel;  // chunk positions relative to the tile
+    auto at = [&](int64_t u) { return u - c0; };
+    lanes_add<N>(lanes[0], c0, c0 + n, [&](int64_t u) { const float g = g_used[at(u)]; return g * g; });
+    lanes_add<N>(lanes[1], c0, c0 + n, [&](int64_t u) {
+      const float a = D::load(param[first + at(u)]);
+      return a * a;
+    });
+    lanes_add<N>(lanes[2], c0, c0 + n, [&](int64_t u) {
+      const float d = D::load(param[first + at(u)]) - p_before[at(u)];
+      return d * d;
+    });
+    u0 = u1;
+  }
+  for (int c = 0; c < 3; ++c) out[c] = adamw_norm_tree(lanes[c], false);
 }
 
 // Tiles [t0, t1), in the CUDA kernel's tiling (kernels/adamw_tile.cuh). The CPU has no vector
@@ -296,6 +441,7 @@ FUSED_ADAMW_INLINE void tile_dispatch(const int64_t* r, int64_t first, int64_t n
 template <typename D, typename DS>
 FUSED_ADAMW_INLINE void run_tiles_impl(const AdamWParams& p, int64_t t0, int64_t t1) {
   if (t0 >= t1) return;
+  const float coef = p.clip_coef != nullptr ? *p.clip_coef : 1.0f;
   // Tiles in order: the row is searched once, then followed (rows with no tile are skipped).
   int64_t row = row_of_tile(p.tile_starts, p.n_rows, t0);
   for (int64_t t = t0; t < t1; ++t) {
@@ -304,13 +450,26 @@ FUSED_ADAMW_INLINE void run_tiles_impl(const AdamWParams& p, int64_t t0, int64_t
     const int64_t* r = p.rows + w.row * kRowCols;
     const int64_t first = w.u_begin - w.phase, n = w.u_end - w.u_begin;
     const int mode = master_mode_of(p, r);
+    if (p.tile_norms != nullptr) {
+      const int64_t base = (t - p.tile_starts[row]) * kTileElems;
+      float* out = p.tile_norms + 3 * t;
+      if (p.grad_scale != nullptr) {
+        const float scale = *p.grad_scale;
+        w.s.amsgrad ? tile_with_norms<D, DS, true, true>(r, w, base, mode, scale, coef, out)
+                    : tile_with_norms<D, DS, false, true>(r, w, base, mode, scale, coef, out);
+      } else {
+        w.s.amsgrad ? tile_with_norms<D, DS, true, false>(r, w, base, mode, 1.0f, coef, out)
+                    : tile_with_norms<D, DS, false, false>(r, w, base, mode, 1.0f, coef, out);
+      }
+      continue;
+    }
     if (p.grad_scale != nullptr) {
       const float scale = *p.grad_scale;
-      w.s.amsgrad ? tile_dispatch<D, DS, true, true>(r, first, n, w.s, mode, scale)
-                  : tile_dispatch<D, DS, false, true>(r, first, n, w.s, mode, scale);
+      w.s.amsgrad ? tile_dispatch<D, DS, true, true>(r, first, n, w.s, mode, scale, coef)
+                  : tile_dispatch<D, DS, false, true>(r, first, n, w.s, mode, scale, coef);
     } else {
-      w.s.amsgrad ? tile_dispatch<D, DS, true, false>(r, first, n, w.s, mode, 1.0f)
-                  : tile_dispatch<D, DS, false, false>(r, first, n, w.s, mode, 1.0f);
+      w.s.amsgrad ? tile_dispatch<D, DS, true, false>(r, first, n, w.s, mode, 1.0f, coef)
+                  : tile_dispatch<D, DS, false, false>(r, first, n, w.s, mode, 1.0f, coef);
     }
   }
 }
@@ -352,48 +511,95 @@ void run_tiles(const AdamWParams& p, int64_t t0, int64_t t1) {
 // Below this many elements one thread does the table: waking a pool costs more.
 constexpr int64_t kMinElemsPerThread = 1 << 15;
 
-}  // namespace
-
-void adamw_step_cpu(const AdamWParams& p, int num_threads) {
-  // GradScaler found an inf: nothing moves (as the CUDA kernels).
-  if (adamw_step_skipped(p.found_inf)) return;
-  // The step counts first (as the CUDA launcher's first kernel), then the update reads them.
-  int64_t numel = 0;
-  for (int64_t i = 0; i < p.n_rows; ++i) {
-    float* step = reinterpret_cast<float*>(p.rows[i * kRowCols + kRowStep]);
-    *step = *step + 1.0f;
-    numel += p.rows[i * kRowCols + kRowNumel];
-  }
-  const int64_t n_tiles = p.n_tiles;
-  if (n_tiles <= 0) return;
+// Runs fn(t0, t1) over contiguous ranges of [0, n_tiles), one per thread: tiles are at most
+// kTileElems, so ranges of equal tile count are close to equal work.
+template <typename Fn>
+void parallel_tiles(int64_t n_tiles, int64_t numel, int num_threads, const Fn& fn) {
   int64_t threads = num_threads > 0 ? num_threads : 1;
   if (threads > n_tiles) threads = n_tiles;
   if (threads > 1 && numel / threads < kMinElemsPerThread) {
     threads = numel / kMinElemsPerThread > 1 ? numel / kMinElemsPerThread : 1;
   }
   if (threads <= 1) {
-    run_tiles(p, 0, n_tiles);
+    fn(int64_t(0), n_tiles);
     return;
   }
-  // Contiguous ranges of tiles, one per thread: tiles are at most kTileElems, so ranges of
-  // equal tile count are close to equal work.
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(static_cast<int>(threads))
   {
     const int64_t nt = omp_get_num_threads();
     const int64_t id = omp_get_thread_num();
-    run_tiles(p, n_tiles * id / nt, n_tiles * (id + 1) / nt);
+    fn(n_tiles * id / nt, n_tiles * (id + 1) / nt);
   }
 #else
   std::vector<std::thread> pool;
   for (int64_t id = 1; id < threads; ++id) {
-    pool.emplace_back([&p, n_tiles, id, threads] {
-      run_tiles(p, n_tiles * id / threads, n_tiles * (id + 1) / threads);
+    pool.emplace_back([&fn, n_tiles, id, threads] {
+      fn(n_tiles * id / threads, n_tiles * (id + 1) / threads);
     });
   }
-  run_tiles(p, 0, n_tiles / threads);
+  fn(int64_t(0), n_tiles / threads);
   for (auto& t : pool) t.join();
 #endif
+}
+
+int64_t total_numel(const AdamWParams& p) {
+  int64_t numel = 0;
+  for (int64_t i = 0; i < p.n_rows; ++i) numel += p.rows[i * kRowCols + kRowNumel];
+  return numel;
+}
+
+}  // namespace
+
+void adamw_step_cpu(const AdamWParams& p, int num_threads, float* row_norms) {
+  // GradScaler found an inf: nothing moves (as the CUDA kernels).
+  if (adamw_step_skipped(p.found_inf)) return;
+  // The step counts first (as the CUDA launcher's first kernel), then the update reads them.
+  for (int64_t i = 0; i < p.n_rows; ++i) {
+    float* step = reinterpret_cast<float*>(p.rows[i * kRowCols + kRowStep]);
+    *step = *step + 1.0f;
+  }
+  const int64_t n_tiles = p.n_tiles;
+  std::vector<float> tile_norms;
+  AdamWParams q = p;
+  if (row_norms != nullptr) {
+    tile_norms.assign(static_cast<size_t>(3 * (n_tiles > 0 ? n_tiles : 0)), 0.0f);
+    q.tile_norms = tile_norms.data();
+  }
+  if (n_tiles > 0) {
+    parallel_tiles(n_tiles, total_numel(p), num_threads,
+                   [&q](int64_t t0, int64_t t1) { run_tiles(q, t0, t1); });
+  }
+  if (row_norms == nullptr) return;
+  // Per row, its tiles in order, in double (adamw_math.cuh, the norms' order).
+  for (int64_t r = 0; r < p.n_rows; ++r) {
+    for (int c = 0; c < 3; ++c) {
+      double acc = 0.0;
+      for (int64_t t = p.tile_starts[r]; t < p.tile_starts[r + 1]; ++t) acc += tile_norms[3 * t + c];
+      row_norms[3 * r + c] = static_cast<float>(acc);
+    }
+  }
+}
+
+void adamw_grad_norm_cpu(const AdamWParams& p, int num_threads, bool inf, double* out) {
+  const int64_t n_tiles = p.n_tiles;
+  std::vector<float> tiles(static_cast<size_t>(n_tiles > 0 ? n_tiles : 0), 0.0f);
+  if (n_tiles > 0) {
+    float* t = tiles.data();
+    parallel_tiles(n_tiles, total_numel(p), num_threads,
+                   [&p, inf, t](int64_t t0, int64_t t1) { norm_tiles(p, t0, t1, inf, t); });
+  }
+  double total = 0.0;
+  for (int64_t r = 0; r < p.n_rows; ++r) {
+    double acc = 0.0;
+    for (int64_t t = p.tile_starts[r]; t < p.tile_starts[r + 1]; ++t) {
+      const double v = tiles[t];
+      acc = inf ? ((v > acc || v != v) && acc == acc ? v : acc) : acc + v;
+    }
+    out[r] = acc;
+    total = inf ? ((acc > total || acc != acc) && total == total ? acc : total) : total + acc;
+  }
+  out[p.n_rows] = total;
 }
 
 const char* cpu_loop_isa() {

@@ -263,9 +263,11 @@ __device__ __forceinline__ void adamw_scalar_range(const int64_t* r, int64_t pha
     float fx = AMSGRAD ? load_one<T>(r[kRowMaxExpAvgSq] + off) : 0.0f;
     // ------------------------------- compute ------------------------------
     if (SCALED) fg = adamw_unscale(fg, scale);
-    adamw_update(fp, fg, fm, fv, fx, s);
+    // issue #19: only the SCALED kernels clip (NOTE on clipping in adamw_vector_range); the
+    // grad written back below stays unclipped.
+    adamw_update(fp, SCALED && !AMSGRAD ? adamw_clip(fg, s.clip_coef) : fg, fm, fv, fx, s);
     // -------------------------------- store -------------------------------
-    if (SCALED) store_one<T>(r[kRowGrad] + off, fg);
+    if (SCALED && scale != 1.0f) store_one<T>(r[kRowGrad] + off, fg);
     store_one<T>(r[kRowParam] + off, fp);
     store_one<T>(r[kRowExpAvg] + off, fm);
     store_one<T>(r[kRowExpAvgSq] + off, fv);
@@ -309,6 +311,15 @@ __device__ __forceinline__ void adamw_vector_range(const int64_t* r, int64_t pha
           fg = adamw_unscale(fg, scale);
           word(rg, k) = V::set(word(rg, k), e, fg);
         }
+        // NOTE on clipping (issue #19): the coefficient is one more register live through
+        // the loop. In the plain kernels it spilled 8 bytes where they sit at ptxas's cap
+        // (fp32 on sm_120 at 64, 16-bit amsgrad on sm_80 at 80), so only the SCALED kernels
+        // (a bound one block lower) clip, and not in their amsgrad loops: a clipped table
+        // without a GradScaler runs them with grad_scale pointing to 1.0f, for which the
+        // grad is not written back (g / 1 is g: no store, no traffic; the same for a
+        // GradScaler whose scale is 1). Clipped amsgrad tables step on the torch backend
+        // (backends/cuda.py clips_amsgrad).
+        if (SCALED && !AMSGRAD) fg = adamw_clip(fg, s.clip_coef);
         adamw_update(fp, fg, fm, fv, fx, s);
         word(rp, k) = V::set(word(rp, k), e, fp);
         word(rm, k) = V::set(word(rm, k), e, fm);
@@ -317,7 +328,7 @@ __device__ __forceinline__ void adamw_vector_range(const int64_t* r, int64_t pha
       }
     }
     // -------------------------------- store -------------------------------
-    if (SCALED) store_global(grad + v, rg);
+    if (SCALED && scale != 1.0f) store_global(grad + v, rg);
     store_global(param + v, rp);
     store_global(exp_avg + v, rm);
     store_global(exp_avg_sq + v, rv);
@@ -736,6 +747,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+#include "adamw_norm.cuh"  // issue #19: the norm pass of gradient clipping
+
 // ------------------------------------------------------------------------------------------
 // host side
 // ------------------------------------------------------------------------------------------
@@ -884,6 +897,41 @@ std::string launch_adamw_cuda(const AdamWParams& p, bool has_max, int device,
   FUSED_ADAMW_LAUNCH(fn, grid, kThreads, s, p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return cuda_error("adamw_kernel launch", err);
+  return "";
+}
+
+std::string launch_grad_norm_cuda(const AdamWParams& p, int device, std::uintptr_t stream,
+                                  bool inf, float* scratch, double* out) {
+  if (p.n_rows <= 0) return "";
+  const NormLanesFn fn = norm_lanes_for(p.dtype, p.grad_scale != nullptr, inf);
+  if (fn == nullptr) {
+    return "launch_grad_norm_cuda: unsupported dtype code " +
+           std::to_string(static_cast<int>(p.dtype));
+  }
+  DeviceGuard guard(device);
+  if (guard.error() != cudaSuccess) {
+    cudaGetLastError();
+    return cuda_error("cudaSetDevice", guard.error());
+  }
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  float* const lanes = scratch;                       // [n_tiles][kNormLanes]
+  float* const tiles = scratch + p.n_tiles * kNormLanes;  // [n_tiles]
+  auto blocks = [](int64_t n) {
+    const int64_t b = (n + kThreads - 1) / kThreads;
+    return static_cast<unsigned int>(b < g_grid_cap ? b : g_grid_cap);
+  };
+  if (p.n_tiles > 0) {
+    const unsigned int grid =
+        static_cast<unsigned int>(p.n_tiles < g_grid_cap ? p.n_tiles : g_grid_cap);
+    FUSED_ADAMW_LAUNCH(fn, grid, kThreads, s, p, lanes);
+    FUSED_ADAMW_LAUNCH(adamw_norm_tiles_kernel, blocks(p.n_tiles), kThreads, s, lanes,
+                       p.n_tiles, inf, tiles);
+  }
+  FUSED_ADAMW_LAUNCH(adamw_norm_rows_kernel, blocks(p.n_rows), kThreads, s, tiles,
+                     p.tile_starts, p.n_rows, inf, out);
+  FUSED_ADAMW_LAUNCH(adamw_norm_total_kernel, 1, 1, s, out, p.n_rows, inf);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return cuda_error("adamw_norm kernels launch", err);
   return "";
 }
 

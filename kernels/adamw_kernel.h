@@ -24,6 +24,13 @@ namespace fused_adamw {
 std::string launch_adamw_cuda(const AdamWParams& p, bool has_max, int device,
                               std::uintptr_t stream, bool master_modes = false);
 
+// The norm pass of gradient clipping (issue #19) over a table, on `stream` of `device`:
+// out (double [n_rows + 1], device memory) receives each row's sum of squares of
+// grad / *p.grad_scale (inf: max |.|) and their total, in kernels/adamw_math.cuh's norm order
+// (bitwise the CPU loop's adamw_grad_norm_cpu). scratch: float [n_tiles * (kNormLanes + 1)].
+std::string launch_grad_norm_cuda(const AdamWParams& p, int device, std::uintptr_t stream,
+                                  bool inf, float* scratch, double* out);
+
 // Caps the update's grid (<= 0: no cap beyond the hardware's), so that tests make the tile
 // loop stride. Process-wide; for tests only.
 void set_grid_cap_for_testing(int64_t cap);

@@ -48,6 +48,8 @@ struct AdamWScalars {
   bool maximize;
   bool amsgrad;
   bool l2;                      // Adam's L2: g += weight_decay * p (weight_decay != 0 only)
+  float clip_coef;              // issue #19: the loops multiply the unscaled grad by it
+                                // (adamw_clip); 1.0f unless the table is clipped
 };
 
 // max_lr: 0 for torch's decay (lr * wd), else the group's max_lr (decouple_lr: the decay is
@@ -71,6 +73,7 @@ FUSED_ADAMW_HD AdamWScalars adamw_scalars(float lr, float beta1, float beta2, fl
   s.maximize = maximize;
   s.amsgrad = amsgrad;
   s.l2 = l2 && weight_decay != 0.0f;  // torch adds wd * p only when wd != 0 (0 * inf = NaN)
+  s.clip_coef = 1.0f;  // tile_work_in_row sets the table's coefficient
   return s;
 }
 
@@ -84,6 +87,37 @@ FUSED_ADAMW_HD bool adamw_step_skipped(const float* found_inf) {
 // The grad the update reads, and writes back to the grad tensor, under a GradScaler: divided
 // by the scale in float, as torch's fused kernels (grad /= *grad_scale_ptr), before maximize.
 FUSED_ADAMW_HD float adamw_unscale(float grad, float grad_scale) { return grad / grad_scale; }
+
+// Gradient clipping (issue #19): the grad the update reads is the unscaled grad times the clip
+// coefficient clamp(max_norm / (total_norm + 1e-6), 1), computed on the device from the norm
+// pass (python/fused_adamw/_clip.py). torch's clip_grad_norm_ multiplies the grad in place by
+// the same float; the grad tensor itself is not written (p.grad stays unclipped). Without
+// clipping the coefficient is 1.0f, for which this is the identity (NaN and -0 included).
+FUSED_ADAMW_HD float adamw_clip(float grad, float coef) { return grad * coef; }
+
+// The norms' summation order (issue #19), the same on every backend that claims bit-exactness
+// with the CPU loop (the CUDA kernel, under its emulation): within tile j of a row, position
+// u (adamw_params.h) belongs to lane ((u - j * kTileElems) / N) % kNormLanes, N the elements
+// of a 16-byte vector of the params' dtype (4 or 8); each lane accumulates its elements in
+// increasing u in float (the CUDA kernel's thread t walks lane t), then the tile's partial
+// is the pairwise tree over lanes (adamw_norm_tree); rows and the total sum tiles in double,
+// in order. The inf norm takes the max instead, NaN-sticky (adamw_norm_max), order-free.
+constexpr int kNormLanes = 256;
+
+// max(acc, x) for |g| >= 0 that keeps a NaN once seen (torch's inf norm is NaN then).
+FUSED_ADAMW_HD float adamw_norm_max(float acc, float x) {
+  return (x > acc || x != x) && acc == acc ? x : acc;
+}
+
+// lanes[0] = the pairwise sum (or NaN-sticky max) of lanes[0..kNormLanes), in place.
+FUSED_ADAMW_HD float adamw_norm_tree(float* lanes, bool inf) {
+  for (int s = kNormLanes / 2; s > 0; s /= 2) {
+    for (int l = 0; l < s; ++l) {
+      lanes[l] = inf ? adamw_norm_max(lanes[l], lanes[l + s]) : lanes[l] + lanes[l + s];
+    }
+  }
+  return lanes[0];
+}
 
 // One element, in float whatever the storage dtype. max_exp_avg_sq is read and written only
 // when s.amsgrad.

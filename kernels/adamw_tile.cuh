@@ -50,6 +50,7 @@ FUSED_ADAMW_HD TileWork tile_work_in_row(const AdamWParams& p, int64_t tile, int
                       hp[kHpMaxLr], step, hp[kHpMaximize] != 0.0f,
                       hp[kHpAmsgrad] != 0.0f && r[kRowMaxExpAvgSq] != 0,
                       hp[kHpDecayMode] != 0.0f);
+  w.s.clip_coef = p.clip_coef != nullptr ? *p.clip_coef : 1.0f;  // issue #19 (adamw_clip)
   return w;
 }
 

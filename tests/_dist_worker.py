@@ -334,7 +334,106 @@ def scenario_zero(impl: str, rank: int, world: int, out: Path, args: dict) -> di
     return res
 
 
-SCENARIOS = {"fsdp2": scenario_fsdp2, "dcp": scenario_dcp, "zero": scenario_zero}
+def _clip_kwargs(impl: str, args: dict) -> dict:
+    """FusedAdamW's clipping arguments (issue #19), none for torch's optimizers (the harness
+    checks: they clip with clip_grad_norm_ like the reference)."""
+    if not impl.startswith("fused"):
+        return {}
+    kw = {"max_grad_norm": args["max_norm"], "grad_norm_type": float(args["norm_type"]),
+          "track_norms": True}
+    if args.get("group"):
+        kw["grad_norm_process_group"] = dist.group.WORLD
+    return kw
+
+
+def _clip_train(model, opt, sched, steps, rank, world, args, clip_outside, ddp=None):
+    """Training steps with clipping: returns per step the local loss, the total norm, and
+    (FusedAdamW) the tracked norms of each named param next to the full-tensor norms of its
+    grad before the step, its value after and its change."""
+    max_norm, norm_type = args["max_norm"], float(args["norm_type"])
+    named = list(model.named_parameters())
+    out = {"losses": [], "norms": [], "tracked": [], "expected": []}
+    for step in steps:
+        x, y = batch(step, rank, world)
+        loss = loss_fn(ddp if ddp is not None else model, x, y)
+        loss.backward()
+        before = {n: full(p).detach().clone() for n, p in named}
+        grads = {n: full(p.grad).detach().clone() for n, p in named}
+        if clip_outside and norm_type == float("inf"):
+            # torch's clip_grad_norm_ cannot take the inf norm of FSDP2's empty shards
+            # (_foreach_norm has no identity for max): its formula on the gathered grads.
+            norm = max(float(g.abs().max()) for g in grads.values())
+            coef = min(max_norm / (norm + 1e-6), 1.0)
+            for p in model.parameters():
+                p.grad.mul_(coef)
+            out["norms"].append(norm)
+        elif clip_outside:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm,
+                                                  norm_type=norm_type)
+            out["norms"].append(float(full(norm)))
+        opt.step()
+        local = getattr(opt, "optim", opt)  # ZeroRedundancyOptimizer's local optimizer
+        if not clip_outside:
+            out["norms"].append(float(local.grad_norm))
+            tracked = {n: local.norms[p].clone() for n, p in named if p in local.norms}
+            out["tracked"].append(tracked)
+            out["expected"].append({n: torch.stack([
+                grads[n].double().norm(), full(p).detach().double().norm(),
+                (full(p).detach().double() - before[n].double()).norm()]).float()
+                for n, p in named})
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        out["losses"].append(loss.item())
+    return out
+
+
+def scenario_clip(impl: str, rank: int, world: int, out: Path, args: dict) -> dict:
+    """Issue #19 under FSDP2: FusedAdamW(max_grad_norm, track_norms) vs the reference with
+    torch's clip_grad_norm_(model.parameters()) on the same fully_shard model."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    res = {}
+    for which in (impl, "ref"):
+        model = fsdp_model(mesh, seed=0)
+        cls, extra = optimizer_class("torch" if which == "ref" else which)
+        kw = _clip_kwargs(which, args) if which != "ref" else {}
+        opt = cls(param_groups(model), lr=LR, weight_decay=WEIGHT_DECAY, **extra, **kw)
+        run = _clip_train(model, opt, make_scheduler(opt), range(args["steps"]), rank, world,
+                          args, clip_outside=not kw)
+        run["params"] = full_params(model)
+        res["ref" if which == "ref" else "ours"] = run
+    return res
+
+
+def scenario_zero_clip(impl: str, rank: int, world: int, out: Path, args: dict) -> dict:
+    """Issue #19 with ZeRO: ZeroRedundancyOptimizer(optimizer_class=FusedAdamW,
+    max_grad_norm, grad_norm_process_group=WORLD) under DDP vs DDP + torch's clip over all
+    params + the reference AdamW."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    res = {}
+    for which in ("zero", "ref"):
+        model = init_model(seed=0)
+        ddp = DDP(model)
+        if which == "zero":
+            cls, extra = optimizer_class(impl)
+            kw = _clip_kwargs(impl, {**args, "group": True})
+            opt = ZeroRedundancyOptimizer(param_groups(model), optimizer_class=cls, lr=LR,
+                                          weight_decay=WEIGHT_DECAY, **extra, **kw)
+        else:
+            kw = {}
+            opt = make_optimizer(model, "ref")
+        run = _clip_train(model, opt, make_scheduler(opt), range(args["steps"]), rank, world,
+                          args, clip_outside=not kw, ddp=ddp)
+        run["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        res[which] = run
+    return res
+
+
+SCENARIOS = {"fsdp2": scenario_fsdp2, "dcp": scenario_dcp, "zero": scenario_zero,
+             "clip": scenario_clip, "zero_clip": scenario_zero_clip}
 
 
 def main() -> None:

@@ -123,7 +123,13 @@ def lowp_expected(t: str, s: str) -> dict[tuple[str, bool, bool], tuple[int, int
 EXPECTED_KERNELS = [f"adamw_kernel<{t}, {m}, {sc}>" for t in ("float", "__nv_bfloat16", "__half")
                     for m in ("false", "true") for sc in ("false", "true")] + [
                         f"adamw_lowp_kernel<{t}, {st}>" for t, st in LOWP_PAIRS] + [
-                        "adamw_steps_kernel"]
+                        "adamw_steps_kernel"] + [
+                        # issue #19: the norm pass (kernels/adamw_norm.cuh), held to the steps
+                        # kernel's checks: no local memory, registers within (256) bounds.
+                        f"adamw_norm_lanes_kernel<{t}, {sc}, {inf}>"
+                        for t in ("float", "__nv_bfloat16", "__half")
+                        for sc in ("false", "true") for inf in ("false", "true")] + [
+                        f"adamw_norm_{k}_kernel" for k in ("tiles", "rows", "total")]
 
 _MANGLED_T = {"f": "float", "13__nv_bfloat16": "__nv_bfloat16", "6__half": "__half"}
 
@@ -269,6 +275,15 @@ def kernel_label(mangled: str) -> tuple[str, str | None, bool | None]:
         return f"adamw_lowp_kernel<{lp[0]}, {lp[1]}>", lp[0], None
     if "adamw_steps_kernel" in mangled:
         return "adamw_steps_kernel", None, None
+    m = re.search(r"adamw_norm_lanes_kernelI(f|13__nv_bfloat16|6__half)Lb([01])ELb([01])E",
+                  mangled)
+    if m:
+        flag = {"0": "false", "1": "true"}
+        return (f"adamw_norm_lanes_kernel<{_MANGLED_T[m.group(1)]}, {flag[m.group(2)]}, "
+                f"{flag[m.group(3)]}>", None, None)
+    for k in ("tiles", "rows", "total"):
+        if f"adamw_norm_{k}_kernel" in mangled:
+            return f"adamw_norm_{k}_kernel", None, None
     return mangled, None, None
 
 

@@ -410,3 +410,64 @@ def test_zero_matches_ddp_torch_adamw(zero_run):
         assert_losses(f"rank {rank}", res["zero"]["losses"], res["ref"]["losses"], exact=False)
         for step, (a, b) in enumerate(zip(res["zero"]["params"], res["ref"]["params"])):
             assert_params(f"rank {rank}, step {step + 1}", a, b, exact=False)
+
+
+# ---------------------------------------------------------------------------- 4. clipping (#19)
+
+CLIP_STEPS = 8
+# The grads of this model have a total norm of ~0.3-1.5: 0.5 clips on most steps.
+CLIP_MAX_NORM = 0.5
+
+
+CLIP_MAX_NORM_INF = 0.1  # the largest |grad| is ~0.1-0.4
+
+
+@pytest.fixture(scope="module", params=["2.0", "inf"])
+def clip_run(request, tmp_path_factory):
+    max_norm = CLIP_MAX_NORM if request.param == "2.0" else CLIP_MAX_NORM_INF
+    return Launch("clip", tmp_path_factory.mktemp(f"clip_{request.param}"), steps=CLIP_STEPS,
+                  max_norm=max_norm, norm_type=request.param), max_norm
+
+
+def _check_clip_run(label, ours, ref, tracked: bool, max_norm=CLIP_MAX_NORM):
+    # The total norm: float32 sums in another order than torch's (per-tile partials, float64
+    # across tiles and ranks vs torch's norm of per-shard norms): a few ulp; 1e-6 relative.
+    for s, (a, b) in enumerate(zip(ours["norms"], ref["norms"])):
+        assert a == pytest.approx(b, rel=1e-6), f"{label}: grad_norm of step {s}: {a} vs {b}"
+    assert sum(n > max_norm for n in ref["norms"]) >= CLIP_STEPS // 2, (
+        f"{label}: the clip acted on too few steps to test it: {ref['norms']}")
+    assert_losses(label, ours["losses"], ref["losses"], exact=False)
+    assert_params(label, ours["params"], ref["params"], exact=False)
+    if not tracked or IMPL not in ("fused",) and not IMPL.startswith("fused:"):
+        return
+    for s, (got, want) in enumerate(zip(ours["tracked"], ours["expected"])):
+        assert got.keys() == want.keys(), f"{label}: step {s}: tracked {sorted(got)}"
+        for name in want:
+            # float32 sums of the local squares, summed over the ranks, vs float64 full-tensor
+            # norms: a few float32 ulp; the delta (~1e-3 of the param) as well.
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-9,
+                                       msg=f"{label}: step {s}: norms of {name}")
+
+
+@needs_fsdp2
+def test_fsdp2_clip_matches_torch_clip_grad_norm(clip_run):
+    """FusedAdamW(max_grad_norm, track_norms) on the FSDP2 model (2 ranks, uneven and empty
+    shards, two groups) matches torch's clip_grad_norm_(model.parameters()) + AdamW on the
+    same model: every step's total norm (the full tensors' norm, not a rank's), every loss
+    and every final param (CLOSE), and opt.norms holds each param's full-tensor norms of its
+    grad, its value after the step and its change."""
+    run, max_norm = clip_run
+    for rank, res in enumerate(run.get()):
+        _check_clip_run(f"rank {rank}", res["ours"], res["ref"], tracked=True,
+                        max_norm=max_norm)
+
+
+@needs_dist
+def test_zero_clip_with_grad_norm_process_group(tmp_path_factory):
+    """ZeroRedundancyOptimizer(optimizer_class=FusedAdamW, max_grad_norm=...,
+    grad_norm_process_group=WORLD): each rank's local optimizer clips by the norm over every
+    rank's partition, which equals DDP + torch's clip over all params + AdamW (CLOSE)."""
+    run = Launch("zero_clip", tmp_path_factory.mktemp("zero_clip"), steps=CLIP_STEPS,
+                 max_norm=CLIP_MAX_NORM, norm_type="2.0")
+    for rank, res in enumerate(run.get()):
+        _check_clip_run(f"rank {rank}", res["zero"], res["ref"], tracked=False)

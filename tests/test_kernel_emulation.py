@@ -118,7 +118,8 @@ if not CHILD:
         "unscale_by_reciprocal": [("adamw_math.cuh", "return grad / grad_scale;",
                                    "return grad * (1.0f / grad_scale);")],
         "found_inf_eq_1": [("adamw_math.cuh", "*found_inf != 0.0f;", "*found_inf == 1.0f;")],
-        "grad_not_written_back": [(KERNEL_CU, "if (SCALED) store_global(grad + v, rg);", "")],
+        "grad_not_written_back": [(KERNEL_CU, "if (SCALED && scale != 1.0f) store_global(grad + v, rg);",
+                                   "")],
         "restore_without_context": [(KERNEL_CU, "restore_ = primary_context_active(prev_) != 0;",
                                      "restore_ = true;")],
         # Low-precision tables (issue #13): the fp32 master always taken (a param the user
@@ -138,11 +139,21 @@ if not CHILD:
                                     "float fm = rm.get(e ^ 1);")],
         "lowp_extra_phase_ignored": [("adamw_tile.cuh",
                                       "if (extra_size != 0) x |= ", "if (false) x |= ")],
+        # Gradient clipping (issue #19): the coefficient skipped on the vector path; the norm
+        # pass's lanes walked element by element instead of vector by vector (another order:
+        # the same sum to rounding, other bits); the last element of a tile left out.
+        "clip_coef_skipped_in_vectors": [(KERNEL_CU,
+                                          "if (SCALED && !AMSGRAD) fg = adamw_clip(fg, s.clip_coef);",
+                                          "")],
+        "norm_lanes_by_element": [("adamw_norm.cuh", "const int64_t u = base + v * N + e;",
+                                   "const int64_t u = base + e * kTileElems / N + v;")],
+        "norm_tile_end_minus_1": [("adamw_norm.cuh", "if (u < u_begin || u >= u_end) continue;",
+                                   "if (u < u_begin || u >= u_end - 1) continue;")],
     }
     MUTANT_CHECKS = ("(matches_cpu_loop and fp32-some-exact) or (every_phase and bf16-exact) "
                      "or tiles_run_once_on_their_block[5] or untouched or steps_kernel "
                      "or offsets_past or grad_scaler or found_inf or restore_creates "
-                     "or lowp_matches or lowp_every_phase")
+                     "or lowp_matches or lowp_every_phase or clip")
 
     def _detection(out: str) -> str | None:
         """How a failed child run caught the mutant, or None if it did not fail on a check."""
@@ -667,6 +678,81 @@ else:
         fi.zero_()
         case.step_cuda(_C, **amp)
         assert any(p.step.item() == steps[i] + 1 for i, p in enumerate(case.params))
+
+    # -- gradient clipping (issue #19) -------------------------------------------------------
+
+    def grad_norms(case, kernel: bool, inf: bool, scale=None, cap=0, threads=1):
+        """The norm pass's float64 [n_rows + 1] out, by the kernels or the CPU loop."""
+        args = case.args()
+        n_rows, n_tiles = args[3], args[4]
+        out = torch.full((n_rows + 1,), float("nan"), dtype=torch.float64)
+        sc = 0 if scale is None else scale.data_ptr()
+        if kernel:
+            scratch = torch.full((max(n_tiles * 257, 1),), float("nan"))
+            _C._set_grid_cap(cap)
+            _C.grad_norm_cuda(args[0], args[1], n_rows, n_tiles, args[6], inf, sc,
+                              scratch.data_ptr(), out.data_ptr(), 0, 0)
+            _C._set_grid_cap(0)
+        else:
+            _C.grad_norm_cpu(args[0], args[1], n_rows, n_tiles, args[6], threads, inf, sc,
+                             out.data_ptr())
+        return out
+
+    @pytest.mark.parametrize("inf", [False, True], ids=["l2", "inf"])
+    @pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
+    @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+    def test_clip_norm_pass_matches_cpu_loop(dtype, scaled, inf):
+        """The norm pass (kernels/adamw_norm.cuh) gives bitwise the CPU loop's row sums and
+        total, at every size and phase of the matrix (grads at other phases too), for any grid
+        (full, 3 and 1 blocks), block order and CPU thread count; and it is the norm: within
+        float32 rounding of a float64 oracle (rows with no grad count nothing)."""
+        case = Case.new(dtype, matrix_specs(dtype), groups_with("none"), "guarded", seed=7)
+        scale = torch.tensor(3.0) if scaled else None
+        ref = grad_norms(case, False, inf, scale)
+        for cap, order in ((0, ("forward",)), (3, ("reverse",)), (1, ("threads", 5, 2))):
+            _EMU.set_order(*order)
+            got = grad_norms(case, True, inf, scale, cap=cap)
+            assert torch.equal(got, ref), f"cap {cap}: {first_difference(got, ref)}"
+        assert torch.equal(grad_norms(case, False, inf, scale, threads=2), ref)
+        grads = [p.bufs["grad"].view.double() / (3.0 if scaled else 1.0)
+                 for p in case.params if p.spec.in_table]
+        zero = torch.zeros((), dtype=torch.float64)
+        want = torch.stack([zero if not g.numel() else g.abs().max() if inf else g.square().sum()
+                            for g in grads])
+        torch.testing.assert_close(ref[:-1], want, rtol=1e-5, atol=0)
+        total = want.max() if inf else want.sum()
+        torch.testing.assert_close(ref[-1], total, rtol=1e-5, atol=0)
+
+    @pytest.mark.parametrize("scale", [3.0, 1.0])
+    @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+    def test_clip_coef_matches_cpu_loop(dtype, scale):
+        """The step with a clip coefficient (and under GradScaler) is bitwise the CPU loop's
+        on every path, the grads written back unscaled and unclipped, and the coefficient is
+        applied (every exp_avg differs from an unclipped step's; the params need not: Adam's
+        first step is nearly invariant to a common scale of the grads)."""
+        # No amsgrad: the CUDA backend steps clipped amsgrad tables on torch (NOTE in the .cu)
+        case = Case.new(dtype, matrix_specs(dtype), groups_with("none"), "guarded", seed=8)
+        ref = case.clone()
+        plain = case.clone()
+        coef = torch.tensor(0.37)
+        sc = torch.tensor(scale)
+        # scale 1.0: how backends/cuda.py runs a clipped table without a GradScaler (the
+        # SCALED kernels with a scale of 1, which write no grad); the CPU loop takes no scale.
+        amp = dict(grad_scale=sc.data_ptr(), clip_coef=coef.data_ptr())
+        cpu = amp if scale != 1.0 else dict(clip_coef=coef.data_ptr())
+        before = case.snapshot()
+        _EMU.set_order("threads", 3, 2)
+        case.step_cuda(_C, **amp)
+        ref.step_cpu(_C, **cpu)
+        plain.step_cpu(_C, **{k: v for k, v in cpu.items() if k != "clip_coef"})
+        check_guards(case)
+        check_untouched(case, before)
+        compare(case, ref, "clip coefficient: kernel vs CPU loop")
+        changed = [not torch.equal(bits(p.bufs["exp_avg"].view), bits(q.bufs["exp_avg"].view))
+                   for p, q in zip(case.params, plain.params) if p.spec.numel and p.spec.in_table]
+        assert all(changed), "the clip coefficient left some exp_avg unchanged"
+        for p, q in zip(case.params, plain.params):  # the grads: unscaled, not clipped
+            assert torch.equal(bits(p.bufs["grad"].view), bits(q.bufs["grad"].view))
 
     def test_restore_creates_no_context_on_an_unused_device():
         """A thread whose current device (0) has no context: stepping a table on device 1

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _compile, _dispatch, _table
+from . import _clip, _compile, _dispatch, _table
 
 _params_of = operator.itemgetter("params")
 
@@ -157,6 +157,27 @@ _ARGS_DOC = r"""
             group. Default: None.
         state_dtype: dtype of exp_avg, exp_avg_sq and max_exp_avg_sq: None (the param's, as
             torch), ``torch.float32`` or ``torch.bfloat16``. Per param group. Default: None.
+        max_grad_norm: clip the grads of every step by their total norm, exactly as
+            ``torch.nn.utils.clip_grad_norm_(params_with_grads, max_grad_norm,
+            grad_norm_type)`` just before the step would (after GradScaler's unscale), inside
+            the fused step: one read of the grads for the norm, none to scale them, no host
+            sync. ``p.grad`` is left unclipped (unscaled under ``scaler.step``). After the
+            step, ``optimizer.grad_norm`` is the total norm before clipping (a float32 0-d
+            tensor on the params' device, what ``clip_grad_norm_`` returns). FSDP2 (DTensor)
+            params count as full tensors (one small collective per step). Optimizer-wide; not
+            with differentiable=True groups. Default: None (no clipping, no cost).
+        grad_norm_type: the norm ``max_grad_norm`` clips by: 2.0 or ``float("inf")``.
+            Default: 2.0.
+        track_norms: after each step, ``optimizer.norms`` maps every param that stepped to a
+            float32 tensor [3] on its device: the L2 norms of its grad as used (after
+            unscale, before clipping), of the param after the step and of (param after -
+            param before), as stored; FSDP2 params as full tensors. The tensors are
+            overwritten by the next step (clone to keep). Also sets ``grad_norm``.
+            Default: False.
+        grad_norm_process_group: a process group over which the grad norm's partial sums are
+            all-reduced, for an optimizer that holds one partition of the params (ZeRO:
+            ``ZeroRedundancyOptimizer(..., optimizer_class=FusedAdamW, max_grad_norm=1.0,
+            grad_norm_process_group=dist.group.WORLD)``). Default: None.
 
     A group with decouple_lr carries ``"decouple_lr": True`` and ``"max_lr"`` besides torch's
     keys; other groups have exactly torch's keys (what ``torch.distributed.checkpoint`` needs
@@ -201,6 +222,10 @@ class FusedAdam(torch.optim.Optimizer):
         decouple_lr: bool = False,
         master_weights: str | None = None,
         state_dtype: torch.dtype | None = None,
+        max_grad_norm: float | None = None,
+        grad_norm_type: float = 2.0,
+        track_norms: bool = False,
+        grad_norm_process_group: Any = None,
     ) -> None:
         if fused and differentiable:
             raise RuntimeError("`fused` does not support `differentiable`")  # torch's message
@@ -232,6 +257,14 @@ class FusedAdam(torch.optim.Optimizer):
         _check_state_dtype(state_dtype, "the constructor")
         self._master_weights = master_weights
         self._state_dtype = state_dtype
+        # Issue #19: optimizer-wide, not group keys (state_dict stays torch's); see _clip.py.
+        _clip.check_args(max_grad_norm, grad_norm_type, track_norms, grad_norm_process_group)
+        self._max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self._grad_norm_type = float(grad_norm_type)
+        self._track_norms = track_norms
+        self._grad_norm_process_group = grad_norm_process_group
+        self.grad_norm: Tensor | None = None  # the last clipped step's total norm
+        self.norms: dict = {}  # track_norms: param -> float32 [3]
         self._reset_caches()
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -269,7 +302,8 @@ class FusedAdam(torch.optim.Optimizer):
         state = {k: v for k, v in state.items()
                  if k not in ("_tables", "_layout", "_hparams", "_owner", "_state_obj",
                               "_has_cuda", "grad_scale", "found_inf", "_compile_key",
-                              "_graph_buffers", "_graph_hparams", "_hparam_users")}
+                              "_graph_buffers", "_graph_hparams", "_hparam_users",
+                              "_clip_state", "_grad_norm_process_group", "grad_norm", "norms")}
         state["_backend_request"] = self._backend_request
         state["_decouple_lr"] = self._decouple_lr
         state["_master_weights"] = self._master_weights
@@ -287,6 +321,12 @@ class FusedAdam(torch.optim.Optimizer):
         self.__dict__.setdefault("_decouple_lr", False)
         self.__dict__.setdefault("_master_weights", None)
         self.__dict__.setdefault("_state_dtype", None)
+        self.__dict__.setdefault("_max_grad_norm", None)
+        self.__dict__.setdefault("_grad_norm_type", 2.0)
+        self.__dict__.setdefault("_track_norms", False)
+        self.__dict__.setdefault("_grad_norm_process_group", None)  # not pickled
+        self.__dict__.setdefault("grad_norm", None)
+        self.__dict__.setdefault("norms", {})
         for group in self.param_groups:
             if self._master_weights is not None:
                 group.setdefault("master_weights", self._master_weights)
@@ -338,6 +378,7 @@ class FusedAdam(torch.optim.Optimizer):
                 group.setdefault(key, value)
         # With the defaults the group will get (differentiable=True from the constructor).
         _check_low_precision({**self.defaults, **group}, index)
+        _clip.check_groups(self, [(index, {**self.defaults, **group})])
         for p in tensors:
             if isinstance(p, Tensor):
                 _dispatch.choose(self._backend_request, _table.local(p).device,
@@ -458,6 +499,7 @@ class FusedAdam(torch.optim.Optimizer):
     def _build_tables(self, key: tuple) -> None:
         self._drop_device_buffers()
         by_key: dict = {}
+        _clip.check_groups(self, list(enumerate(self.param_groups)))
         for gi, group in enumerate(self.param_groups):
             _check_low_precision(group, gi)  # edited groups are caught before any change
             if group.get("differentiable"):
@@ -613,13 +655,27 @@ class FusedAdam(torch.optim.Optimizer):
         for t, plan in zip(tables, plans):
             t.commit(plan, self)
         self._owner.dirty = False
+        clip = _clip.wanted(self)
+        if clip:  # the norm pass over every table's grads first (staged ones copied in)
+            if capturing and _clip.refuse_capture_reason(self, tables):
+                _refuse_capture(_clip.refuse_capture_reason(self, tables))
+            try:
+                for t in tables:
+                    if t.n_rows:
+                        t.grad_scale = _on_device(grad_scale, t.device)
+                        t.stage_before()
+                _clip.before_step(self, tables)
+            finally:
+                for t in tables:
+                    t.grad_scale = None
         for t in tables:
             if t.n_rows:
                 t.grad_scale = _on_device(grad_scale, t.device)
                 t.found_inf = _on_device(found_inf, t.device)
                 try:
-                    t.stage_before()
-                    t.backend.step(t)
+                    if not clip:
+                        t.stage_before()
+                    (_clip.backend_of(self, t) if clip else t.backend).step(t)
                     t.stage_after()
                 finally:
                     t.grad_scale = t.found_inf = None
@@ -633,6 +689,8 @@ class FusedAdam(torch.optim.Optimizer):
                         _table.used_on(self._hparam_users.setdefault(
                             (t.device, _table.opmath_dtype(t.dtype)), []), stream)
             t.release()
+        if clip:
+            _clip.after_step(self, tables, found_inf)
         if any(key[4]):
             self._differentiable_step(grad_scale, found_inf)
         return loss
@@ -827,12 +885,18 @@ class FusedAdamW(FusedAdam):
         decouple_lr: bool = False,
         master_weights: str | None = None,
         state_dtype: torch.dtype | None = None,
+        max_grad_norm: float | None = None,
+        grad_norm_type: float = 2.0,
+        track_norms: bool = False,
+        grad_norm_process_group: Any = None,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
             capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=True, backend=backend, decouple_lr=decouple_lr,
             master_weights=master_weights, state_dtype=state_dtype,
+            max_grad_norm=max_grad_norm, grad_norm_type=grad_norm_type,
+            track_norms=track_norms, grad_norm_process_group=grad_norm_process_group,
         )
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -27,11 +27,29 @@ class CpuBackend:
             return f"the C++ loop takes float32, bfloat16 and float16, not {dtype}"
         return _ext.unavailable_reason()
 
+    clips = True  # grad_norm_rows and table.clip_coef (fused_adamw._clip)
+    tracks_norms = True  # table.row_norms
+
     def step(self, table: _table.Table) -> None:
         if table.device.type != "cpu":
             raise ValueError(f"backend 'cpu' steps CPU tables; this one is on {table.device}")
+        coef = getattr(table, "clip_coef", None)
+        norms = getattr(table, "row_norms", None)
         _ext.C.step_cpu(*_ext.table_args(table), torch.get_num_threads(),
-                        _table.DTYPE_CODES[table.state_dtype], **_ext.amp_args(table))
+                        _table.DTYPE_CODES[table.state_dtype], **_ext.amp_args(table),
+                        clip_coef=0 if coef is None else coef.data_ptr(),
+                        row_norms=0 if norms is None else norms.data_ptr())
+
+    def grad_norm_rows(self, table: _table.Table) -> None:
+        """The norm pass (fused_adamw._clip): ``table.clip_rows`` (float64 [n_rows + 1])."""
+        out = table.clip_rows
+        if out.dtype != torch.float64 or out.numel() != table.n_rows + 1 or not out.is_contiguous():
+            raise ValueError(f"table.clip_rows must be a contiguous float64 [{table.n_rows + 1}]")
+        args = _ext.table_args(table)
+        scale = table.grad_scale
+        _ext.C.grad_norm_cpu(args[0], args[1], table.n_rows, table.n_tiles, args[6],
+                             torch.get_num_threads(), bool(table.norm_inf),
+                             0 if scale is None else scale.data_ptr(), out.data_ptr())
 
     def feature_reason(self, dtype: torch.dtype, state_dtype: torch.dtype,
                        modes: frozenset) -> str | None:

@@ -13,8 +13,27 @@ from .. import _ext, _table
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+_ONES: dict = {}  # device -> a float32 1.0 there (clipped steps without a GradScaler)
+
+
 class CudaBackend:
     name = "cuda"
+    clips = True  # grad_norm_rows and table.clip_coef (fused_adamw._clip)
+    # NOTE on amsgrad: the amsgrad loops do not apply the coefficient (register spills,
+    # kernels/adamw_kernel.cu NOTE on clipping): a clipped table with amsgrad rows steps on
+    # the torch backend.
+    clips_amsgrad = False
+
+    def clips_table(self, table: _table.Table) -> bool:
+        """Whether the kernels apply the clip coefficient to ``table``: the plain kernels
+        only (the low-precision kernels, rewritten at 16-byte width in issue #21, do not
+        clip yet), without amsgrad (clips_amsgrad)."""
+        lowp = table.state_dtype != table.dtype or (table.dtype != torch.float32 and any(
+            row[_table.HP_MASTER_MODE] != 0 for row in table.host_hparams))
+        return not lowp and not table.has_max
+    # NOTE on track_norms: the per-tile norm partials are not in the CUDA kernels yet; tables
+    # with track_norms are stepped by the torch backend (fused_adamw._clip.backend_of).
+    tracks_norms = False
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if device.type != "cuda":
@@ -36,6 +55,15 @@ class CudaBackend:
         index = device.index if device.index is not None else torch.cuda.current_device()
         args = (*_ext.table_args(table), table.has_max, index)
         amp = _ext.amp_args(table)
+        coef = getattr(table, "clip_coef", None)
+        amp["clip_coef"] = 0 if coef is None else coef.data_ptr()
+        if coef is not None and table.grad_scale is None:
+            # Only the SCALED kernels clip (NOTE on clipping in kernels/adamw_kernel.cu):
+            # a scale of 1.0 on the device, for which they write no grad back.
+            one = _ONES.get(device)
+            if one is None:
+                one = _ONES[device] = torch.ones((), dtype=torch.float32, device=device)
+            amp["grad_scale"] = one.data_ptr()
         # The moments' dtype, and whether a 16-bit table's groups may carry a master mode:
         # then the launcher runs the low-precision kernel, which reads each row's mode (the
         # hparams are on the device; their host copy says which kernel to launch).
@@ -51,6 +79,24 @@ class CudaBackend:
         else:
             _ext.C.step_cuda(*args, torch.cuda.current_stream(index).cuda_stream, **amp)
 
+
+    def grad_norm_rows(self, table: _table.Table) -> None:
+        """The norm pass (fused_adamw._clip): ``table.clip_rows`` (float64 [n_rows + 1]),
+        asynchronous on the current stream."""
+        device = table.device
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        need = table.n_tiles * 257  # kNormLanes lanes + 1 partial per tile
+        scratch = getattr(table, "clip_scratch", None)
+        if scratch is None or scratch.numel() < need or scratch.device != device:
+            scratch = table.clip_scratch = torch.empty(max(need, 1), dtype=torch.float32,
+                                                       device=device)
+        args = _ext.table_args(table)
+        scale = table.grad_scale
+        with torch.cuda.device(index):
+            _ext.C.grad_norm_cuda(args[0], args[1], table.n_rows, table.n_tiles, args[6],
+                                  bool(table.norm_inf), 0 if scale is None else scale.data_ptr(),
+                                  scratch.data_ptr(), table.clip_rows.data_ptr(), index,
+                                  torch.cuda.current_stream(index).cuda_stream)
 
     def feature_reason(self, dtype: torch.dtype, state_dtype: torch.dtype,
                        modes: frozenset) -> str | None:

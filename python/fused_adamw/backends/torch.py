@@ -23,6 +23,8 @@ from ..reference import (adamw_scalars, adamw_update_, kahan_residual, kahan_sum
 
 class TorchBackend:
     name = "torch"
+    clips = True  # grad_norm_rows and table.clip_coef (fused_adamw._clip)
+    tracks_norms = True  # table.row_norms
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if device.type == "mps" and dtype == torch.float64:
@@ -49,11 +51,30 @@ class TorchBackend:
                                          if t is not None]
         if table.grad_scale is not None:
             written += list(table.kernel_grads)
+        if getattr(table, "row_norms", None) is not None:
+            written.append(table.row_norms)  # NaN after the step anyway (_clip.after_step)
         saved = torch._foreach_mul(written, 1)  # copies (a fallback backend: memory for no sync)
         self._step(table, plan)
         skip = found_inf != 0
         for t, old in zip(written, saved):
             torch.where(skip, old, t, out=t)
+
+    def grad_norm_rows(self, table: _table.Table) -> None:
+        """Each row's sum of squares (max |g| with ``table.norm_inf``) of its grad as the step
+        reads it (unscaled), into ``table.clip_rows[:n_rows]``, and their total (sum or max)
+        into ``table.clip_rows[n_rows]``: float64, no host sync (fused_adamw._clip)."""
+        op = _table.opmath_dtype(table.dtype)
+        grads = list(table.kernel_grads)
+        if table.grad_scale is not None:
+            grads = torch._foreach_div([g.to(op) for g in grads], table.grad_scale.to(op))
+        out, n = table.clip_rows, table.n_rows
+        if table.norm_inf:
+            out[:n].copy_(torch.stack(torch._foreach_norm(grads, float("inf"))))
+            torch.amax(out[:n], dim=0, out=out[n])
+        else:
+            torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64), out=out[:n])
+            out[:n].square_()
+            torch.sum(out[:n], dim=0, out=out[n])
 
     def _step(self, table: _table.Table, plan: dict) -> None:
         torch._foreach_add_(plan["steps"], 1)
@@ -81,6 +102,12 @@ class TorchBackend:
             if table.grad_scale is not None:  # adamw_unscale, written back to the grads
                 g = torch._foreach_div(g, table.grad_scale.to(op))
                 torch._foreach_copy_(grads_in, g)
+            g_seen = g  # as used, before clipping (track_norms)
+            coef = getattr(table, "clip_coef", None)
+            if coef is not None:  # adamw_clip: the update reads grad * coef; p.grad unclipped
+                g = torch._foreach_mul(g, coef.to(op))
+            row_norms = getattr(table, "row_norms", None)
+            before = [p.to(op, copy=True) for p in params] if row_norms is not None else None
             # The float each param steps from (adamw_math.cuh, "Low-precision params").
             if mode == _FP32:
                 work_p = [torch.where(p.view(torch.int16) == m.to(p.dtype).view(torch.int16),
@@ -125,6 +152,13 @@ class TorchBackend:
                     p.copy_(rnd(w, sr_bits(sr_key(seed, step), index)))
             elif work_p is not params:
                 torch._foreach_copy_(params, work_p)
+            if row_norms is not None:  # sums of squares of grad, param after, delta (stored)
+                after = [p.to(op) for p in params]
+                delta = torch._foreach_sub(after, before)
+                cols = [torch.stack(torch._foreach_norm(x, 2, dtype=torch.float64))
+                        for x in (g_seen, after, delta)]
+                sq = torch.stack(cols, dim=1).square_().to(row_norms.dtype)
+                row_norms.index_copy_(0, torch.tensor(idx, device=row_norms.device), sq)
 
 
 _FP32, _REMAINDER, _KAHAN, _STOCHASTIC = (_table.MASTER_MODES[m] for m in

@@ -1,0 +1,339 @@
+"""Gradient clipping and per-param norms inside the fused step (issue #19).
+
+``FusedAdamW(..., max_grad_norm=M)`` does what ``torch.nn.utils.clip_grad_norm_(params, M,
+norm_type)`` does just before ``step()``, without its second pass over the grads:
+
+1. one norm pass per table (``backend.grad_norm_rows``): every row's sum of squares (or max
+   |g| for the inf norm) of its grad as the step will read it (after GradScaler's unscale),
+   into ``table.clip_rows`` (float64 ``[n_rows + 1]``, the last entry the table's total);
+2. here, on the device and without a host sync: the tables' totals are combined (DTensor rows
+   reduced over their mesh, then the optional ``grad_norm_process_group``), giving
+   ``opt.grad_norm`` (the total norm, float32 0-d, what ``clip_grad_norm_`` returns) and the
+   coefficient ``clamp(M / (total + 1e-6), max=1)``, computed by the same tensor operations as
+   torch's (``reciprocal(total + 1e-6) * M``, then the clamp), so it is bitwise torch's for a
+   given total;
+3. the step reads each grad once, unscales it, multiplies it by the coefficient
+   (``adamw_clip`` in kernels/adamw_math.cuh) and updates; with ``track_norms`` it also
+   leaves per-row sums of squares of (grad as used before clipping, param after, param after
+   - param before, as stored) in ``table.row_norms`` (float32 ``[n_rows, 3]``), which become
+   ``opt.norms`` after the same mesh reduction and a square root.
+
+NOTE on what p.grad holds after a clipped step: the grad *unclipped*. Without a GradScaler it
+is untouched; under ``scaler.step(opt)`` (no user ``unscale_``) it holds the unscaled grad, as
+after an unclipped step (the kernels write the quotient back, as before). Clipping is applied
+to the value the update reads only: writing the clipped grad back would be the second pass
+this feature removes.
+
+NOTE on rounding against torch's ``unscale_`` + ``clip_grad_norm_`` + ``step``: torch rounds
+the unscaled grad and then the clipped grad to the grad's dtype; here both stay in float32
+(the update reads the float quotient times the coefficient). For float32 grads that is the
+same arithmetic (g * inv_scale equals g / scale for GradScaler's power-of-two scales, then
+one rounded multiply by the coefficient). For 16-bit grads ours skips two roundings to 16
+bits. The total norm itself is summed in another order than torch's (per-tile float32
+partials, then float64; torch takes a norm of per-tensor norms), so it agrees to rounding,
+not bitwise; each backend's own sum is deterministic (fixed order, no atomics).
+
+NOTE on the inf norm: ``grad_norm_type=inf`` takes max |g| per tile, per row and over tables
+(``max``, which is exact and order-free; a NaN anywhere makes it NaN, as torch's), and the
+mesh and process-group reductions use MAX instead of SUM. ``opt.norms`` stays L2 whatever
+the norm type.
+
+NOTE on collectives under FSDP2 (DTensor params): the rows of DTensor params are grouped by
+(mesh, the mesh dims whose placement is not Replicate); each group's local sum is all-reduced
+over those dims (SUM; MAX for the inf norm), one collective of one float64 per such dim.
+Replicate dims are not summed (each replica holds the same values). For FSDP2's 1-D mesh that
+is exactly one all-reduce of 8 bytes per step before the update, whatever the number of
+params; HSDP (Replicate, Shard) also one. With ``track_norms`` a second all-reduce after the
+step carries every DTensor row's three sums (float32 [n, 3]), one per group. With
+``grad_norm_process_group`` the total (only: per-param norms are of whole local params) is
+all-reduced once more over that group. Without DTensors and without a group: none. Every rank
+must step the same DTensor params (FSDP2 does), or the collectives do not match.
+
+NOTE on backends: cpu (the C++ loop), cuda (kernels/adamw_norm.cuh; the coefficient in the
+GradScaler kernels, see the NOTE on clipping in kernels/adamw_kernel.cu) runs the norm pass
+and the coefficient; the cpu and torch backends also the per-row norms of ``track_norms``.
+backends/triton_norm.py is the Triton norm pass (bitwise the CPU loop's under the
+interpreter), not yet wired in: Triton's kernel was rewritten meanwhile (issue #21) and takes
+no coefficient yet. A table whose backend lacks a part is stepped by the torch backend when
+norms are wanted (``backend_of``): correct, slower (Triton tables; on CUDA, track_norms,
+amsgrad and low-precision tables, for now).
+
+NOTE on GradScaler's skipped steps: ``opt.grad_norm`` holds the non-finite norm torch's
+``clip_grad_norm_`` would return; no param stepped, so every ``opt.norms`` entry is NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _table
+
+NORMS = 3  # columns of Table.row_norms: grad (as used, before clipping), param after, delta
+
+
+def check_args(max_grad_norm, grad_norm_type, track_norms, grad_norm_process_group) -> None:
+    """The constructor's checks: ValueError naming the argument."""
+    if max_grad_norm is not None:
+        if (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real)
+                or not max_grad_norm > 0 or math.isinf(max_grad_norm)):
+            raise ValueError(f"max_grad_norm must be None or a positive finite number, got "
+                             f"{max_grad_norm!r}")
+    if (isinstance(grad_norm_type, bool) or not isinstance(grad_norm_type, numbers.Real)
+            or not grad_norm_type > 0):
+        raise ValueError(f"grad_norm_type must be a positive number or inf, got "
+                         f"{grad_norm_type!r}")
+    if float(grad_norm_type) not in (2.0, math.inf):
+        raise ValueError(f"grad_norm_type must be 2.0 or float('inf'), got {grad_norm_type!r} "
+                         "(other p-norms are not implemented in the fused step)")
+    if not isinstance(track_norms, bool):
+        raise ValueError(f"track_norms must be a bool, got {track_norms!r}")
+    if grad_norm_process_group is not None and max_grad_norm is None and not track_norms:
+        raise ValueError("grad_norm_process_group is given but neither max_grad_norm nor "
+                         "track_norms is set: there is no norm to reduce")
+
+
+def check_groups(opt, groups) -> None:
+    """Clipping and norms are optimizer-wide and come out of the fused kernels: a group with
+    differentiable=True (stepped by torch's single-tensor Adam) is refused with them."""
+    if opt.__dict__.get("_max_grad_norm") is None and not opt.__dict__.get("_track_norms"):
+        return
+    for index, group in groups:
+        if group.get("differentiable"):
+            which = "max_grad_norm" if opt._max_grad_norm is not None else "track_norms"
+            raise ValueError(
+                f"param group {index}: {which} is not available with differentiable=True "
+                "(those groups are stepped by torch's differentiable Adam, outside the fused "
+                "step that clips); clip with torch.nn.utils.clip_grad_norm_ instead")
+
+
+def wanted(opt) -> bool:
+    return opt._max_grad_norm is not None or opt._track_norms
+
+
+def backend_of(opt, table):
+    """The backend that steps ``table`` when norms are wanted: its own when it implements the
+    norm pass and the clip coefficient (``clips = True``) and, with track_norms, the per-row
+    norms (``tracks_norms = True``), else the torch backend (correct everywhere, slower)."""
+    b = table.backend
+    clips_table = getattr(b, "clips_table", None)
+    if (getattr(b, "clips", False) and (not opt._track_norms or getattr(b, "tracks_norms", False))
+            and (clips_table is None or clips_table(table))):
+        return b
+    from . import _dispatch
+
+    return _dispatch._load("torch")
+
+
+# ------------------------------------------------------------------------------------------
+# reductions over DTensor meshes
+# ------------------------------------------------------------------------------------------
+
+
+def _mesh_key(p) -> tuple | None:
+    """(mesh, the mesh dims whose placement shards or partially holds p) for a DTensor param
+    whose full-tensor norm needs a reduction, else None."""
+    if not _table.is_dtensor(p):
+        return None
+    dims = tuple(i for i, pl in enumerate(p.placements) if not pl.is_replicate())
+    return (p.device_mesh, dims) if dims else None
+
+
+def _plan(table) -> list:
+    """Per reduction key, the table's rows under it: [(key, row indices tensor or None)]
+    (None: every row, the table's own total)."""
+    keys: dict = {}
+    order = []
+    for k, row in enumerate(table.rows):
+        key = _mesh_key(table.params[row.index])
+        if key not in keys:
+            keys[key] = []
+            order.append(key)
+        keys[key].append(k)
+    if order == [None]:
+        return [(None, None)]
+    return [(key, torch.tensor(keys[key], dtype=torch.int64, device=table.device))
+            for key in order]
+
+
+def _all_reduce(t: Tensor, key, op) -> None:
+    import torch.distributed as dist
+
+    mesh, dims = key
+    for d in dims:
+        dist.all_reduce(t, op=op, group=mesh.get_group(d))
+
+
+# ------------------------------------------------------------------------------------------
+# per step
+# ------------------------------------------------------------------------------------------
+
+
+def _buffers(opt, table) -> None:
+    """The table's persistent buffers (allocated at a rebuild only, reused every step)."""
+    shape = (table.n_rows, table.n_tiles)
+    if getattr(table, "clip_shape", None) == shape and table.clip_rows is not None:
+        return
+    table.clip_shape = shape
+    table.clip_rows = torch.zeros(table.n_rows + 1, dtype=torch.float64, device=table.device)
+    table.row_norms = (torch.zeros(table.n_rows, NORMS, dtype=torch.float32,
+                                   device=table.device) if opt._track_norms else None)
+    table.clip_plan = _plan(table)
+    table.clip_coef = None
+
+
+def _state(opt, device: torch.device) -> dict:
+    st = opt.__dict__.get("_clip_state")
+    if st is None or st["device"] != device:
+        st = opt._clip_state = {
+            "device": device,
+            "total": torch.zeros((), dtype=torch.float64, device=device),
+            "norm": torch.zeros((), dtype=torch.float32, device=device),
+            "coef": torch.ones((), dtype=torch.float32, device=device),
+            "keys": None,
+        }
+    return st
+
+
+def before_step(opt, tables: list) -> None:
+    """The norm pass of every table with rows, the total norm (``opt.grad_norm``) and the clip
+    coefficient each table's step reads (``table.clip_coef``). No host sync."""
+    tables = [t for t in tables if t.n_rows]
+    if not tables:
+        return
+    inf = opt._grad_norm_type == math.inf
+    for t in tables:
+        _buffers(opt, t)
+        t.norm_inf = inf
+        backend_of(opt, t).grad_norm_rows(t)
+    st = _state(opt, tables[0].device)
+    total = st["total"]
+    combine = torch.maximum if inf else torch.add
+    if all(t.clip_plan == [(None, None)] and t.device == total.device for t in tables):
+        # No DTensor rows (the common case): in place on persistent buffers, no allocation.
+        total.copy_(tables[0].clip_rows[tables[0].n_rows])
+        for t in tables[1:]:
+            combine(total, t.clip_rows[t.n_rows], out=total)
+    else:
+        _combine_meshes(tables, total, inf)
+    if opt._grad_norm_process_group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(total, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM,
+                        group=opt._grad_norm_process_group)
+    norm, coef = st["norm"], st["coef"]
+    if not inf:
+        torch.sqrt(total, out=total)  # in float64, then rounded once to float32
+    norm.copy_(total)
+    opt.grad_norm = norm
+    if opt._max_grad_norm is None:
+        for t in tables:
+            t.clip_coef = None
+        return
+    # torch.nn.utils.clip_grad_norm_: clamp(max_norm / (total_norm + 1e-6), max=1.0), where
+    # float / Tensor is reciprocal(Tensor) * float (Tensor.__rdiv__): the same operations.
+    torch.add(norm, 1e-6, out=coef)
+    torch.reciprocal(coef, out=coef)
+    coef.mul_(float(opt._max_grad_norm))
+    coef.clamp_(max=1.0)
+    for t in tables:
+        t.clip_coef = coef if t.device == coef.device else coef.to(t.device, non_blocking=True)
+
+
+def _combine_meshes(tables: list, total: Tensor, inf: bool) -> None:
+    """The total over tables with DTensor rows: each (mesh, dims) key's local part reduced
+    over its mesh (all keys of one reduction in one collective), plus the local rows."""
+    parts: dict = {}
+    for t in tables:
+        rows = t.clip_rows
+        for key, idx in t.clip_plan:
+            if idx is None:
+                v = rows[t.n_rows]
+            elif inf:
+                v = rows.index_select(0, idx).max()
+            else:
+                v = rows.index_select(0, idx).sum()
+            v = v.to(total.device, non_blocking=True)
+            if key in parts:
+                parts[key] = torch.maximum(parts[key], v) if inf else parts[key] + v
+            else:
+                parts[key] = v
+    meshes = [k for k in parts if k is not None]
+    if meshes:
+        import torch.distributed as dist
+
+        op = dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM
+        for k in meshes:  # one collective per (mesh, dims) key: usually exactly one
+            part = parts[k].reshape(1).clone()
+            _all_reduce(part, k, op)
+            parts[k] = part[0]
+    total.zero_()
+    for v in parts.values():
+        if inf:
+            torch.maximum(total, v, out=total)
+        else:
+            total.add_(v)
+
+
+def after_step(opt, tables: list, found_inf: Tensor | None) -> None:
+    """``opt.norms`` from the tables' ``row_norms`` (track_norms): the DTensor rows of every
+    table reduced over their mesh (one collective per mesh key), square roots, one float32
+    [3] view per stepped param (overwritten by the next step: clone to keep)."""
+    for t in tables:
+        t.clip_coef = None
+    if not opt._track_norms:
+        return
+    tables = [t for t in tables if t.n_rows and t.row_norms is not None]
+    by_key: dict = {}
+    for t in tables:
+        for key, idx in t.clip_plan:
+            if key is not None:
+                by_key.setdefault(key, []).append((t, idx))
+    if by_key:
+        import torch.distributed as dist
+
+        for key, parts in by_key.items():
+            device = parts[0][0].device
+            buf = torch.cat([t.row_norms.index_select(0, idx).to(device) for t, idx in parts])
+            _all_reduce(buf, key, dist.ReduceOp.SUM)
+            start = 0
+            for t, idx in parts:
+                n = idx.numel()
+                t.row_norms.index_copy_(0, idx, buf[start:start + n].to(t.device))
+                start += n
+    norms: dict = {}
+    for t in tables:
+        rn = t.row_norms
+        torch.sqrt(rn, out=rn)
+        if found_inf is not None:  # a skipped step: no param stepped
+            rn.masked_fill_(found_inf.to(rn.device, non_blocking=True) != 0, math.nan)
+        for k, row in enumerate(t.rows):
+            norms[t.params[row.index]] = rn[k]
+    opt.norms = norms
+
+
+def refuse_capture_reason(opt, tables: list) -> str | None:
+    """What a captured clipped step could not repeat, or None."""
+    for t in tables:
+        if t.n_rows and getattr(t, "clip_shape", None) != (t.n_rows, t.n_tiles):
+            return "the clipping buffers are not built yet for these params (run one eager step)"
+        if t.n_rows and any(key is not None for key, _ in getattr(t, "clip_plan", ())):
+            return "DTensor params need a collective for the grad norm"
+    return None
+
+
+def state_keys() -> tuple[str, ...]:
+    return ("_max_grad_norm", "_grad_norm_type", "_track_norms")
+
+
+def getstate(opt, state: dict[str, Any]) -> None:
+    for k in state_keys():
+        state[k] = opt.__dict__.get(k)
+    state.pop("_grad_norm_process_group", None)  # a process group does not pickle
+    state.pop("_clip_state", None)
+    state.pop("grad_norm", None)
+    state.pop("norms", None)
