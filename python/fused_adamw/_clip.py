@@ -73,6 +73,7 @@ from torch import Tensor
 
 from . import _table
 
+_FLT_MAX = float(torch.finfo(torch.float32).max)
 NORMS = 3  # columns of Table.row_norms: grad (as used, before clipping), param after, delta
 
 
@@ -92,14 +93,35 @@ def check_args(max_grad_norm, grad_norm_type, track_norms, grad_norm_process_gro
                          "(other p-norms are not implemented in the fused step)")
     if not isinstance(track_norms, bool):
         raise ValueError(f"track_norms must be a bool, got {track_norms!r}")
+    if grad_norm_process_group is not None and not _is_process_group(grad_norm_process_group):
+        raise ValueError(f"grad_norm_process_group must be a torch.distributed process group "
+                         f"(e.g. dist.group.WORLD), got {grad_norm_process_group!r}")
     if grad_norm_process_group is not None and max_grad_norm is None and not track_norms:
         raise ValueError("grad_norm_process_group is given but neither max_grad_norm nor "
                          "track_norms is set: there is no norm to reduce")
 
 
+def _is_process_group(group) -> bool:
+    try:
+        from torch.distributed import ProcessGroup
+    except ImportError:  # torch built without distributed: nothing could be one
+        return False
+    return isinstance(group, ProcessGroup)
+
+
+OPTIMIZER_WIDE = ("max_grad_norm", "grad_norm_type", "track_norms", "grad_norm_process_group")
+
+
 def check_groups(opt, groups) -> None:
     """Clipping and norms are optimizer-wide and come out of the fused kernels: a group with
-    differentiable=True (stepped by torch's single-tensor Adam) is refused with them."""
+    differentiable=True (stepped by torch's single-tensor Adam) is refused with them, and so is
+    a group that carries one of their keys (it would be ignored)."""
+    for index, group in groups:
+        for key in OPTIMIZER_WIDE:
+            if key in group:
+                raise ValueError(
+                    f"param group {index} has the key {key!r}: {key} is optimizer-wide (one "
+                    "norm over every group's grads); give it to the constructor instead")
     if opt.__dict__.get("_max_grad_norm") is None and not opt.__dict__.get("_track_norms"):
         return
     for index, group in groups:
@@ -127,6 +149,30 @@ def backend_of(opt, table):
     from . import _dispatch
 
     return _dispatch._load("torch")
+
+
+def check_tables(opt, tables: list) -> None:
+    """Before anything changes (called after the tables' prepare, before their commit)."""
+    if opt.__dict__.get("_grad_norm_process_group_lost"):
+        raise RuntimeError(
+            "this FusedAdamW was copied or unpickled, and its grad_norm_process_group (a "
+            "process group, which does not pickle) was left behind: stepping would clip by "
+            "this rank's norm only. Build a new optimizer with grad_norm_process_group=... and "
+            "load_state_dict(old.state_dict())")
+    if opt._grad_norm_type != math.inf:
+        return
+    for t in tables:
+        if getattr(t, "complex_checked", None) == t.rebuilds:
+            continue
+        for p, name in zip(t.params, t.names):
+            if p.is_complex():
+                # The kernels see complex params as (re, im) pairs: max |re|, |im| is not
+                # torch's max |z| (the L2 norm is the same either way).
+                raise ValueError(
+                    f"{name} is complex ({p.dtype}): grad_norm_type=inf is not available for "
+                    "complex params (the fused norm pass reads them as real pairs); use "
+                    "grad_norm_type=2.0, or clip them with torch.nn.utils.clip_grad_norm_")
+        t.complex_checked = t.rebuilds
 
 
 # ------------------------------------------------------------------------------------------
@@ -194,6 +240,7 @@ def _state(opt, device: torch.device) -> dict:
             "total": torch.zeros((), dtype=torch.float64, device=device),
             "norm": torch.zeros((), dtype=torch.float32, device=device),
             "coef": torch.ones((), dtype=torch.float32, device=device),
+            "over": torch.zeros((), dtype=torch.bool, device=device),
             "keys": None,
         }
     return st
@@ -202,18 +249,23 @@ def _state(opt, device: torch.device) -> dict:
 def before_step(opt, tables: list) -> None:
     """The norm pass of every table with rows, the total norm (``opt.grad_norm``) and the clip
     coefficient each table's step reads (``table.clip_coef``). No host sync."""
-    tables = [t for t in tables if t.n_rows]
     if not tables:
         return
+    live = [t for t in tables if t.n_rows]
     inf = opt._grad_norm_type == math.inf
-    for t in tables:
+    for t in live:
         _buffers(opt, t)
         t.norm_inf = inf
         backend_of(opt, t).grad_norm_rows(t)
-    st = _state(opt, tables[0].device)
+    st = _state(opt, (live or tables)[0].device)
     total = st["total"]
     combine = torch.maximum if inf else torch.add
-    if all(t.clip_plan == [(None, None)] and t.device == total.device for t in tables):
+    tables = live
+    if not tables:
+        # No param has a grad: torch's clip_grad_norm_ of an empty list is 0; the process
+        # group's collective is still taken (the other ranks wait for it).
+        total.zero_()
+    elif all(t.clip_plan == [(None, None)] and t.device == total.device for t in tables):
         # No DTensor rows (the common case): in place on persistent buffers, no allocation.
         total.copy_(tables[0].clip_rows[tables[0].n_rows])
         for t in tables[1:]:
@@ -227,6 +279,12 @@ def before_step(opt, tables: list) -> None:
                         group=opt._grad_norm_process_group)
     norm, coef = st["norm"], st["coef"]
     if not inf:
+        # NOTE on overflow: torch's clip_grad_norm_ squares and sums in float32, so a total
+        # norm past sqrt(FLT_MAX) (1.8e19) is inf there (coef 0: the step sees zero grads);
+        # the float64 sum here is marked inf past FLT_MAX alike (persistent out=: no
+        # allocation).
+        torch.gt(total, _FLT_MAX, out=st["over"])
+        total.masked_fill_(st["over"], math.inf)
         torch.sqrt(total, out=total)  # in float64, then rounded once to float32
     norm.copy_(total)
     opt.grad_norm = norm
@@ -334,6 +392,9 @@ def getstate(opt, state: dict[str, Any]) -> None:
     for k in state_keys():
         state[k] = opt.__dict__.get(k)
     state.pop("_grad_norm_process_group", None)  # a process group does not pickle
+    state["_grad_norm_process_group_lost"] = (
+        opt.__dict__.get("_grad_norm_process_group") is not None
+        or bool(opt.__dict__.get("_grad_norm_process_group_lost")))
     state.pop("_clip_state", None)
     state.pop("grad_norm", None)
     state.pop("norms", None)

@@ -308,6 +308,7 @@ class FusedAdam(torch.optim.Optimizer):
         state["_decouple_lr"] = self._decouple_lr
         state["_master_weights"] = self._master_weights
         state["_state_dtype"] = self._state_dtype
+        _clip.getstate(self, state)  # max_grad_norm, grad_norm_type, track_norms
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -651,6 +652,8 @@ class FusedAdam(torch.optim.Optimizer):
             self._check_capturable(plans, grad_scale, found_inf)
         if any(key[4]):
             self._check_differentiable_groups()
+        if _clip.wanted(self):
+            _clip.check_tables(self, tables)
         self._refresh_hparams(capturing)
         for t, plan in zip(tables, plans):
             t.commit(plan, self)
