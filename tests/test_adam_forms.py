@@ -621,13 +621,18 @@ def _params(fn):
                                          (FusedAdamW, torch.optim.AdamW)])
 def test_signature_is_torchs_plus_ours(ours, theirs):
     """torch's parameters, kinds, defaults and order, then our keyword-only backend,
-    decouple_lr, master_weights and state_dtype."""
-    assert _params(ours.__init__)[:-4] == _params(theirs.__init__)
-    assert _params(ours.__init__)[-4:] == [
+    decouple_lr, master_weights, state_dtype and the clipping options (issue #19)."""
+    ours_only = [
         ("backend", inspect.Parameter.KEYWORD_ONLY, "auto"),
         ("decouple_lr", inspect.Parameter.KEYWORD_ONLY, False),
         ("master_weights", inspect.Parameter.KEYWORD_ONLY, None),
-        ("state_dtype", inspect.Parameter.KEYWORD_ONLY, None)]
+        ("state_dtype", inspect.Parameter.KEYWORD_ONLY, None),
+        ("max_grad_norm", inspect.Parameter.KEYWORD_ONLY, None),
+        ("grad_norm_type", inspect.Parameter.KEYWORD_ONLY, 2.0),
+        ("track_norms", inspect.Parameter.KEYWORD_ONLY, False),
+        ("grad_norm_process_group", inspect.Parameter.KEYWORD_ONLY, None)]
+    assert _params(ours.__init__)[:-len(ours_only)] == _params(theirs.__init__)
+    assert _params(ours.__init__)[-len(ours_only):] == ours_only
 
 
 def test_public_surface():
