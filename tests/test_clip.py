@@ -447,3 +447,65 @@ def test_clipped_step_is_capturable(backend):
         torch.cuda.synchronize()
         assert torch.equal(opt.grad_norm, ref.grad_norm)
         assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+
+
+def _clipped_run(backend, dtype, inf, amsgrad, scaled, max_norm, steps=5):
+    """``steps`` clipped steps of FusedAdamW on ``backend`` over params at odd element offsets
+    with sizes across a tile edge (body and edge blocks of the Triton kernel), under a
+    GradScaler-like scale (and one skipped step) when ``scaled``: the params, their grads
+    after each step, the state and the norms."""
+    torch.manual_seed(0)
+    buf = torch.randn(40000).to(dtype)
+    ps = [torch.nn.Parameter(buf[1:8]), torch.nn.Parameter(buf[9:16394]),
+          torch.nn.Parameter(buf[20001:25001])]
+    opt = FusedAdamW(ps, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, max_grad_norm=max_norm,
+                     grad_norm_type=_INF if inf else 2.0, backend=backend)
+    grads, norms = [], []
+    for s in range(steps):
+        g = torch.Generator().manual_seed(s)
+        for p in ps:
+            p.grad = (torch.randn(p.shape, generator=g) * (1 + s % 3)).to(dtype)
+        if scaled:  # what torch.amp.GradScaler.step() sets (optimizer._step_supports_amp_scaling)
+            opt.grad_scale = torch.tensor(1024.0)
+            opt.found_inf = torch.tensor(1.0 if s == 2 else 0.0)
+            for p in ps:
+                p.grad.mul_(1024.0)
+        opt.step()
+        if scaled:
+            del opt.grad_scale, opt.found_inf
+        grads.append([p.grad.clone() for p in ps])
+        norms.append(opt.grad_norm.clone())
+    t = next(iter(opt._tables.values()))
+    return ps, grads, norms, opt, t
+
+
+@pytest.mark.skipif(not TRITON_INTERPRET,
+                    reason="Triton runs on CPU tensors only with TRITON_INTERPRET=1")
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+@pytest.mark.parametrize("inf", [False, True], ids=["l2", "inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_clipped_steps_match_the_cpu_loop_bitwise(dtype, inf, amsgrad, scaled):
+    """The Triton backend clips in its own kernels (the norm pass of backends/triton_norm.py,
+    the coefficient in adamw_kernel, after the unscale and its write-back) and is bit for bit
+    the CPU loop over several clipped steps: params, the grads left in p.grad (unscaled,
+    unclipped), the moments and grad_norm. Fails when the kernel ignores the coefficient
+    (tried: every cell)."""
+    from fused_adamw import _clip
+
+    max_norm = 2.0 if inf else 40.0  # the norms here: max |g| 4 to 14, L2 about 150 to 450
+    want_ps, want_grads, want_norms, want_opt, _ = _clipped_run("cpu", dtype, inf, amsgrad,
+                                                                 scaled, max_norm)
+    ps, grads, norms, opt, t = _clipped_run("triton", dtype, inf, amsgrad, scaled, max_norm)
+    assert t.backend.name == "triton" and _clip.backend_of(opt, t) is t.backend, \
+        "the clipped Triton table fell back to another backend"
+    # the clip is active on every taken step (the coefficient is not 1)
+    assert all(n > max_norm for n in norms), norms
+    for s, (n, m) in enumerate(zip(norms, want_norms)):
+        assert torch.equal(n, m), f"step {s}: grad_norm {n} != {m}"
+    for s, (gs, hs) in enumerate(zip(grads, want_grads)):
+        assert all(torch.equal(g, h) for g, h in zip(gs, hs)), f"step {s}: p.grad differs"
+    for i, (p, q) in enumerate(zip(ps, want_ps)):
+        assert torch.equal(p, q), f"param {i}"
+        for k, v in want_opt.state[q].items():
+            assert torch.equal(opt.state[p][k], v), f"param {i}: state {k}"

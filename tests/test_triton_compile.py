@@ -45,12 +45,15 @@ MIN_WARPS_NOTED = 16  # the floor of the variants occupancy_note excuses (25%)
 def occupancy_note(v: list[str]) -> str | None:
     """Why variant ``v`` (variant_key) may reside with fewer than MIN_WARPS_PER_SM warps, or
     None: it may not. The numbers are in kernels/NOTES.md's Triton table."""
-    dtype, state_dtype, has_max, _, scaled, _ = v
+    dtype, state_dtype, has_max, _, scaled = v[:5]
     if dtype == state_dtype == "torch.float32":
         if has_max == scaled == "True":
             return ("amsgrad with GradScaler: 5 buffers in and the unscaled grad out; ptxas "
                     "spills at 64 and 80 registers, fits 96 (20 warps); the CUDA kernel's own "
                     "bound for it is 2 blocks of 8 warps (16)")
+        if has_max == v[6] == "True":
+            return ("amsgrad with the clip coefficient: ptxas spills at 64 and 80 registers, "
+                    "fits 96 (20 warps), as amsgrad with GradScaler")
         return None
     return ("a 16-bit buffer: a thread holds one 16-byte vector of it, 8 elements, and Triton "
             "converts all of them to fp32 at once (8 registers per buffer; the CUDA kernel "
@@ -113,16 +116,19 @@ def _cases():
         sig = {"rows_ptr": "*i64", "tile_starts_ptr": "*i64", "hparams_ptr": "*fp32",
                "n_rows": "i64",
                "grad_scale_ptr": "*fp32" if v.scaled else "constexpr",
-               "found_inf_ptr": "*fp32" if v.skippable else "constexpr"}
+               "found_inf_ptr": "*fp32" if v.skippable else "constexpr",
+               "clip_coef_ptr": "*fp32" if v.clipped else "constexpr"}
         sig.update({k: "constexpr" for k in const})
         if not v.scaled:
             const["grad_scale_ptr"] = None
         if not v.skippable:
             const["found_inf_ptr"] = None
+        if not v.clipped:
+            const["clip_coef_ptr"] = None
         name = (f"{names[v.dtype]}" + (f" / {names[v.state_dtype]} state"
                                        if v.state_dtype != v.dtype else "")
                 + (", amsgrad" if v.has_max else "") + (", master" if v.has_master else "")
-                + (", grad_scale" if v.scaled else "") + (", found_inf" if v.skippable else ""))
+                + (", grad_scale" if v.scaled else "") + (", found_inf" if v.skippable else "") + (", clip" if v.clipped else ""))
         cases.append((name, "adamw_kernel", variant_key(v), sig, const, ta.launch_options(v)))
     return cases
 
@@ -236,7 +242,9 @@ def test_every_variant_compiles(compiled):
 
     got = {tuple(r["variant"]) for r in compiled if r["kernel"] == "adamw_kernel"}
     assert got == {tuple(variant_key(v)) for v in ta.variants()}
-    assert len(got) == 80  # 6 (dtype, state dtype) pairs x amsgrad x GradScaler's 2, x master
+    # 6 (dtype, state dtype) pairs x amsgrad x GradScaler's 2 pointers, x master for the 4
+    # 16-bit pairs (80), x clipping
+    assert len(got) == 160
 
 
 def test_no_spills(compiled):
@@ -265,7 +273,7 @@ def test_body_accesses_are_128_bit(compiled):
     for r in compiled:
         if r["kernel"] != "adamw_kernel":
             continue
-        _, _, has_max, _, scaled, _ = r["variant"]
+        _, _, has_max, _, scaled = r["variant"][:5]
         loads = 4 + (has_max == "True")
         stores = 3 + (has_max == "True") + (scaled == "True")
         got = (r["widths"].get("ld128", 0), r["widths"].get("st128", 0))
@@ -308,7 +316,8 @@ def _binder(kernel):
 
 def _fake_table(dtype, n_rows: int, odd_hparams: bool, odd_amp: bool, amp: bool):
     """A table of ``n_rows`` rows (fake addresses, never launched) whose tensors' alignment
-    varies: hparams and GradScaler's values 4 bytes past a 16-byte boundary when ``odd_*``."""
+    varies: hparams, GradScaler's values and the clip coefficient 4 bytes past a 16-byte
+    boundary when ``odd_*``."""
     import torch
 
     from fused_adamw import _table
@@ -322,6 +331,7 @@ def _fake_table(dtype, n_rows: int, odd_hparams: bool, odd_amp: bool, amp: bool)
     if amp:
         buf = torch.ones(8)
         t.grad_scale, t.found_inf = buf[int(odd_amp):][:1], buf[4:][:1] * 0
+        t.clip_coef = buf[4 + int(odd_amp):][:1]
     return t
 
 

@@ -308,7 +308,8 @@ def row_of_tile(tile_starts_ptr, n_rows, tile):
 # element is the same in both (adamw_block), so is its result.
 @triton.jit(do_not_specialize=["n_rows"],
             do_not_specialize_on_alignment=["rows_ptr", "tile_starts_ptr", "hparams_ptr",
-                                            "grad_scale_ptr", "found_inf_ptr"])
+                                            "grad_scale_ptr", "found_inf_ptr",
+                                            "clip_coef_ptr"])
 def adamw_kernel(
     rows_ptr,  # *int64 [n_rows, ROW_COLS]: addresses of param, grad, exp_avg, exp_avg_sq, max, step; numel; group
     tile_starts_ptr,  # *int64 [n_rows + 1]: the first tile of each row
@@ -317,6 +318,7 @@ def adamw_kernel(
     n_rows: tl.int64,  # rows in the table
     grad_scale_ptr,  # *fp32 GradScaler's scale (grads divided by it and written back), or None
     found_inf_ptr,  # *fp32 GradScaler's found_inf (!= 0: nothing is written), or None
+    clip_coef_ptr,  # *fp32 the clip coefficient (fused_adamw._clip; adamw_clip), or None
     DTYPE: tl.constexpr,  # the params' (and grads') storage type (tl.float32, bfloat16, float16)
     STATE_DTYPE: tl.constexpr,  # the moments' (state_dtype; DTYPE by default)
     ELEM_BYTES: tl.constexpr,  # DTYPE's size
@@ -348,6 +350,9 @@ def adamw_kernel(
     grad_scale = 1.0
     if grad_scale_ptr is not None:
         grad_scale = tl.load(grad_scale_ptr)
+    clip_coef = 1.0
+    if clip_coef_ptr is not None:  # tile_work_in_row: the table's coefficient, else 1.0f
+        clip_coef = tl.load(clip_coef_ptr)
     grad_addr = tl.load(row + 1)  # _table.ROW_GRAD
     exp_avg_addr = tl.load(row + 2)  # _table.ROW_EXP_AVG
     exp_avg_sq_addr = tl.load(row + 3)  # _table.ROW_EXP_AVG_SQ
@@ -406,17 +411,19 @@ def adamw_kernel(
     n_tail = (tl.maximum(u_end - body_hi, 0) + EDGE_SIZE - 1) // EDGE_SIZE
     for start in tl.range(body_lo, body_hi, BLOCK_SIZE):
         adamw_block(start, u_begin, u_end, phase, param_addr, grad_addr, exp_avg_addr,
-                    exp_avg_sq_addr, max_addr, extra_addr, grad_scale, lr, beta1, beta2, eps,
-                    weight_decay, decay, bias_correction1, bias_correction2_sqrt, maximize,
-                    amsgrad, l2, mode, key, grad_scale_ptr is not None,
+                    exp_avg_sq_addr, max_addr, extra_addr, grad_scale, clip_coef, lr, beta1, beta2,
+                    eps, weight_decay, decay, bias_correction1, bias_correction2_sqrt,
+                    maximize, amsgrad, l2, mode, key, grad_scale_ptr is not None,
+                    clip_coef_ptr is not None,
                     DTYPE, STATE_DTYPE, HAS_MAX, HAS_MASTER, BF16_BY_HAND, STATE_BF16_BY_HAND,
                     BLOCK_SIZE, False)
     for k in tl.range(0, n_head + n_tail):
         start = tl.where(k < n_head, first + k * EDGE_SIZE, body_hi + (k - n_head) * EDGE_SIZE)
         adamw_block(start, u_begin, u_end, phase, param_addr, grad_addr, exp_avg_addr,
-                    exp_avg_sq_addr, max_addr, extra_addr, grad_scale, lr, beta1, beta2, eps,
-                    weight_decay, decay, bias_correction1, bias_correction2_sqrt, maximize,
-                    amsgrad, l2, mode, key, grad_scale_ptr is not None,
+                    exp_avg_sq_addr, max_addr, extra_addr, grad_scale, clip_coef, lr, beta1, beta2,
+                    eps, weight_decay, decay, bias_correction1, bias_correction2_sqrt,
+                    maximize, amsgrad, l2, mode, key, grad_scale_ptr is not None,
+                    clip_coef_ptr is not None,
                     DTYPE, STATE_DTYPE, HAS_MAX, HAS_MASTER, BF16_BY_HAND, STATE_BF16_BY_HAND,
                     EDGE_SIZE, True)
 
@@ -433,9 +440,10 @@ def grid_base(addr, phase, ty: tl.constexpr, ON_GRID: tl.constexpr):
 
 @triton.jit
 def adamw_block(start, u_begin, u_end, phase, param_addr, grad_addr, exp_avg_addr,
-                exp_avg_sq_addr, max_addr, extra_addr, grad_scale, lr, beta1, beta2, eps,
-                weight_decay, decay, bias_correction1, bias_correction2_sqrt, maximize, amsgrad,
-                l2, mode, key, SCALED: tl.constexpr, DTYPE: tl.constexpr,
+                exp_avg_sq_addr, max_addr, extra_addr, grad_scale, clip_coef, lr, beta1, beta2,
+                eps, weight_decay, decay, bias_correction1, bias_correction2_sqrt, maximize,
+                amsgrad, l2, mode, key, SCALED: tl.constexpr, CLIPPED: tl.constexpr,
+                DTYPE: tl.constexpr,
                 STATE_DTYPE: tl.constexpr, HAS_MAX: tl.constexpr, HAS_MASTER: tl.constexpr,
                 BF16_BY_HAND: tl.constexpr, STATE_BF16_BY_HAND: tl.constexpr,
                 BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr):
@@ -487,6 +495,10 @@ def adamw_block(start, u_begin, u_end, phase, param_addr, grad_addr, exp_avg_add
     if SCALED:  # adamw_unscale, written back to the grad
         grad = adamw_unscale(grad, grad_scale)
         tl.store(grad_ptrs, to_storage(grad, grad_ptrs, BF16_BY_HAND), mask=mask)
+    if CLIPPED:  # adamw_clip, after the write-back: p.grad stays unclipped
+        # NOTE on contraction: the product only feeds adamw_update's fmas as an operand (or
+        # its negation), never an add, so it is not fused; the CPU loop rounds it alone too.
+        grad = grad * clip_coef
     param, exp_avg, exp_avg_sq, max_exp_avg_sq = adamw_update(
         param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
         lr, beta1, beta2, eps, weight_decay, decay, bias_correction1, bias_correction2_sqrt,
@@ -593,22 +605,24 @@ class Variant(NamedTuple):
     has_master: bool  # 16-bit params, some group with a master mode
     scaled: bool  # GradScaler's grad_scale is given
     skippable: bool  # GradScaler's found_inf is given
+    clipped: bool = False  # a clip coefficient is given (max_grad_norm, fused_adamw._clip)
 
 
 def variant(table: _table.Table) -> tuple:
     """The key of the kernels a step of ``table`` launches: (device, :class:`Variant`)."""
     return (table.device, Variant(table.dtype, table.state_dtype, table.has_max,
                                   has_master(table), table.grad_scale is not None,
-                                  table.found_inf is not None))
+                                  table.found_inf is not None, clip_coef(table) is not None))
 
 
 def variants() -> list[Variant]:
     """Every variant :func:`launch` can compile (tests/test_triton_compile.py compiles each)."""
-    return [Variant(dtype, state_dtype, has_max, has_master, scaled, skippable)
+    return [Variant(dtype, state_dtype, has_max, has_master, scaled, skippable, clipped)
             for dtype in _SUPPORTED_DTYPES for state_dtype in _STATE_DTYPES[dtype]
             for has_max in (False, True)
             for has_master in ((False, True) if dtype != torch.float32 else (False,))
-            for scaled in (False, True) for skippable in (False, True)]
+            for scaled in (False, True) for skippable in (False, True)
+            for clipped in (False, True)]
 
 
 def max_registers(v: Variant) -> int:
@@ -620,7 +634,8 @@ def max_registers(v: Variant) -> int:
     each. tests/test_triton_compile.py fails on any spill; kernels/NOTES.md has the counts."""
     if v.dtype == torch.float32:
         if v.state_dtype == torch.float32:
-            return 96 if v.has_max and v.scaled else 64
+            # amsgrad with GradScaler or the clip coefficient: spills at 64 and 80
+            return 96 if v.has_max and (v.scaled or v.clipped) else 64
         return 96 if v.scaled and not v.has_max else 80
     if v.state_dtype == torch.float32:  # 16-bit params, fp32 moments
         if v.has_max or (v.has_master and v.dtype == torch.float16):
@@ -688,18 +703,39 @@ def kernel_args(table: _table.Table) -> tuple[tuple, tuple]:
     rows = packed[: table.n_rows * _table.ROW_COLS]
     tile_starts = packed[table.n_rows * _table.ROW_COLS:]
     return ((rows, table.n_rows, table.found_inf),
-            (rows, tile_starts, table.hparams, table.n_rows, table.grad_scale, table.found_inf))
+            (rows, tile_starts, table.hparams, table.n_rows, table.grad_scale, table.found_inf,
+             clip_coef(table)))
+
+
+def clip_coef(table: _table.Table):
+    """The table's clip coefficient (float32 scalar on its device, fused_adamw._clip), or None
+    when the step does not clip."""
+    return getattr(table, "clip_coef", None)
 
 
 class TritonBackend:
     name = "triton"
+    clips = True  # grad_norm_rows (backends/triton_norm.py) and table.clip_coef
+    # NOTE on track_norms: the kernel computes no per-row norms; tables with track_norms are
+    # stepped by the torch backend (fused_adamw._clip.backend_of).
+    tracks_norms = False
+
+    def grad_norm_rows(self, table: _table.Table) -> None:
+        """The norm pass (fused_adamw._clip): ``table.clip_rows`` (float64 [n_rows + 1])."""
+        from . import triton_norm
+
+        if table.device.type == "cuda":
+            with torch.cuda.device(table.device):
+                triton_norm.grad_norm_rows(table, _INTERPRET)
+        else:
+            triton_norm.grad_norm_rows(table, _INTERPRET)
 
     def capture_problem(self, table: _table.Table) -> str | None:
         """Why a step of ``table`` cannot be captured into a CUDA graph now, or None (the
         key is all Triton specialises on: see adamw_kernel's NOTE on specialisation)."""
         if table.n_rows and variant(table) not in _launched:
             return ("the Triton kernel for this table (dtypes, amsgrad, master modes, GradScaler "
-                    "use) has not "
+                    "use, clipping) has not "
                     "been compiled yet: run one eager step the way the graph will (with or "
                     "without the scaler) before capturing")
         return None
