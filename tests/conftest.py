@@ -137,7 +137,14 @@ QUICK = (
     "test_distributed.py::test_zero_matches_ddp_torch_adamw[bucket_view]",
     "test_cuda_kernel.py::test_matches_cpu_loop[*]",
     "test_gpu_kernels.py::*",
-    "test_clip.py::*",
+    "test_clip.py::test_bad_arguments_raise_at_construction[*]",
+    "test_clip.py::test_clip_matches_torch_over_many_steps[cpu-cpu-*]",
+    "test_clip.py::test_gradscaler_equals_unscale_clip_step[*]",
+    "test_clip.py::test_track_norms[*]",
+    "test_clip.py::test_checkpoint_round_trip_is_bitwise_and_loads_into_torch[*]",
+    "test_clip.py::test_clipped_step_is_capturable[*]",
+    "test_clip.py::test_triton_clipped_steps_match_the_cpu_loop_bitwise[fp32-l2-adam-plain]",
+    "test_clip_corners.py",
 )
 _QUICK = re.compile("|".join(
     re.escape(q).replace(r"\*", ".*") + ("(::.*)?$" if "*" not in q and "[" not in q else "$")
