@@ -92,7 +92,10 @@ def test_complex_params_with_the_inf_norm_are_refused_before_anything_changes():
     torch.testing.assert_close(q, r, rtol=1e-6, atol=1e-7)  # float32 rounding of one step
 
 
-def test_optimizer_wide_keys_in_a_group_are_refused():
+def test_optimizer_wide_keys_in_a_group_are_refused_unless_the_same():
+    """A group's own clipping setting would be ignored: refused when it differs from the
+    optimizer's; the same value passes (ZeroRedundancyOptimizer puts its keyword arguments
+    into every group as defaults: tests/test_distributed.py runs it)."""
     p = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match="max_grad_norm is optimizer-wide"):
         FusedAdamW([{"params": [p], "max_grad_norm": 1.0}])
@@ -100,6 +103,8 @@ def test_optimizer_wide_keys_in_a_group_are_refused():
     with pytest.raises(ValueError, match="track_norms is optimizer-wide"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))],
                              "track_norms": True})
+    FusedAdamW([{"params": [p], "max_grad_norm": 1.0, "track_norms": False}],
+               max_grad_norm=1.0)
 
 
 def test_grad_norm_process_group_must_be_one_and_is_not_lost_silently(tmp_path):

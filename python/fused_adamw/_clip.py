@@ -108,19 +108,31 @@ def _is_process_group(group) -> bool:
     return isinstance(group, ProcessGroup)
 
 
+def _same_setting(a, b) -> bool:
+    if a is b:
+        return True
+    try:
+        return a is not None and b is not None and float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
 OPTIMIZER_WIDE = ("max_grad_norm", "grad_norm_type", "track_norms", "grad_norm_process_group")
 
 
 def check_groups(opt, groups) -> None:
     """Clipping and norms are optimizer-wide and come out of the fused kernels: a group with
     differentiable=True (stepped by torch's single-tensor Adam) is refused with them, and so is
-    a group that carries one of their keys (it would be ignored)."""
+    a group whose own value of one of them differs from the optimizer's (it would be ignored).
+    The same value is accepted: ZeroRedundancyOptimizer passes its keyword arguments both to
+    the constructor and, as defaults, into every group."""
     for index, group in groups:
         for key in OPTIMIZER_WIDE:
-            if key in group:
+            if key in group and not _same_setting(group[key], opt.__dict__.get("_" + key)):
                 raise ValueError(
-                    f"param group {index} has the key {key!r}: {key} is optimizer-wide (one "
-                    "norm over every group's grads); give it to the constructor instead")
+                    f"param group {index} has {key}={group[key]!r}, but {key} is "
+                    f"optimizer-wide (one norm over every group's grads; the optimizer's is "
+                    f"{opt.__dict__.get('_' + key)!r}): give it to the constructor instead")
     if opt.__dict__.get("_max_grad_norm") is None and not opt.__dict__.get("_track_norms"):
         return
     for index, group in groups:
