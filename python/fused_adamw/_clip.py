@@ -380,8 +380,13 @@ def after_step(opt, tables: list, found_inf: Tensor | None) -> None:
         torch.sqrt(rn, out=rn)
         if found_inf is not None:  # a skipped step: no param stepped
             rn.masked_fill_(found_inf.to(rn.device, non_blocking=True) != 0, math.nan)
-        for k, row in enumerate(t.rows):
-            norms[t.params[row.index]] = rn[k]
+        # One view per row, made when the rows or the buffer change, not every step (a Python
+        # pass over the params and a view per param were the steady step's cost here).
+        views = getattr(t, "norm_views", None)
+        if views is None or views[0] is not rn or views[1] != t.rebuilds:
+            views = t.norm_views = (rn, t.rebuilds, {t.params[row.index]: rn[k]
+                                                     for k, row in enumerate(t.rows)})
+        norms.update(views[2])
     opt.norms = norms
 
 
