@@ -12,6 +12,8 @@ import torch
 
 from fused_adamw import _dispatch
 
+import _background  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
+
 ODD_SIZES = [0, 1, 7, 1023, 1024, 1025, 4097, 278011]
 HAS_CUDA = torch.cuda.is_available()
 HAS_MPS = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
@@ -156,3 +158,17 @@ def pytest_collection_modifyitems(config, items):
         nodeid = item.nodeid.rsplit("tests/", 1)[-1]
         if _QUICK.match(nodeid):
             item.add_marker(pytest.mark.quick)
+    items[:] = _background.last(items)  # the background jobs' tests run last
+
+
+# ------------------------------------------------------------------------------------------
+# the heavy subprocess work of three files, started at once in the background (tests/_background.py)
+# ------------------------------------------------------------------------------------------
+
+def pytest_collection_finish(session):
+    if not session.config.option.collectonly:
+        _background.start(session.items)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _background.stop()

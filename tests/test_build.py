@@ -66,9 +66,26 @@ def test_no_ext_install_is_pure_python_and_works(tmp_path):
     assert config["env"]["FUSED_ADAMW_NO_EXT"] == "1"
 
 
-def test_install_without_nvcc_builds_the_cpu_module(tmp_path):
+def _job() -> dict:
+    """``python tests/test_build.py --background`` (started with the session:
+    tests/_background.py): the install of test_install_without_nvcc_builds_the_cpu_module (it
+    compiles the CPU loop, minutes), into a folder that lives as long as the session."""
+    import tempfile
+    d = Path(os.environ.get("FUSED_ADAMW_BG_DIR") or tempfile.mkdtemp()) / "install_no_cuda"
+    d.mkdir(parents=True, exist_ok=True)
+    site, _ = _install(d, {"FUSED_ADAMW_NO_CUDA": "1"})
+    return {"site": str(site)}
+
+
+@pytest.fixture(scope="module")
+def cpu_install() -> Path:
+    import _background
+    return Path(_background.run("install_no_cuda", timeout=900)["site"])
+
+
+def test_install_without_nvcc_builds_the_cpu_module(cpu_install):
     """FUSED_ADAMW_NO_CUDA=1 takes the path of a machine without nvcc (this one has it)."""
-    site, _ = _install(tmp_path, {"FUSED_ADAMW_NO_CUDA": "1"})
+    site = cpu_install
     out = _report(site)
     assert "'has_cuda': False" in out and out.strip().endswith("cpu")
     config = _installed_build_config(site)
@@ -219,3 +236,8 @@ def test_generated_and_output_files_are_ignored_by_git():
     ignored = (ROOT / ".gitignore").read_text().splitlines()
     assert "/python/fused_adamw/_build_config.py" in ignored
     assert "/bench/out/" in ignored
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--background"]:
+    import json
+    print(json.dumps(_job()))

@@ -39,6 +39,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,31 +67,66 @@ if not CHILD:
     # PARENT: build, run the checks under ASan, mutation checks, refusal
     # ======================================================================================
 
-    @pytest.fixture(scope="module")
-    def emu_so() -> Path:
+    def _emu_library() -> tuple[Path | None, str | None, str | None]:
+        """(the emulation library, None, None), or (None, why it is unavailable here, None),
+        or (None, None, why it is broken: not a skip, CI has the toolchain)."""
         try:
             emu_build.preload()  # libasan and libstdc++ are there
             so = emu_build.build()
         except emu_build.Unavailable as e:
-            pytest.skip(f"CUDA emulation unavailable: {e}")
+            return None, f"CUDA emulation unavailable: {e}", None
         r = subprocess.run([sys.executable, "-c", "pass"], env=emu_build.child_env(so),
                            capture_output=True, text=True, timeout=120)
-        if r.returncode != 0:  # not a skip: CI has the toolchain, so fix the machine
-            pytest.fail("ASan cannot start a process here (a kernel with vm.mmap_rnd_bits > 28 "
-                        "breaks GCC <= 13's ASan: sysctl vm.mmap_rnd_bits=28 fixes it):\n"
-                        + r.stderr[-3000:])
-        return so
+        if r.returncode != 0:
+            return None, None, ("ASan cannot start a process here (a kernel with "
+                                "vm.mmap_rnd_bits > 28 breaks GCC <= 13's ASan: sysctl "
+                                "vm.mmap_rnd_bits=28 fixes it):\n" + r.stderr[-3000:])
+        return so, None, None
 
     def _run_child(so: Path, *args, timeout=900) -> subprocess.CompletedProcess:
         return subprocess.run(_child_cmd(*args), cwd=ROOT, env=emu_build.child_env(so),
                               capture_output=True, text=True, timeout=timeout)
 
-    def test_kernel_under_emulation(emu_so):
+    def _job() -> dict:
+        """Everything the parent's fixtures check, in one process: ``python
+        tests/test_kernel_emulation.py --background`` (started with the session:
+        tests/_background.py): the build, the checks in a child under ASan, every mutant
+        built and checked (two at a time). Outputs keep their last 20,000 characters."""
+        so, skip, fail = _emu_library()
+        out = {"skip": skip, "fail": fail, "checks": None, "mutants": None}
+        if so is None:
+            return out
+        r = _run_child(so, "-ra")
+        out["checks"] = [r.returncode, (r.stdout + r.stderr)[-20000:]]
+
+        def one(name):
+            t0 = time.monotonic()
+            m = emu_build.build_mutant(name, MUTANTS[name])
+            t1 = time.monotonic()
+            r = _run_child(m, "-x", "-k", MUTANT_CHECKS, timeout=600)
+            return [r.returncode, f"(built in {t1 - t0:.0f} s, checked in "
+                    f"{time.monotonic() - t1:.0f} s)\n" + (r.stdout + r.stderr)[-20000:]]
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            futures = {name: pool.submit(one, name) for name in MUTANTS}
+            out["mutants"] = {name: f.result() for name, f in futures.items()}
+        return out
+
+    @pytest.fixture(scope="module")
+    def emu_job() -> dict:
+        import _background
+        job = _background.run("emulation", timeout=3600)
+        if job["fail"]:
+            pytest.fail(job["fail"])
+        if job["skip"]:
+            pytest.skip(job["skip"])
+        return job
+
+    def test_kernel_under_emulation(emu_job):
         """Every CHILD check below, in one subprocess with ASan and UBSan."""
-        r = _run_child(emu_so, "-ra")
-        out = r.stdout + r.stderr
+        rc, out = emu_job["checks"]
         print(out[-6000:])
-        assert r.returncode == 0, f"the emulated kernel failed its checks:\n{out[-20000:]}"
+        assert rc == 0, f"the emulated kernel failed its checks:\n{out[-20000:]}"
 
     # Each mutant must make the checks fail (a bit mismatch, a guard or poison written, a
     # sanitizer report or a crash): the checks of MUTANT_CHECKS, which pass on the real
@@ -168,23 +204,15 @@ if not CHILD:
         return None
 
     @pytest.fixture(scope="module")
-    def mutant_runs(emu_so) -> dict:
-        """Builds every mutant (one translation unit each) and runs the checks on it, two
-        at a time."""
-        def one(name):
-            so = emu_build.build_mutant(name, MUTANTS[name])
-            r = _run_child(so, "-x", "-k", MUTANT_CHECKS, timeout=600)
-            return r.returncode, r.stdout + r.stderr
-
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            futures = {name: pool.submit(one, name) for name in MUTANTS}
-            return {name: f.result() for name, f in futures.items()}
+    def mutant_runs(emu_job) -> dict:
+        """Every mutant (one translation unit each) built and checked by _job."""
+        return emu_job["mutants"]
 
     @pytest.mark.parametrize("name", list(MUTANTS))
     def test_mutant_is_caught(name, mutant_runs):
         rc, out = mutant_runs[name]
         how = _detection(out)
-        print(f"{name}: exit {rc}, {how}")
+        print(f"{name}: exit {rc}, {how} {out.splitlines()[0]}")
         assert rc != 0 and how is not None, (
             f"the checks did not catch mutant {name} {MUTANTS[name]} (exit {rc}):\n"
             f"{out[-6000:]}")
@@ -973,3 +1001,8 @@ else:
                         bits(around[at + b - a:]), bits(poison[at + b - a:])), (
                         f"{where}: the poison next to it was written")
         assert [s.item() for s in steps] == [5.0, 5.0, 5.0]
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--background"]:
+    import json
+    print(json.dumps(_job()))

@@ -54,10 +54,10 @@ def _sass_archs(binary: Path) -> set[str]:
     return set(re.findall(r"\.sm_(\d+[af]?)\.cubin", r.stdout))
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory) -> list[sc.Result]:
+def _results(tmp: Path) -> tuple[list[sc.Result] | None, str]:
+    """(every kernel's Result, the printed table), or (None, why it cannot run here)."""
     if NO_TOOLS:
-        pytest.skip(NO_TOOLS)
+        return None, NO_TOOLS
     so = _extension()
     have = _sass_archs(so) if so else set()
     if NVCC is not None:
@@ -65,22 +65,54 @@ def results(tmp_path_factory) -> list[sc.Result]:
     elif have:
         want = have | {"90"}
     else:
-        pytest.skip("nvcc not found and no built extension with CUDA")
+        return None, "nvcc not found and no built extension with CUDA"
     out: list[sc.Result] = []
     from_so = sorted(want & have, key=int)
+    missing = sorted(want - have, key=int)
+    if missing and NVCC is None:
+        return None, f"nvcc not found, and {so} lacks sm_{', sm_'.join(missing)}"
     if from_so:
         out += sc.check_binary(so, CUOBJDUMP, NVDISASM, archs=[f"sm_{a}" for a in from_so])
-    missing = sorted(want - have, key=int)
     if missing:
-        if NVCC is None:
-            pytest.skip(f"nvcc not found, and {so} lacks sm_{', sm_'.join(missing)}")
         archs = [(a, a == missing[-1]) for a in missing]  # PTX of one, for the launch bounds
-        obj = sc.compile_kernel(archs, tmp_path_factory.mktemp("sass") / "adamw_kernel.o")
+        obj = sc.compile_kernel(archs, tmp / "adamw_kernel.o")
         out += sc.check_binary(obj, CUOBJDUMP, NVDISASM)
+    printed = (f"SASS of {so if from_so else 'nvcc -c'} for sm_{', sm_'.join(from_so)}"
+               + (f"; compiled here: sm_{', sm_'.join(missing)}" if missing else "")
+               + "\n" + sc.table(out))
+    return out, printed
+
+
+def _job() -> dict:
+    """What the fixtures check, computed in one process: ``python tests/test_sass.py
+    --background`` (started with the session: tests/_background.py). Results are pickled."""
+    import base64
+    import pickle
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        results, printed = _results(Path(d))
+        mutants = mutant_results(Path(d)) if NO_TOOLS is None and NVCC is not None else None
+    blob = base64.b64encode(pickle.dumps((results, printed, mutants))).decode()
+    return {"pickle": blob}
+
+
+@pytest.fixture(scope="module")
+def sass_job() -> tuple:
+    import base64
+    import pickle
+
+    import _background
+    return pickle.loads(base64.b64decode(_background.run("sass", timeout=1200)["pickle"]))
+
+
+@pytest.fixture(scope="module")
+def results(sass_job) -> list[sc.Result]:
+    out, printed = sass_job[0], sass_job[1]
+    if out is None:
+        pytest.skip(printed)
     print()
-    print(f"SASS of {so if from_so else 'nvcc -c'} for sm_{', sm_'.join(from_so)}"
-          + (f"; compiled here: sm_{', sm_'.join(missing)}" if missing else ""))
-    print(sc.table(out))
+    print(printed)
     return out
 
 
@@ -208,13 +240,7 @@ def mutant_narrow_store(src: str) -> str:
                        "p32[2] = r[k].z; p32[3] = r[k].w; }\n")
 
 
-@pytest.fixture(scope="module")
-def mutants(tmp_path_factory) -> dict[str, list[sc.Result]]:
-    if NO_TOOLS:
-        pytest.skip(NO_TOOLS)
-    if NVCC is None:
-        pytest.skip("nvcc not found")
-    d = tmp_path_factory.mktemp("mutants")
+def mutant_results(d: Path) -> dict[str, list[sc.Result]]:
     src = sc.KERNEL_SRC.read_text()
     jobs = {}
     for name, mutate in (("spills", mutant_spills), ("narrow", mutant_narrow_store)):
@@ -228,6 +254,15 @@ def mutants(tmp_path_factory) -> dict[str, list[sc.Result]]:
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two nvcc at once
         return dict(zip(jobs, pool.map(build, jobs)))
+
+
+@pytest.fixture(scope="module")
+def mutants(sass_job) -> dict[str, list[sc.Result]]:
+    if NO_TOOLS:
+        pytest.skip(NO_TOOLS)
+    if NVCC is None:
+        pytest.skip("nvcc not found")
+    return sass_job[2]
 
 
 @needs_tools
@@ -365,3 +400,8 @@ def test_lowp_loop_check():
     assert [f.split(":")[0] for f in fails] == ["global"], fails
     # fp32 params with bf16 moments: two vectors of param and grad, one of each moment
     assert sc.lowp_expected("float", "__nv_bfloat16") == {("none", False, False): (6, 4)}
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--background"]:
+    import json
+    print(json.dumps(_job()))

@@ -201,7 +201,7 @@ def write_notes(results: list[dict]) -> None:
 def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     results = compile_all()
-    if "--json" in argv:
+    if "--json" in argv or "--background" in argv:  # --background: tests/_background.py
         print(json.dumps(results))
         return 0
     if "--write-notes" in argv:
@@ -230,11 +230,10 @@ pytest.importorskip("triton", reason="triton is not installed (pip install "
 
 @pytest.fixture(scope="module")
 def compiled() -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, __file__, "--json"], capture_output=True, text=True,
-                         env=env, cwd=ROOT, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.splitlines()[-1])
+    # `python this_file --background` without TRITON_INTERPRET, started when the session
+    # started (tests/_background.py), or now.
+    import _background
+    return _background.run("triton_compile", timeout=900)
 
 
 def test_every_variant_compiles(compiled):
