@@ -452,7 +452,7 @@ __device__ __forceinline__ void adamw_norms_tile(const int64_t* r, const TileWor
                                                  int64_t base, float scale, float* lanes) {
   constexpr int64_t N = Vec<T>::N;
   NormAcc acc;
-  const int64_t v0 = (w.u_begin + N - 1) / N, v1 = w.u_end / N;
+  const int64_t v1 = w.u_end / N, v0 = (w.u_begin + N - 1) / N;  // whole vectors [v0, v1)
   const int64_t t = threadIdx.x;
   if (v0 < v1 && row_vector_aligned(r, AMSGRAD)) {
     if (t == ((v0 - 1) & (kThreads - 1))) {  // head: positions [u_begin, v0 N), maybe none
@@ -489,13 +489,12 @@ __global__ void __launch_bounds__(kThreads, kNormsMinBlocksPerSm)
   constexpr int64_t kSize = sizeof(typename Vec<T>::Scalar);
   if (adamw_step_skipped(p.found_inf)) return;
   const float scale = p.grad_scale != nullptr ? *p.grad_scale : 1.0f;
-  for (int64_t tile = blockIdx.x; tile < p.n_tiles; tile += gridDim.x) {
-    FUSED_ADAMW_TILE_HOOK(tile);
-    const TileWork w = tile_work(p, tile, kSize);
-    const int64_t* r = p.rows + w.row * kRowCols;
-    const int64_t base = (tile - p.tile_starts[w.row]) * kTileElems;
-    float* const lanes =
-        p.tile_norms != nullptr ? p.tile_norms + tile * 3 * kNormLanes : nullptr;
+  for (int64_t t = blockIdx.x; t < p.n_tiles; t += gridDim.x) {  // t: the tile
+    FUSED_ADAMW_TILE_HOOK(t);
+    const TileWork w = tile_work(p, t, kSize);
+    const int64_t* const r = p.rows + w.row * kRowCols;
+    const int64_t base = (t - p.tile_starts[w.row]) * kTileElems;
+    float* const lanes = p.tile_norms != nullptr ? p.tile_norms + t * 3 * kNormLanes : nullptr;
     if (w.s.amsgrad) {
       adamw_norms_tile<T, true>(r, w, base, scale, lanes);
     } else {
