@@ -349,8 +349,9 @@ __device__ __forceinline__ void adamw_vector_range(const int64_t* r, int64_t pha
         // (a bound one block lower) clip, and not in their amsgrad loops: a clipped table
         // without a GradScaler runs them with grad_scale pointing to 1.0f, for which the
         // grad is not written back (g / 1 is g: no store, no traffic; the same for a
-        // GradScaler whose scale is 1). Clipped amsgrad tables step on the torch backend
-        // (backends/cuda.py clips_amsgrad).
+        // GradScaler whose scale is 1). Clipped amsgrad tables (and low-precision ones, and
+        // track_norms) run the NORMS kernels (adamw_norms_kernel: bound (256, 2)), which
+        // clip in every loop; the launcher picks them.
         // The NORMS kernels (their own, lower bound) clip in every loop.
         const float before = fp;
         const float used = fg;
