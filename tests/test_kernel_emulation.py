@@ -20,6 +20,9 @@ buffers (guard patterns, and ASan on allocations that end with the buffer), nor 
 without a grad or to the max buffers of groups without amsgrad (NaN poison); offsets past
 2^31 and 2^32 elements (a sparse mapping of 56 GiB); and the launcher (stream, device switch
 and restore, launch configuration, launch errors as RuntimeError, the steps kernel first).
+Issue #19: the norm pass, the clip coefficient, and track_norms' row_norms from the NORMS
+kernels (clipped, GradScaler, found_inf-skipped and unclipped steps; amsgrad and
+low-precision tables), bit for bit with the CPU loop for every grid and order.
 
 How it runs: a plain ``pytest`` collects the PARENT half of this file: it builds the
 emulation once (tests/cuda_emu/build.py, cached under tests/cuda_emu/build/), runs this file
