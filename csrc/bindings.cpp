@@ -131,15 +131,23 @@ constexpr bool kHasCuda = true;
 void step_cuda(std::uintptr_t rows, std::uintptr_t tile_starts, std::uintptr_t hparams,
                int64_t n_rows, int64_t n_tiles, int64_t n_groups, int dtype, bool has_max,
                int device, std::uintptr_t stream, int state_dtype, std::uintptr_t grad_scale,
-               std::uintptr_t found_inf, bool master_modes, std::uintptr_t clip_coef) {
+               std::uintptr_t found_inf, bool master_modes, std::uintptr_t clip_coef,
+               std::uintptr_t row_norms, std::uintptr_t norm_scratch) {
   AdamWParams p = make_params(rows, tile_starts, hparams, n_rows, n_tiles, n_groups, dtype,
                               state_dtype, grad_scale, found_inf);
   if (clip_coef % 4 != 0) throw py::value_error("clip_coef must be a 4-byte aligned address or 0");
+  if (row_norms % 4 != 0 || norm_scratch % 4 != 0 || (row_norms == 0) != (norm_scratch == 0)) {
+    throw py::value_error("row_norms (float32 [n_rows, 3]) and norm_scratch (float32 "
+                          "[n_tiles * 3 * 257]) must be 4-byte aligned device addresses, both "
+                          "set or both 0");
+  }
   p.clip_coef = reinterpret_cast<const float*>(clip_coef);
+  p.tile_norms = reinterpret_cast<float*>(norm_scratch);
   std::string err;
   {
     py::gil_scoped_release release;
-    err = fused_adamw::launch_adamw_cuda(p, has_max, device, stream, master_modes);
+    err = fused_adamw::launch_adamw_cuda(p, has_max, device, stream, master_modes,
+                                         reinterpret_cast<float*>(row_norms));
   }
   if (!err.empty()) throw std::runtime_error("fused_adamw CUDA step failed: " + err);
 }
@@ -179,7 +187,7 @@ constexpr const char* kNoCuda =
 
 void step_cuda(std::uintptr_t, std::uintptr_t, std::uintptr_t, int64_t, int64_t, int64_t, int,
                bool, int, std::uintptr_t, int, std::uintptr_t, std::uintptr_t, bool,
-               std::uintptr_t) {
+               std::uintptr_t, std::uintptr_t, std::uintptr_t) {
   throw std::runtime_error(kNoCuda);
 }
 void grad_norm_cuda(std::uintptr_t, std::uintptr_t, int64_t, int64_t, int, bool, std::uintptr_t,
@@ -482,13 +490,16 @@ PYBIND11_MODULE(_C, m) {
          args_doc + " Then has_max (some row uses amsgrad), device, stream; state_dtype: "
                     "the moments' dtype code (-1: dtype); master_modes: some group of a "
                     "16-bit table may have a master mode (hparams column 9), so the "
-                    "low-precision kernel runs (it reads each row's mode).")
+                    "low-precision kernel runs (it reads each row's mode); clip_coef: the "
+                    "address of the float32 clip coefficient (issue #19), or 0; row_norms: "
+                    "float32 [n_rows, 3] that receives step_cpu's row_norms bit for bit, with "
+                    "norm_scratch: float32 [n_tiles * 3 * 257], or both 0.")
             .c_str(),
         py::arg("rows"), py::arg("tile_starts"), py::arg("hparams"), py::arg("n_rows"),
         py::arg("n_tiles"), py::arg("n_groups"), py::arg("dtype"), py::arg("has_max"),
         py::arg("device"), py::arg("stream"), py::arg("state_dtype") = -1,
         py::arg("grad_scale") = 0, py::arg("found_inf") = 0, py::arg("master_modes") = false,
-        py::arg("clip_coef") = 0);
+        py::arg("clip_coef") = 0, py::arg("row_norms") = 0, py::arg("norm_scratch") = 0);
   m.def("grad_norm_cuda", &grad_norm_cuda,
         "The norm pass of gradient clipping (issue #19) over a table in device memory, on "
         "`stream` of `device`, asynchronous: out (float64 [n_rows + 1]) receives each row's "

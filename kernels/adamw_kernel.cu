@@ -245,41 +245,71 @@ __device__ __forceinline__ void store_one(const int64_t addr, float f) {
 // the kernels
 // ------------------------------------------------------------------------------------------
 
+// track_norms (issue #19): one thread's partial sums of squares, in adamw_math.cuh's norm
+// order (the thread is lane threadIdx.x of its tile): the grad as used (unscaled, before
+// clipping), the param after the step and (param after - param before), both as stored.
+struct NormAcc {
+  float g = 0.0f;
+  float p = 0.0f;
+  float d = 0.0f;
+  __device__ __forceinline__ void add(float fg, float before, float after) {
+    g = g + fg * fg;
+    p = p + after * after;
+    const float d1 = after - before;
+    d = d + d1 * d1;
+  }
+};
+
+// Position u of a row (element u - phase), alone. SCALED: GradScaler's grad_scale is set
+// (kernels/adamw_params.h): the grad is divided by `scale` and the quotient written back to
+// it. NORMS (adamw_norms_kernel): the update reads the grad times the clip coefficient, and
+// acc takes the element's norms.
+template <typename T, bool AMSGRAD, bool SCALED, bool NORMS = false>
+__device__ __forceinline__ void adamw_scalar_one(const int64_t* r, int64_t phase, int64_t u,
+                                                 const AdamWScalars& s, float scale,
+                                                 NormAcc* acc = nullptr) {
+  constexpr int64_t kSize = sizeof(typename Vec<T>::Scalar);
+  const int64_t off = (u - phase) * kSize;
+  // -------------------------------- load --------------------------------
+  float fp = load_one<T>(r[kRowParam] + off);
+  float fg = load_one<T>(r[kRowGrad] + off);
+  float fm = load_one<T>(r[kRowExpAvg] + off);
+  float fv = load_one<T>(r[kRowExpAvgSq] + off);
+  float fx = AMSGRAD ? load_one<T>(r[kRowMaxExpAvgSq] + off) : 0.0f;
+  const float before = fp;
+  // ------------------------------- compute ------------------------------
+  if (SCALED) fg = adamw_unscale(fg, scale);
+  // issue #19: the SCALED kernels clip outside amsgrad (NOTE on clipping in
+  // adamw_vector_range), the NORMS kernels always; the grad written back stays unclipped.
+  adamw_update(fp, (SCALED && !AMSGRAD) || NORMS ? adamw_clip(fg, s.clip_coef) : fg, fm, fv,
+               fx, s);
+  // -------------------------------- store -------------------------------
+  if (SCALED && scale != 1.0f) store_one<T>(r[kRowGrad] + off, fg);
+  store_one<T>(r[kRowParam] + off, fp);
+  store_one<T>(r[kRowExpAvg] + off, fm);
+  store_one<T>(r[kRowExpAvgSq] + off, fv);
+  if (AMSGRAD) store_one<T>(r[kRowMaxExpAvgSq] + off, fx);
+  if (NORMS) acc->add(fg, before, Vec<T>::one_to_float(Vec<T>::one_from_float(fp)));
+}
+
 // Positions [u0, u1) of a row, one element at a time: thread t takes u0 + t, u0 + t + kThreads...
-// SCALED: GradScaler's grad_scale is set (kernels/adamw_params.h): the grad is divided by
-// `scale` and the quotient written back to it.
 template <typename T, bool AMSGRAD, bool SCALED>
 __device__ __forceinline__ void adamw_scalar_range(const int64_t* r, int64_t phase, int64_t u0,
                                                    int64_t u1, const AdamWScalars& s,
                                                    float scale) {
-  constexpr int64_t kSize = sizeof(typename Vec<T>::Scalar);
   for (int64_t u = u0 + threadIdx.x; u < u1; u += kThreads) {
-    const int64_t off = (u - phase) * kSize;
-    // -------------------------------- load --------------------------------
-    float fp = load_one<T>(r[kRowParam] + off);
-    float fg = load_one<T>(r[kRowGrad] + off);
-    float fm = load_one<T>(r[kRowExpAvg] + off);
-    float fv = load_one<T>(r[kRowExpAvgSq] + off);
-    float fx = AMSGRAD ? load_one<T>(r[kRowMaxExpAvgSq] + off) : 0.0f;
-    // ------------------------------- compute ------------------------------
-    if (SCALED) fg = adamw_unscale(fg, scale);
-    // issue #19: only the SCALED kernels clip (NOTE on clipping in adamw_vector_range); the
-    // grad written back below stays unclipped.
-    adamw_update(fp, SCALED && !AMSGRAD ? adamw_clip(fg, s.clip_coef) : fg, fm, fv, fx, s);
-    // -------------------------------- store -------------------------------
-    if (SCALED && scale != 1.0f) store_one<T>(r[kRowGrad] + off, fg);
-    store_one<T>(r[kRowParam] + off, fp);
-    store_one<T>(r[kRowExpAvg] + off, fm);
-    store_one<T>(r[kRowExpAvgSq] + off, fv);
-    if (AMSGRAD) store_one<T>(r[kRowMaxExpAvgSq] + off, fx);
+    adamw_scalar_one<T, AMSGRAD, SCALED>(r, phase, u, s, scale);
   }
 }
 
 // Whole 16-byte vectors [v0, v1) of a row whose buffers share one 16-byte phase; vector v holds
-// positions [v * N, (v + 1) * N).
-template <typename T, bool AMSGRAD, bool SCALED>
+// positions [v * N, (v + 1) * N). Thread t takes v0 + t, v0 + t + kThreads...; NORMS (with
+// SCALED): the vectors v = t mod kThreads instead (lane t of the norm order, kernels/
+// adamw_norm.cuh), and acc takes their norms.
+template <typename T, bool AMSGRAD, bool SCALED, bool NORMS = false>
 __device__ __forceinline__ void adamw_vector_range(const int64_t* r, int64_t phase, int64_t v0,
-                                                   int64_t v1, AdamWScalars s, float scale) {
+                                                   int64_t v1, AdamWScalars s, float scale,
+                                                   NormAcc* acc = nullptr) {
   using V = Vec<T>;
   s.amsgrad = AMSGRAD;  // a compile-time constant from here on
   const int64_t shift = phase * static_cast<int64_t>(sizeof(typename V::Scalar));
@@ -288,7 +318,9 @@ __device__ __forceinline__ void adamw_vector_range(const int64_t* r, int64_t pha
   uint4* __restrict__ exp_avg = reinterpret_cast<uint4*>(r[kRowExpAvg] - shift);
   uint4* __restrict__ exp_avg_sq = reinterpret_cast<uint4*>(r[kRowExpAvgSq] - shift);
   uint4* __restrict__ max_exp_avg_sq = reinterpret_cast<uint4*>(r[kRowMaxExpAvgSq] - shift);
-  for (int64_t v = v0 + threadIdx.x; v < v1; v += kThreads) {
+  const int64_t first =
+      NORMS ? v0 + ((static_cast<int64_t>(threadIdx.x) - v0) & (kThreads - 1)) : v0 + threadIdx.x;
+  for (int64_t v = first; v < v1; v += kThreads) {
     // -------------------------------- load --------------------------------
     uint4 rp = load_global(param + v);
     // The read-only cache path only when the grad is not written back in this kernel.
@@ -317,11 +349,16 @@ __device__ __forceinline__ void adamw_vector_range(const int64_t* r, int64_t pha
         // (a bound one block lower) clip, and not in their amsgrad loops: a clipped table
         // without a GradScaler runs them with grad_scale pointing to 1.0f, for which the
         // grad is not written back (g / 1 is g: no store, no traffic; the same for a
-        // GradScaler whose scale is 1). Clipped amsgrad tables step on the torch backend
-        // (backends/cuda.py clips_amsgrad).
-        if (SCALED && !AMSGRAD) fg = adamw_clip(fg, s.clip_coef);
+        // GradScaler whose scale is 1). Clipped amsgrad tables (and low-precision ones, and
+        // track_norms) run the NORMS kernels (adamw_norms_kernel: bound (256, 2)), which
+        // clip in every loop; the launcher picks them.
+        // The NORMS kernels (their own, lower bound) clip in every loop.
+        const float before = fp;
+        const float used = fg;
+        if ((SCALED && !AMSGRAD) || NORMS) fg = adamw_clip(fg, s.clip_coef);
         adamw_update(fp, fg, fm, fv, fx, s);
         word(rp, k) = V::set(word(rp, k), e, fp);
+        if (NORMS) acc->add(used, before, V::get(word(rp, k), e));
         word(rm, k) = V::set(word(rm, k), e, fm);
         word(rv, k) = V::set(word(rv, k), e, fv);
         if (AMSGRAD) word(rx, k) = V::set(word(rx, k), e, fx);
@@ -376,6 +413,93 @@ __global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<T, HAS_MAX, SCALE
       adamw_tile<T, true, SCALED>(r, w, scale);
     } else {
       adamw_tile<T, false, SCALED>(r, w, scale);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// track_norms and clipped amsgrad tables (issue #19): the NORMS kernels
+// ------------------------------------------------------------------------------------------
+
+// The lanes of a tile (kernels/adamw_math.cuh's norm order): thread t walks the vectors t,
+// t + kThreads, ... of the tile (positions base + [v * N, (v + 1) * N)) in increasing order,
+// element by element; fn(u) steps position u. Where a vector straddles the row's ends only its
+// positions in [u_begin, u_end) run.
+template <typename T, typename Fn>
+__device__ __forceinline__ void lane_walk(const TileWork& w, int64_t base, Fn fn) {
+  constexpr int64_t N = Vec<T>::N;
+  for (int64_t v = base / N + threadIdx.x; v * N < w.u_end; v += kThreads) {
+    for (int64_t e = 0; e < N; ++e) {
+      const int64_t u = v * N + e;
+      if (u >= w.u_begin && u < w.u_end) fn(u);
+    }
+  }
+}
+
+// A thread's partials of its tile into lanes[0..3 * kThreads): grad, param, delta.
+__device__ __forceinline__ void store_lanes(float* lanes, const NormAcc& acc) {
+  if (lanes == nullptr) return;  // a clipped table without track_norms
+  lanes[threadIdx.x] = acc.g;
+  lanes[kThreads + threadIdx.x] = acc.p;
+  lanes[2 * kThreads + threadIdx.x] = acc.d;
+}
+
+// One tile of a NORMS kernel, thread t being lane t of the norm order (tile base: its first
+// position, a multiple of N * kThreads): an aligned row's vectors through adamw_vector_range
+// in lane order, the scalar head (the vector before them, lane (v0 - 1) mod kThreads) first
+// and the tail (vector v1's lane) last, one thread each; a row off the grid lane by lane.
+template <typename T, bool AMSGRAD>
+__device__ __forceinline__ void adamw_norms_tile(const int64_t* r, const TileWork& w,
+                                                 int64_t base, float scale, float* lanes) {
+  constexpr int64_t N = Vec<T>::N;
+  NormAcc acc;
+  const int64_t v1 = w.u_end / N, v0 = (w.u_begin + N - 1) / N;  // whole vectors [v0, v1)
+  const int64_t t = threadIdx.x;
+  if (v0 < v1 && row_vector_aligned(r, AMSGRAD)) {
+    if (t == ((v0 - 1) & (kThreads - 1))) {  // head: positions [u_begin, v0 N), maybe none
+      for (int64_t u = w.u_begin; u < v0 * N; ++u) {
+        adamw_scalar_one<T, AMSGRAD, true, true>(r, w.phase, u, w.s, scale, &acc);
+      }
+    }
+    adamw_vector_range<T, AMSGRAD, true, true>(r, w.phase, v0, v1, w.s, scale, &acc);
+    if (t == (v1 & (kThreads - 1))) {  // tail: positions [v1 N, u_end), maybe none
+      for (int64_t u = v1 * N; u < w.u_end; ++u) {
+        adamw_scalar_one<T, AMSGRAD, true, true>(r, w.phase, u, w.s, scale, &acc);
+      }
+    }
+  } else {
+    lane_walk<T>(w, base, [&](int64_t u) {
+      adamw_scalar_one<T, AMSGRAD, true, true>(r, w.phase, u, w.s, scale, &acc);
+    });
+  }
+  store_lanes(lanes, acc);
+}
+
+// The NORMS kernels: a table with track_norms (p.tile_norms: each thread's partials, reduced
+// by the launcher, kernels/adamw_norm.cuh), or clipped with amsgrad rows. Every loop applies
+// the clip coefficient (1 without clipping); grad_scale may be null (then 1: no grad written
+// back); amsgrad a runtime branch per tile (3 kernels, not 6).
+// NOTE on the bound: the partials (three floats), the param as loaded and the coefficient
+// live through the vector loop on top of the SCALED amsgrad kernel's registers; at (256, 2),
+// 128 registers, nothing spills (kernels/NOTES.md). These tables run at 25% occupancy.
+constexpr int kNormsMinBlocksPerSm = 2;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, kNormsMinBlocksPerSm)
+    adamw_norms_kernel(const AdamWParams p) {  // every pointer a device pointer
+  constexpr int64_t kSize = sizeof(typename Vec<T>::Scalar);
+  if (adamw_step_skipped(p.found_inf)) return;
+  const float scale = p.grad_scale != nullptr ? *p.grad_scale : 1.0f;
+  for (int64_t t = blockIdx.x; t < p.n_tiles; t += gridDim.x) {  // t: the tile
+    FUSED_ADAMW_TILE_HOOK(t);
+    const TileWork w = tile_work(p, t, kSize);
+    const int64_t* const r = p.rows + w.row * kRowCols;
+    const int64_t base = (t - p.tile_starts[w.row]) * kTileElems;
+    float* const lanes = p.tile_norms != nullptr ? p.tile_norms + t * 3 * kNormLanes : nullptr;
+    if (w.s.amsgrad) {
+      adamw_norms_tile<T, true>(r, w, base, scale, lanes);
+    } else {
+      adamw_norms_tile<T, false>(r, w, base, scale, lanes);
     }
   }
 }
@@ -474,11 +598,12 @@ __device__ __forceinline__ void lowp_update(typename Vec<T>::Scalar& pb,
 // Position u of a row of a low-precision table (element u - phase), alone: params of T,
 // moments of S, master mode MODE; amsgrad and GradScaler are uniform runtime branches here
 // (s.amsgrad, scaled). key: the row's stochastic rounding key (kMasterStochastic; else
-// unused).
-template <typename T, typename S, int MODE>
+// unused). NORMS (issue #19): the update reads the grad times the clip coefficient and acc
+// takes the element's norms (the param as stored: the 16-bit one under a master mode).
+template <typename T, typename S, int MODE, bool NORMS = false>
 __device__ __forceinline__ void adamw_lowp_one(const int64_t* r, int64_t phase, int64_t u,
                                                const AdamWScalars& s, bool scaled, float scale,
-                                               uint32_t key) {
+                                               uint32_t key, NormAcc* acc = nullptr) {
   using PT = typename Vec<T>::Scalar;
   using ST = typename Vec<S>::Scalar;
   using X = typename LowpExtra<T, MODE>::X;
@@ -501,7 +626,9 @@ __device__ __forceinline__ void adamw_lowp_one(const int64_t* r, int64_t phase, 
     fg = adamw_unscale(fg, scale);
     grad[i] = Vec<T>::one_from_float(fg);
   }
-  lowp_update<T, MODE>(pb, xb, fg, fm, fv, fx, s, key, i);
+  const PT before = pb;
+  lowp_update<T, MODE>(pb, xb, NORMS ? adamw_clip(fg, s.clip_coef) : fg, fm, fv, fx, s, key, i);
+  if (NORMS) acc->add(fg, Vec<T>::one_to_float(before), Vec<T>::one_to_float(pb));
   // -------------------------------- store -------------------------------
   param[i] = pb;
   if (LowpExtra<T, MODE>::kHas) extra[i] = xb;
@@ -687,6 +814,40 @@ __device__ __forceinline__ void adamw_lowp_tile(const int64_t* r, const TileWork
   adamw_lowp_range<T, S, MODE>(r, w.phase, w.u_begin, w.u_end, w.s, scaled, scale, key);
 }
 
+// One tile of a low-precision row under mode MODE in a NORMS kernel (issue #19): lane by lane
+// (lane_walk: thread t is lane t of the norm order), one element at a time, clipped.
+// NOTE on the vector loop: with the partials, the coefficient and the param before live
+// across its group, it would need a bound of its own (and for float32 params, whose group of
+// 8 spans two lanes of 4, another order); these tables run the scalar form for now.
+template <typename T, typename S, int MODE>
+__device__ __forceinline__ void adamw_lowp_norms_tile(const int64_t* r, const TileWork& w,
+                                                      int64_t base, bool scaled, float scale,
+                                                      float* lanes) {
+  const uint32_t key =
+      MODE == kMasterStochastic
+          ? sr_key(r[kRowSeed], *reinterpret_cast<const float*>(r[kRowStep]))
+          : 0u;
+  NormAcc acc;
+  lane_walk<T>(w, base, [&](int64_t u) {
+    adamw_lowp_one<T, S, MODE, true>(r, w.phase, u, w.s, scaled, scale, key, &acc);
+  });
+  store_lanes(lanes, acc);
+}
+
+template <typename T, typename S, int MODE, bool NORMS>
+__device__ __forceinline__ void adamw_lowp_any_tile(const AdamWParams& p, int64_t tile,
+                                                    const int64_t* r, const TileWork& w,
+                                                    bool scaled, float scale) {
+  if constexpr (NORMS) {
+    float* const lanes =
+        p.tile_norms != nullptr ? p.tile_norms + tile * 3 * kNormLanes : nullptr;
+    adamw_lowp_norms_tile<T, S, MODE>(r, w, (tile - p.tile_starts[w.row]) * kTileElems, scaled,
+                                      scale, lanes);
+  } else {
+    adamw_lowp_tile<T, S, MODE>(r, w, scaled, scale);
+  }
+}
+
 // The low-precision kernels: params of T with moments of S (a pair of state_pair_supported)
 // and, for 16-bit params, each row's master mode read per tile from its group's hparams
 // (kHpMasterMode), as the CPU loop does. A mode the CPU loop does not run (remainder with
@@ -695,9 +856,10 @@ __device__ __forceinline__ void adamw_lowp_tile(const int64_t* r, const TileWork
 // the plain kernels' 16-byte global loads and stores on every stream, scalar head and tail
 // and scalar rows off the grid (or with amsgrad or GradScaler: kLowpVectorised). amsgrad and
 // GradScaler are runtime branches between the loops, so there is one kernel per dtype pair:
-// 5 per arch (kernels/NOTES.md).
-template <typename T, typename S>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+// 5 per arch (kernels/NOTES.md), and 5 NORMS ones (issue #19: track_norms or clipping; the
+// coefficient in every loop, the norms' partials in p.tile_norms when it is set).
+template <typename T, typename S, bool NORMS>
+__global__ void __launch_bounds__(kThreads, NORMS ? kNormsMinBlocksPerSm : kMinBlocksPerSm)
     adamw_lowp_kernel(const AdamWParams p) {  // every pointer a device pointer
   constexpr int64_t kSize = sizeof(typename Vec<T>::Scalar);
   if (adamw_step_skipped(p.found_inf)) return;
@@ -708,26 +870,26 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     const TileWork w = tile_work(p, t, kSize);
     const int64_t* const r = p.rows + w.row * kRowCols;
     if constexpr (std::is_same<T, float>::value) {  // float32 params: no master mode
-      adamw_lowp_tile<T, S, kMasterNone>(r, w, scaled, scale);
+      adamw_lowp_any_tile<T, S, kMasterNone, NORMS>(p, t, r, w, scaled, scale);
       continue;
     }
     switch (master_mode_of(p, r)) {
       case kMasterNone:
-        adamw_lowp_tile<T, S, kMasterNone>(r, w, scaled, scale);
+        adamw_lowp_any_tile<T, S, kMasterNone, NORMS>(p, t, r, w, scaled, scale);
         break;
       case kMasterFp32:
-        adamw_lowp_tile<T, S, kMasterFp32>(r, w, scaled, scale);
+        adamw_lowp_any_tile<T, S, kMasterFp32, NORMS>(p, t, r, w, scaled, scale);
         break;
       case kMasterRemainder:
         if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-          adamw_lowp_tile<T, S, kMasterRemainder>(r, w, scaled, scale);
+          adamw_lowp_any_tile<T, S, kMasterRemainder, NORMS>(p, t, r, w, scaled, scale);
         }
         break;  // float16: refused by the optimizer; the CPU loop leaves the tile too
       case kMasterKahan:
-        adamw_lowp_tile<T, S, kMasterKahan>(r, w, scaled, scale);
+        adamw_lowp_any_tile<T, S, kMasterKahan, NORMS>(p, t, r, w, scaled, scale);
         break;
       case kMasterStochastic:
-        adamw_lowp_tile<T, S, kMasterStochastic>(r, w, scaled, scale);
+        adamw_lowp_any_tile<T, S, kMasterStochastic, NORMS>(p, t, r, w, scaled, scale);
         break;
       default:
         break;
@@ -773,19 +935,41 @@ KernelFn kernel_for(DType dtype, bool has_max, bool scaled) {
   return nullptr;
 }
 
-// The low-precision kernel of a (param, state) pair of state_pair_supported, or null.
-KernelFn lowp_kernel_for(DType dtype, DType state_dtype) {
+KernelFn norms_kernel_for(DType dtype) {
   switch (dtype) {
     case DType::kFloat32:
-      return state_dtype == DType::kBFloat16 ? adamw_lowp_kernel<float, __nv_bfloat16> : nullptr;
+      return adamw_norms_kernel<float>;
     case DType::kBFloat16:
-      if (state_dtype == DType::kBFloat16) return adamw_lowp_kernel<__nv_bfloat16, __nv_bfloat16>;
-      return state_dtype == DType::kFloat32 ? adamw_lowp_kernel<__nv_bfloat16, float> : nullptr;
+      return adamw_norms_kernel<__nv_bfloat16>;
     case DType::kFloat16:
-      if (state_dtype == DType::kFloat16) return adamw_lowp_kernel<__half, __half>;
-      return state_dtype == DType::kFloat32 ? adamw_lowp_kernel<__half, float> : nullptr;
+      return adamw_norms_kernel<__half>;
   }
   return nullptr;
+}
+
+// The low-precision kernel of a (param, state) pair of state_pair_supported, or null.
+template <bool NORMS>
+KernelFn lowp_kernel_of(DType dtype, DType state_dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return state_dtype == DType::kBFloat16 ? adamw_lowp_kernel<float, __nv_bfloat16, NORMS>
+                                             : nullptr;
+    case DType::kBFloat16:
+      if (state_dtype == DType::kBFloat16) {
+        return adamw_lowp_kernel<__nv_bfloat16, __nv_bfloat16, NORMS>;
+      }
+      return state_dtype == DType::kFloat32 ? adamw_lowp_kernel<__nv_bfloat16, float, NORMS>
+                                            : nullptr;
+    case DType::kFloat16:
+      if (state_dtype == DType::kFloat16) return adamw_lowp_kernel<__half, __half, NORMS>;
+      return state_dtype == DType::kFloat32 ? adamw_lowp_kernel<__half, float, NORMS> : nullptr;
+  }
+  return nullptr;
+}
+
+KernelFn lowp_kernel_for(DType dtype, DType state_dtype, bool norms) {
+  return norms ? lowp_kernel_of<true>(dtype, state_dtype)
+               : lowp_kernel_of<false>(dtype, state_dtype);
 }
 
 constexpr KernelFn kAllKernels[] = {
@@ -795,9 +979,19 @@ constexpr KernelFn kAllKernels[] = {
     adamw_kernel<float, false, true>,          adamw_kernel<float, true, true>,
     adamw_kernel<__nv_bfloat16, false, true>,  adamw_kernel<__nv_bfloat16, true, true>,
     adamw_kernel<__half, false, true>,         adamw_kernel<__half, true, true>,
-    adamw_lowp_kernel<float, __nv_bfloat16>,   adamw_lowp_kernel<__nv_bfloat16, __nv_bfloat16>,
-    adamw_lowp_kernel<__nv_bfloat16, float>,   adamw_lowp_kernel<__half, __half>,
-    adamw_lowp_kernel<__half, float>,
+    adamw_lowp_kernel<float, __nv_bfloat16, false>,
+    adamw_lowp_kernel<__nv_bfloat16, __nv_bfloat16, false>,
+    adamw_lowp_kernel<__nv_bfloat16, float, false>,
+    adamw_lowp_kernel<__half, __half, false>,
+    adamw_lowp_kernel<__half, float, false>,
+    adamw_norms_kernel<float>,
+    adamw_norms_kernel<__nv_bfloat16>,
+    adamw_norms_kernel<__half>,
+    adamw_lowp_kernel<float, __nv_bfloat16, true>,
+    adamw_lowp_kernel<__nv_bfloat16, __nv_bfloat16, true>,
+    adamw_lowp_kernel<__nv_bfloat16, float, true>,
+    adamw_lowp_kernel<__half, __half, true>,
+    adamw_lowp_kernel<__half, float, true>,
 };
 
 std::string cuda_error(const char* what, cudaError_t err) {
@@ -866,15 +1060,25 @@ int64_t g_grid_cap = kMaxGrid;  // set_grid_cap_for_testing
 void set_grid_cap_for_testing(int64_t cap) { g_grid_cap = cap > 0 && cap < kMaxGrid ? cap : kMaxGrid; }
 
 std::string launch_adamw_cuda(const AdamWParams& p, bool has_max, int device,
-                              std::uintptr_t stream, bool master_modes) {
+                              std::uintptr_t stream, bool master_modes, float* row_norms) {
   if (p.n_rows <= 0) return "";
+  if ((row_norms == nullptr) != (p.tile_norms == nullptr)) {
+    return "launch_adamw_cuda: row_norms and its scratch (p.tile_norms) go together";
+  }
   // Moments of another dtype, or 16-bit params some of whose groups have a master mode: the
   // low-precision kernel (it reads each row's mode; rows without one step as the plain
   // kernel's, on its scalar path). Else the plain kernels, unchanged.
   const bool lowp =
       p.state_dtype != p.dtype || (master_modes && p.dtype != DType::kFloat32);
-  KernelFn fn = lowp ? lowp_kernel_for(p.dtype, p.state_dtype)
-                     : kernel_for(p.dtype, has_max, p.grad_scale != nullptr);
+  // issue #19: the NORMS kernels for track_norms, and for a clip coefficient that the plain
+  // kernel would not apply (only the SCALED ones clip, outside amsgrad; backends/cuda.py
+  // gives a clipped table without a GradScaler a grad_scale of 1.0 for them).
+  const bool scaled = p.grad_scale != nullptr;
+  const bool norms = row_norms != nullptr ||
+                     (p.clip_coef != nullptr && (lowp || has_max || !scaled));
+  KernelFn fn = lowp    ? lowp_kernel_for(p.dtype, p.state_dtype, norms)
+                : norms ? norms_kernel_for(p.dtype)
+                        : kernel_for(p.dtype, has_max, scaled);
   if (fn == nullptr) {
     return "launch_adamw_cuda: unsupported dtype codes " +
            std::to_string(static_cast<int>(p.dtype)) + " (params), " +
@@ -892,11 +1096,29 @@ std::string launch_adamw_cuda(const AdamWParams& p, bool has_max, int device,
   FUSED_ADAMW_LAUNCH(adamw_steps_kernel, step_grid, kThreads, s, p.rows, p.n_rows, p.found_inf);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return cuda_error("adamw_steps_kernel launch", err);
-  if (p.n_tiles <= 0) return "";
-  const unsigned int grid = static_cast<unsigned int>(p.n_tiles < g_grid_cap ? p.n_tiles : g_grid_cap);
-  FUSED_ADAMW_LAUNCH(fn, grid, kThreads, s, p);
+  if (p.n_tiles > 0) {
+    const unsigned int grid =
+        static_cast<unsigned int>(p.n_tiles < g_grid_cap ? p.n_tiles : g_grid_cap);
+    FUSED_ADAMW_LAUNCH(fn, grid, kThreads, s, p);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return cuda_error("adamw_kernel launch", err);
+  }
+  if (row_norms == nullptr) return "";
+  // track_norms: the threads' partials to tiles, then rows (kernels/adamw_norm.cuh).
+  float* const lanes = p.tile_norms;                           // [n_tiles][3][kNormLanes]
+  float* const tiles = p.tile_norms + p.n_tiles * 3 * kNormLanes;  // [n_tiles][3]
+  auto blocks = [](int64_t n) {
+    const int64_t b = (n + kThreads - 1) / kThreads;
+    return static_cast<unsigned int>(b < g_grid_cap ? b : g_grid_cap);
+  };
+  if (p.n_tiles > 0) {
+    FUSED_ADAMW_LAUNCH(adamw_step_norms_tiles_kernel, blocks(3 * p.n_tiles), kThreads, s, lanes,
+                       3 * p.n_tiles, p.found_inf, tiles);
+  }
+  FUSED_ADAMW_LAUNCH(adamw_step_norms_rows_kernel, blocks(p.n_rows), kThreads, s, tiles,
+                     p.tile_starts, p.n_rows, p.found_inf, row_norms);
   err = cudaGetLastError();
-  if (err != cudaSuccess) return cuda_error("adamw_kernel launch", err);
+  if (err != cudaSuccess) return cuda_error("adamw_step_norms kernels launch", err);
   return "";
 }
 

@@ -21,8 +21,15 @@ namespace fused_adamw {
 // then run the low-precision kernel, which reads each row's mode. A table with a mode and
 // master_modes false would step that row as mode none: python/fused_adamw/backends/cuda.py
 // passes it from the host copy of the hparams.
+// Issue #19: p.clip_coef (device float or null) scales every grad the update reads; row_norms
+// (device float [n_rows][3], or null) receives each row's sums of squares of the grad as used
+// (unscaled, before clipping), the param after and (param after - param before), as stored,
+// bitwise the CPU loop's adamw_step_cpu row_norms; it needs p.tile_norms, a device scratch of
+// float [n_tiles * 3 * (kNormLanes + 1)] (both null or both set). Either runs the NORMS
+// kernels (more launches: the tiles' and rows' reductions after the update).
 std::string launch_adamw_cuda(const AdamWParams& p, bool has_max, int device,
-                              std::uintptr_t stream, bool master_modes = false);
+                              std::uintptr_t stream, bool master_modes = false,
+                              float* row_norms = nullptr);
 
 // The norm pass of gradient clipping (issue #19) over a table, on `stream` of `device`:
 // out (double [n_rows + 1], device memory) receives each row's sum of squares of

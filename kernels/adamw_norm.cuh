@@ -13,6 +13,14 @@
 // No shared memory, barrier, warp intrinsic or atomic: partials go through a global scratch
 // buffer between launches, so the emulation's execution model holds and the sum does not
 // depend on the grid.
+//
+// track_norms (the per-row norms of the step itself) uses the same order: the step's NORMS
+// kernels (adamw_kernel.cu adamw_norms_kernel, adamw_lowp_kernel<T, S, true>) leave each
+// thread's three partials (lane t of its tile) in lanes [n_tiles][3][kNormLanes], then
+//   5. adamw_step_norms_tiles_kernel: one thread per (tile, norm): the pairwise tree;
+//   6. adamw_step_norms_rows_kernel: one thread per row: its tiles in order, in double, to
+//      float, as csrc/cpu_adamw.cpp adamw_step_cpu. Both do nothing on a skipped step
+//      (found_inf), which leaves row_norms as they were (as the CPU loop).
 #pragma once
 
 template <typename T, bool SCALED, bool INF>
@@ -76,6 +84,32 @@ __global__ void __launch_bounds__(1) adamw_norm_total_kernel(double* out, int64_
   double total = 0.0;
   for (int64_t r = 0; r < n_rows; ++r) total = norm_combine(total, out[r], inf);
   out[n_rows] = total;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    adamw_step_norms_tiles_kernel(float* lanes, int64_t n, const float* found_inf,
+                                  float* tiles) {
+  if (adamw_step_skipped(found_inf)) return;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; t < n;
+       t += static_cast<int64_t>(gridDim.x) * kThreads) {
+    tiles[t] = adamw_norm_tree(lanes + t * kNormLanes, false);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    adamw_step_norms_rows_kernel(const float* tiles, const int64_t* tile_starts, int64_t n_rows,
+                                 const float* found_inf, float* row_norms) {
+  if (adamw_step_skipped(found_inf)) return;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < n_rows;
+       r += static_cast<int64_t>(gridDim.x) * kThreads) {
+    for (int c = 0; c < 3; ++c) {
+      double acc = 0.0;
+      for (int64_t t = tile_starts[r]; t < tile_starts[r + 1]; ++t) {
+        acc += static_cast<double>(tiles[3 * t + c]);
+      }
+      row_norms[3 * r + c] = static_cast<float>(acc);
+    }
+  }
 }
 
 using NormLanesFn = void (*)(AdamWParams, float*);

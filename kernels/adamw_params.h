@@ -97,10 +97,13 @@ struct AdamWParams {
   const float* found_inf;     // null: the step is always taken
   // Issue #19 (python/fused_adamw/_clip.py), both null unless clipping or track_norms:
   const float* clip_coef;     // float32 scalar: the update reads grad * *clip_coef (adamw_clip)
-  float* tile_norms;          // [n_tiles][3]: per tile, the sums of squares of the grad as
-                              // used (unscaled, before clipping), the param after the step and
-                              // (param after - param before), as stored (adamw_math.cuh's
-                              // order); reduced per row by the launcher
+  float* tile_norms;          // track_norms' partials, (adamw_math.cuh's order) of the sums
+                              // of squares of the grad as used (unscaled, before clipping),
+                              // the param after the step and (param after - param before), as
+                              // stored: the CPU loop's per tile [n_tiles][3]; the CUDA
+                              // kernels' per thread [n_tiles][3][kNormLanes] then per tile
+                              // [n_tiles][3] (kernels/adamw_norm.cuh); reduced per row by
+                              // the launchers
 };
 
 // The (param, state) dtype pairs the compiled loops take: the same dtype, 16-bit params with

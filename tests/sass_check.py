@@ -120,9 +120,21 @@ def lowp_expected(t: str, s: str) -> dict[tuple[str, bool, bool], tuple[int, int
             for a, sc in LOWP_VECTOR_KINDS}
 
 
+# issue #19: track_norms and clipping where the kernels above do not clip (amsgrad,
+# low-precision tables): the NORMS kernels, bounded at NORMS_MIN_BLOCKS (128 registers).
+# adamw_norms_kernel<T> runs amsgrad as a runtime branch, so it holds both GradScaler-form
+# vector loops (the grad stored back when the scale is not 1: STREAMS[a, True]), walked in
+# the norm's lane order; adamw_lowp_kernel<T, S, true> runs every row scalar (no vector loop:
+# kernels/adamw_kernel.cu "NOTE on the vector loop" of adamw_lowp_norms_tile).
+NORMS_MIN_BLOCKS = 2
+NORMS_TYPES = ("float", "__nv_bfloat16", "__half")
+
 EXPECTED_KERNELS = [f"adamw_kernel<{t}, {m}, {sc}>" for t in ("float", "__nv_bfloat16", "__half")
                     for m in ("false", "true") for sc in ("false", "true")] + [
-                        f"adamw_lowp_kernel<{t}, {st}>" for t, st in LOWP_PAIRS] + [
+                        f"adamw_lowp_kernel<{t}, {st}, false>" for t, st in LOWP_PAIRS] + [
+                        f"adamw_norms_kernel<{t}>" for t in NORMS_TYPES] + [
+                        f"adamw_lowp_kernel<{t}, {st}, true>" for t, st in LOWP_PAIRS] + [
+                        "adamw_step_norms_tiles_kernel", "adamw_step_norms_rows_kernel"] + [
                         "adamw_steps_kernel"] + [
                         # issue #19: the norm pass (kernels/adamw_norm.cuh), held to the steps
                         # kernel's checks: no local memory, registers within (256) bounds.
@@ -272,7 +284,14 @@ def kernel_label(mangled: str) -> tuple[str, str | None, bool | None]:
                 f"{'true' if scaled else 'false'}>", t, has_max)
     lp = kernel_lowp(mangled)
     if lp:
-        return f"adamw_lowp_kernel<{lp[0]}, {lp[1]}>", lp[0], None
+        norms = "true" if kernel_norms(mangled) else "false"
+        return f"adamw_lowp_kernel<{lp[0]}, {lp[1]}, {norms}>", lp[0], None
+    m = re.search(r"adamw_norms_kernelI(f|13__nv_bfloat16|6__half)E", mangled)
+    if m:  # amsgrad and not, GradScaler's loop form (NORMS_MIN_BLOCKS)
+        return f"adamw_norms_kernel<{_MANGLED_T[m.group(1)]}>", _MANGLED_T[m.group(1)], True
+    for k in ("tiles", "rows"):
+        if f"adamw_step_norms_{k}_kernel" in mangled:
+            return f"adamw_step_norms_{k}_kernel", None, None
     if "adamw_steps_kernel" in mangled:
         return "adamw_steps_kernel", None, None
     m = re.search(r"adamw_norm_lanes_kernelI(f|13__nv_bfloat16|6__half)Lb([01])ELb([01])E",
@@ -290,7 +309,7 @@ def kernel_label(mangled: str) -> tuple[str, str | None, bool | None]:
 def kernel_lowp(mangled: str) -> tuple[str, str] | None:
     """(T, S) of an adamw_lowp_kernel<T, S>, else None (S2_: the same type as T)."""
     m = re.search(r"adamw_lowp_kernelI(f|13__nv_bfloat16|6__half)(f|13__nv_bfloat16|6__half|"
-                  r"S\d*_)E", mangled)
+                  r"S\d*_)(?:Lb[01])?E", mangled)
     if not m:
         return None
     t = _MANGLED_T[m.group(1)]
@@ -298,9 +317,18 @@ def kernel_lowp(mangled: str) -> tuple[str, str] | None:
 
 
 def kernel_scaled(mangled: str) -> bool:
-    """The SCALED template argument (GradScaler's kernels) of an adamw_kernel."""
+    """The SCALED template argument (GradScaler's kernels) of an adamw_kernel; true for the
+    NORMS kernels (adamw_norms_kernel: GradScaler's loop form)."""
+    if "adamw_norms_kernel" in mangled:
+        return True
     m = re.search(r"adamw_kernelI(?:f|13__nv_bfloat16|6__half)Lb[01]ELb([01])E", mangled)
     return bool(m) and m.group(1) == "1"
+
+
+def kernel_norms(mangled: str) -> bool:
+    """The NORMS kernels (issue #19): adamw_norms_kernel<T>, adamw_lowp_kernel<T, S, true>."""
+    return "adamw_norms_kernel" in mangled or bool(
+        re.search(r"adamw_lowp_kernelI.*Lb1E", mangled))
 
 
 def parse_sass(text: str) -> dict[tuple[str, str], list[Insn]]:
@@ -571,17 +599,18 @@ def check_function(arch: str, mangled: str, insns: list[Insn], res: dict[str, in
     regs = res.get("REG", -1)
     lowp = kernel_lowp(mangled) is not None
     if lowp:
-        want = LOWP_MIN_BLOCKS
+        want = NORMS_MIN_BLOCKS if kernel_norms(mangled) else LOWP_MIN_BLOCKS
         bound = REGS_PER_SM // (THREADS * want)
         if min_blocks != want:
             failures.append(f"launch bound: min blocks per SM {min_blocks}, expected {want} "
-                            "(tests/sass_check.py LOWP_MIN_BLOCKS)")
+                            "(tests/sass_check.py LOWP_MIN_BLOCKS, NORMS_MIN_BLOCKS)")
         if maxntid is not None and maxntid != THREADS:
             failures.append(f"launch bound: .maxntid {maxntid}, expected {THREADS}")
     elif has_max is None:  # the steps kernel: (256) only
         bound = min(255, REGS_PER_SM // THREADS)
     else:
-        want = EXPECTED_MIN_BLOCKS[has_max, kernel_scaled(mangled)]
+        want = (NORMS_MIN_BLOCKS if kernel_norms(mangled)
+                else EXPECTED_MIN_BLOCKS[has_max, kernel_scaled(mangled)])
         bound = REGS_PER_SM // (THREADS * want)
         if min_blocks != want:
             failures.append(f"launch bound: min blocks per SM {min_blocks}, expected {want} "
@@ -595,7 +624,11 @@ def check_function(arch: str, mangled: str, insns: list[Insn], res: dict[str, in
     if lowp:
         loops = vector_loops(insns)
         elems = LOWP_GROUP
-        failures += check_lowp_loops(kernel_lowp(mangled), loops)
+        if kernel_norms(mangled):  # scalar throughout: no 128-bit loop expected
+            failures += [f"vec128: loop {lp.start:#x}-{lp.end:#x} in a scalar NORMS kernel"
+                         for lp in loops]
+        else:
+            failures += check_lowp_loops(kernel_lowp(mangled), loops)
     elif has_max is not None:
         loops = vector_loops(insns)
         kinds = []
@@ -720,7 +753,7 @@ def _arch_key(arch: str) -> int:
 # ------------------------------------------------------------------------------------------
 
 def _kernel_cell(r: Result) -> str:
-    if r.has_max is None:
+    if r.has_max is None or not r.kernel.startswith("adamw_kernel<"):
         return r.kernel
     t, _, scaled = r.kernel[len("adamw_kernel<"):-1].split(", ")
     return f"{SHORT[t]}, HAS_MAX={'true' if r.has_max else 'false'}, SCALED={scaled}"

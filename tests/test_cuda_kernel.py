@@ -42,7 +42,8 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cuda_emu.cases import (GROUPS, ITEMSIZE, TILE, Case, Spec, bits, check_covered,
-                            check_guards, check_untouched, hparams, phases)
+                            check_guards, check_untouched, compare, first_difference, hparams,
+                            phases)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -304,6 +305,44 @@ def test_matches_cpu_loop(C, dtype, amsgrad, layout):
     case = Case.new(dtype, matrix_specs(dtype, len(groups)), groups, layout, seed=1,
                     device=DEVICE)
     run_steps(C, case, [0, 3, 1], f"{dtype} amsgrad {amsgrad} {layout}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_track_norms_matches_cpu_loop(C, dtype):
+    """track_norms and the clip coefficient on the NORMS kernels (issue #19), amsgrad on some
+    groups: with betas (0.5, 0.5) every powf(beta, t) is exact on both sides, so the step and
+    row_norms are bit for bit the CPU loop's (as tests/test_kernel_emulation.py proves for the
+    source), on a full grid and a grid of 3; GradScaler (3.0) on the second step."""
+    groups = [dict(g, beta1=0.5, beta2=0.5, amsgrad=i % 2 == 1) for i, g in enumerate(_groups())]
+    case = Case.new(dtype, matrix_specs(dtype, len(groups)), groups, "guarded", seed=41,
+                    device=DEVICE)
+    ref = case.clone(device="cpu")
+    n_rows, n_tiles = case.args()[3], case.args()[4]
+    gen = torch.Generator().manual_seed(42)
+    for k, cap in enumerate((0, 3)):
+        if k:
+            ref.new_grads(gen)
+            case.copy_grads_from(ref)
+        dev = dict(clip_coef=torch.tensor(0.37, device=DEVICE))
+        cpu = dict(clip_coef=torch.tensor(0.37))
+        if k:
+            dev["grad_scale"], cpu["grad_scale"] = torch.tensor(3.0, device=DEVICE), torch.tensor(3.0)
+        rn = torch.full((n_rows, 3), float("nan"), device=DEVICE)
+        rc = torch.full((n_rows, 3), float("nan"))
+        scratch = torch.empty(max(n_tiles * 3 * 257, 1), device=DEVICE)
+        before = case.snapshot()
+        C._set_grid_cap(cap)
+        case.step_cuda(C, device=current_device(), stream=stream_handle(),
+                       row_norms=rn.data_ptr(), norm_scratch=scratch.data_ptr(),
+                       **{key: v.data_ptr() for key, v in dev.items()})
+        C._set_grid_cap(0)
+        ref.step_cpu(C, 2, row_norms=rc.data_ptr(), **{key: v.data_ptr() for key, v in cpu.items()})
+        sync()
+        check_guards(case)
+        check_untouched(case, before)
+        compare(case, ref, f"track_norms, step {k + 1}, cap {cap}: GPU vs CPU loop")
+        assert torch.equal(bits(rn.cpu()), bits(rc)), first_difference(rn.cpu().flatten(),
+                                                                       rc.flatten())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

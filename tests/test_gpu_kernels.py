@@ -58,11 +58,12 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.exp2(e - mant)
 
 
-def train(backend: str, device: str, dtype, state_dtype, mode, betas) -> dict:
+def train(backend: str, device: str, dtype, state_dtype, mode, betas, **clip) -> dict:
     """STEPS steps of two param groups (with and without weight decay) over SIZES with
     amsgrad; from step 3 on, GradScaler's sync-free path (grads scaled by 8, the kernel
     unscales and writes them back), step SKIPPED skipped (found_inf). Returns every tensor
-    a step may write, on the CPU, by name."""
+    a step may write, on the CPU, by name. ``clip``: max_grad_norm / track_norms (issue #19);
+    then also every step's opt.grad_norm and opt.norms."""
     torch.manual_seed(4)
     p0s = [torch.randn(n) for n in SIZES]
     grads = [[torch.randn(n) for n in SIZES] for _ in range(STEPS)]
@@ -70,7 +71,8 @@ def train(backend: str, device: str, dtype, state_dtype, mode, betas) -> dict:
     params = [torch.nn.Parameter(p0.to(device, dtype)) for p0 in p0s]
     opt = FusedAdamW([{"params": params[0::2]}, {"params": params[1::2], "weight_decay": 0.0}],
                      lr=LR, betas=betas, weight_decay=0.1, amsgrad=True, backend=backend,
-                     master_weights=mode, state_dtype=state_dtype)
+                     master_weights=mode, state_dtype=state_dtype, **clip)
+    out = {}
     for i, gs in enumerate(grads):
         scale = 8.0 if i >= 3 else 1.0
         for p, g in zip(params, gs):
@@ -79,7 +81,11 @@ def train(backend: str, device: str, dtype, state_dtype, mode, betas) -> dict:
             opt.grad_scale = torch.tensor(scale, device=device)
             opt.found_inf = torch.tensor(1.0 if i == SKIPPED else 0.0, device=device)
         opt.step()
-    out = {}
+        if clip:
+            out[f"grad_norm step {i}"] = opt.grad_norm.cpu()
+        if clip.get("track_norms"):
+            for k, p in enumerate(params):
+                out[f"norms {k} step {i}"] = opt.norms[p].cpu()
     for k, p in enumerate(params):
         out[f"param {k}"] = p.detach().cpu()
         out[f"grad {k}"] = p.grad.cpu()
@@ -136,6 +142,41 @@ def check_bit_for_bit(backend, dtype, state_dtype, mode):
 def test_cuda_low_precision_kernels_match_the_cpu_loop_bit_for_bit(backend, dtype,
                                                                    state_dtype, mode):
     check_bit_for_bit(backend, dtype, state_dtype, mode)
+
+
+# issue #19: the CUDA NORMS kernels (clipped amsgrad and low-precision tables, track_norms)
+# and the plain ones' clipping, through the optimizer: one cell per kernel family.
+CLIP_CELLS = [pytest.param(torch.float32, None, None, id="fp32"),
+              pytest.param(torch.bfloat16, None, None, id="bf16"),
+              pytest.param(torch.bfloat16, torch.float32, "fp32", id="bf16-m32-fp32"),
+              pytest.param(torch.float16, None, "stochastic", id="fp16-stochastic"),
+              pytest.param(torch.float32, torch.bfloat16, None, id="fp32-m16")]
+
+
+@pytest.mark.parametrize("dtype,state_dtype,mode", CLIP_CELLS)
+@pytest.mark.parametrize("track_norms", [False, True], ids=["clip", "clip+norms"])
+def test_cuda_clipping_and_track_norms_match_the_cpu_loop(dtype, state_dtype, mode,
+                                                          track_norms):
+    """max_grad_norm (active: the grads' norm is about 550) on amsgrad tables, with and
+    without track_norms, on the CUDA backend (no torch fallback any more:
+    backends/cuda.py clips_table, tracks_norms) against the cpu backend, betas (0.5, 0.5) so
+    that every value is exact on both sides: params, state, grads, every step's grad_norm
+    and opt.norms (NaN on the skipped step on both) bit for bit. The emulation proves the
+    kernels' order (tests/test_kernel_emulation.py track_norms); this runs nvcc's code."""
+    needs("cuda")
+    betas = (0.5, 0.5)
+    clip = dict(max_grad_norm=1.0, track_norms=track_norms)
+    gpu = train("cuda", "cuda", dtype, state_dtype, mode, betas, **clip)
+    cpu = train("cpu", "cpu", dtype, state_dtype, mode, betas, **clip)
+    assert gpu.keys() == cpu.keys()
+    for name in gpu:
+        x, y = gpu[name], cpu[name]
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.isnan().any():
+            assert torch.equal(x.isnan(), y.isnan()), f"{name}: {differ(x, y)}"
+            x, y = x.nan_to_num(0.0), y.nan_to_num(0.0)
+            assert torch.equal(x, y), f"{name}: {differ(x, y)}"
+        else:
+            assert_bits({name: x}, {name: y})
 
 
 def powf_bound(scale: torch.Tensor, dtype: torch.dtype, betas) -> torch.Tensor:

@@ -20,6 +20,9 @@ buffers (guard patterns, and ASan on allocations that end with the buffer), nor 
 without a grad or to the max buffers of groups without amsgrad (NaN poison); offsets past
 2^31 and 2^32 elements (a sparse mapping of 56 GiB); and the launcher (stream, device switch
 and restore, launch configuration, launch errors as RuntimeError, the steps kernel first).
+Issue #19: the norm pass, the clip coefficient, and track_norms' row_norms from the NORMS
+kernels (clipped, GradScaler, found_inf-skipped and unclipped steps; amsgrad and
+low-precision tables), bit for bit with the CPU loop for every grid and order.
 
 How it runs: a plain ``pytest`` collects the PARENT half of this file: it builds the
 emulation once (tests/cuda_emu/build.py, cached under tests/cuda_emu/build/), runs this file
@@ -179,8 +182,22 @@ if not CHILD:
         # pass's lanes walked element by element instead of vector by vector (another order:
         # the same sum to rounding, other bits); the last element of a tile left out.
         "clip_coef_skipped_in_vectors": [(KERNEL_CU,
-                                          "if (SCALED && !AMSGRAD) fg = adamw_clip(fg, s.clip_coef);",
+                                          "if ((SCALED && !AMSGRAD) || NORMS) fg = adamw_clip(fg, s.clip_coef);",
                                           "")],
+        # track_norms (the NORMS kernels): the vector loop's threads not rotated onto their
+        # lanes (thread t takes v0 + t: another summation order, other bits where v0 is not a
+        # multiple of 256, i.e. behind a scalar head); the rows' reduction run on a skipped
+        # step (found_inf: row_norms must stay as they were).
+        "norms_lanes_not_rotated": [(KERNEL_CU,
+                                     "NORMS ? v0 + ((static_cast<int64_t>(threadIdx.x) - v0) & "
+                                     "(kThreads - 1)) : v0 + threadIdx.x;",
+                                     "v0 + threadIdx.x;")],
+        "norms_rows_on_skipped_step": [("adamw_norm.cuh",
+                                        "                                 const float* found_inf, "
+                                        "float* row_norms) {\n  if (adamw_step_skipped(found_inf)) "
+                                        "return;",
+                                        "                                 const float* found_inf, "
+                                        "float* row_norms) {")],
         "norm_lanes_by_element": [("adamw_norm.cuh", "const int64_t u = base + v * N + e;",
                                    "const int64_t u = base + e * kTileElems / N + v;")],
         "norm_tile_end_minus_1": [("adamw_norm.cuh", "if (u < u_begin || u >= u_end) continue;",
@@ -189,7 +206,7 @@ if not CHILD:
     MUTANT_CHECKS = ("(matches_cpu_loop and fp32-some-exact) or (every_phase and bf16-exact) "
                      "or tiles_run_once_on_their_block[5] or untouched or steps_kernel "
                      "or offsets_past or grad_scaler or found_inf or restore_creates "
-                     "or lowp_matches or lowp_every_phase or clip")
+                     "or lowp_matches or lowp_every_phase or clip or track_norms")
 
     def _detection(out: str) -> str | None:
         """How a failed child run caught the mutant, or None if it did not fail on a check."""
@@ -781,6 +798,137 @@ else:
         assert all(changed), "the clip coefficient left some exp_avg unchanged"
         for p, q in zip(case.params, plain.params):  # the grads: unscaled, not clipped
             assert torch.equal(bits(p.bufs["grad"].view), bits(q.bufs["grad"].view))
+
+    # -- track_norms and the NORMS kernels (issue #19) ---------------------------------------
+
+    def step_with_norms(case, kernel: bool, cap=0, order=("forward",), threads=1, norms=True,
+                        **amp):
+        """One step with track_norms (norms=False: clipped only) by the kernels or the CPU
+        loop; returns row_norms (float32 [n_rows, 3], NaN where nothing was written)."""
+        n_rows, n_tiles = case.args()[3], case.args()[4]
+        rn = torch.full((n_rows, 3), float("nan"))
+        extra = dict(amp, row_norms=rn.data_ptr()) if norms else dict(amp)
+        if kernel:
+            scratch = torch.full((max(n_tiles * 3 * 257, 1),), float("nan"))
+            if norms:
+                extra["norm_scratch"] = scratch.data_ptr()
+            _EMU.set_order(*order)
+            _C._set_grid_cap(cap)
+            _EMU.clear_launch_log()
+            case.step_cuda(_C, **extra)
+            _C._set_grid_cap(0)
+        else:
+            case.step_cpu(_C, threads, **extra)
+        return rn
+
+    def check_row_norms(case, before, rn, scale=1.0):
+        """row_norms are the sums of squares they claim, to float32 summation (a float64
+        oracle): the grad as used (unscaled, before clipping: p.grad after a scaled step holds
+        the quotient rounded to its dtype, so the oracle divides the grad as it was), the param
+        after and (param after - param before), as stored."""
+        rows = [i for i, p in enumerate(case.params) if p.spec.in_table]
+        want = []
+        for i in rows:
+            p, b = case.params[i], before[i]
+            f = p.bufs["param"].front
+            n = p.spec.numel
+            g = b["grad"][p.bufs["grad"].front:p.bufs["grad"].front + n].double() / scale
+            after = p.bufs["param"].view.double()
+            prev = b["param"][f:f + n].double()
+            want.append(torch.stack([g.square().sum(), after.square().sum(),
+                                     (after - prev).square().sum()]))
+        # float32 lanes of at most 64 elements each (16384 / 256), then a float32 tree of 256
+        # and float64 over tiles: a relative error far below 1e-5.
+        torch.testing.assert_close(rn.double(), torch.stack(want), rtol=1e-5, atol=1e-30)
+
+    NORM_CELLS = [(torch.float32, "some"), (torch.bfloat16, "all"), (torch.float16, "none")]
+
+    @pytest.mark.parametrize("dtype,amsgrad", NORM_CELLS, ids=["fp32-some", "bf16-all", "fp16-none"])
+    def test_track_norms_matches_cpu_loop(dtype, amsgrad):
+        """track_norms on the NORMS kernels (kernels/adamw_kernel.cu adamw_norms_kernel): the
+        step and row_norms bit for bit with the CPU loop over four steps: clipped, full grid
+        forward; GradScaler (scale 3) reversed on a grid of 3; a GradScaler step with
+        found_inf (nothing written, row_norms untouched); unclipped, a grid of 1 on threads.
+        Every size and phase of the matrix (vector body with scalar head and tail in lane
+        order, rows off the grid lane by lane); row_norms are the norms (float64 oracle)."""
+        case = Case.new(dtype, matrix_specs(dtype), groups_with(amsgrad), "guarded", seed=31)
+        ref = case.clone()
+        gen = torch.Generator().manual_seed(32)
+        coef, sc = torch.tensor(0.37), torch.tensor(3.0)
+        fi, inf = torch.zeros(()), torch.ones(())
+        schedule = [(0, ("forward",), dict(clip_coef=coef.data_ptr())),
+                    (3, ("reverse",), dict(clip_coef=coef.data_ptr(), grad_scale=sc.data_ptr(),
+                                           found_inf=fi.data_ptr())),
+                    (2, ("shuffle", 4), dict(grad_scale=sc.data_ptr(), found_inf=inf.data_ptr())),
+                    (1, ("threads", 7, 2), {})]
+        for k, (cap, order, amp) in enumerate(schedule):
+            if k:
+                case.new_grads(gen)
+                ref.copy_grads_from(case)
+            before = case.snapshot()
+            got = step_with_norms(case, True, cap, order, **amp)
+            assert [r["kernel"] for r in _EMU.launch_log()] == [
+                "adamw_steps_kernel", "fn", "adamw_step_norms_tiles_kernel",
+                "adamw_step_norms_rows_kernel"]
+            want = step_with_norms(ref, False, threads=2, **amp)
+            check_guards(case)
+            check_untouched(case, before)
+            compare(case, ref, f"track_norms step {k}: kernel vs CPU loop")
+            assert torch.equal(bits(got), bits(want)), (
+                f"step {k}: row_norms {first_difference(got.flatten(), want.flatten())}")
+            if "found_inf" in amp and amp["found_inf"] == inf.data_ptr():
+                assert got.isnan().all(), "a skipped step wrote row_norms"
+            else:
+                check_row_norms(case, before, got, 3.0 if "grad_scale" in amp else 1.0)
+
+    LOWP_NORM_CELLS = [(BF, F32, "fp32"), (BF, BF, "remainder"), (F16, F16, "stochastic"),
+                       (F32, BF, None)]
+
+    @pytest.mark.parametrize("dtype,sdtype,mode", LOWP_NORM_CELLS,
+                             ids=[f"{SHORT[a]}-{SHORT[b]}-{m}" for a, b, m in LOWP_NORM_CELLS])
+    def test_lowp_track_norms_matches_cpu_loop(dtype, sdtype, mode):
+        """The low-precision NORMS kernels (adamw_lowp_kernel<T, S, true>, lane by lane): a
+        clipped step with track_norms (GradScaler 3, grid of 3 reversed), then a clipped step
+        without (the coefficient alone, a full grid), bit for bit with the CPU loop (row_norms:
+        the param as stored, the 16-bit one under a master mode)."""
+        case = Case.new(dtype, matrix_specs(dtype), lowp_groups(dtype, mode), "guarded",
+                        seed=33, state_dtype=sdtype)
+        ref = case.clone()
+        coef, sc, fi = torch.tensor(0.37), torch.tensor(3.0), torch.zeros(())
+        for k, norms in enumerate((True, False)):
+            if k:
+                case.new_grads(torch.Generator().manual_seed(34))
+                ref.copy_grads_from(case)
+            amp = dict(clip_coef=coef.data_ptr())
+            if norms:
+                amp.update(grad_scale=sc.data_ptr(), found_inf=fi.data_ptr())
+            before = case.snapshot()
+            got = step_with_norms(case, True, 3 if norms else 0, ("reverse",), norms=norms, **amp)
+            want = step_with_norms(ref, False, norms=norms, **amp)
+            check_guards(case)
+            check_untouched(case, before)
+            compare(case, ref, f"lowp {SHORT[dtype]}/{SHORT[sdtype]} {mode} step {k}")
+            assert torch.equal(bits(got), bits(want)), first_difference(got.flatten(),
+                                                                      want.flatten())
+            if norms:
+                check_row_norms(case, before, got, 3.0)
+
+    def test_clip_amsgrad_matches_cpu_loop():
+        """A clipped amsgrad table without GradScaler (grad_scale null: the NORMS kernel, no
+        row_norms) is bitwise the CPU loop's, and the coefficient is applied in the amsgrad
+        loop (exp_avg differs from an unclipped step's everywhere)."""
+        case = Case.new(torch.float32, matrix_specs(torch.float32), groups_with("all"),
+                        "guarded", seed=35)
+        ref, plain = case.clone(), case.clone()
+        coef = torch.tensor(0.37)
+        step_with_norms(case, True, 2, ("shuffle", 3), norms=False, clip_coef=coef.data_ptr())
+        assert [r["kernel"] for r in _EMU.launch_log()] == ["adamw_steps_kernel", "fn"]
+        step_with_norms(ref, False, norms=False, clip_coef=coef.data_ptr())
+        plain.step_cpu(_C)
+        compare(case, ref, "clipped amsgrad: kernel vs CPU loop")
+        changed = [not torch.equal(bits(p.bufs["exp_avg"].view), bits(q.bufs["exp_avg"].view))
+                   for p, q in zip(case.params, plain.params) if p.spec.numel and p.spec.in_table]
+        assert all(changed), "the clip coefficient left some exp_avg unchanged"
 
     def test_restore_creates_no_context_on_an_unused_device():
         """A thread whose current device (0) has no context: stepping a table on device 1

@@ -50,12 +50,14 @@ all-reduced once more over that group. Without DTensors and without a group: non
 must step the same DTensor params (FSDP2 does), or the collectives do not match.
 
 NOTE on backends: cpu (the C++ loop), cuda (kernels/adamw_norm.cuh; the coefficient in the
-GradScaler kernels, see the NOTE on clipping in kernels/adamw_kernel.cu) and triton
+GradScaler kernels outside amsgrad, see the NOTE on clipping in kernels/adamw_kernel.cu, and
+in the NORMS kernels for amsgrad and low-precision tables) and triton
 (backends/triton_norm.py; the coefficient in adamw_kernel, bitwise the CPU loop under the
-interpreter) run the norm pass and the coefficient; the cpu and torch backends also the
-per-row norms of ``track_norms``. A table whose backend lacks a part is stepped by the torch
-backend when norms are wanted (``backend_of``): correct, slower (Triton tables with
-track_norms; on CUDA, track_norms, amsgrad and low-precision tables, for now).
+interpreter) run the norm pass and the coefficient; the cpu, cuda (the NORMS kernels' own
+per-thread partials, bitwise the CPU loop's under tests/test_kernel_emulation.py) and torch
+backends also the per-row norms of ``track_norms``. A table whose backend lacks a part is
+stepped by the torch backend when norms are wanted (``backend_of``): correct, slower (Triton
+tables with track_norms).
 
 NOTE on GradScaler's skipped steps: ``opt.grad_norm`` holds the non-finite norm torch's
 ``clip_grad_norm_`` would return; no param stepped, so every ``opt.norms`` entry is NaN.

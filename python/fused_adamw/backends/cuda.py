@@ -19,21 +19,18 @@ _ONES: dict = {}  # device -> a float32 1.0 there (clipped steps without a GradS
 class CudaBackend:
     name = "cuda"
     clips = True  # grad_norm_rows and table.clip_coef (fused_adamw._clip)
-    # NOTE on amsgrad: the amsgrad loops do not apply the coefficient (register spills,
-    # kernels/adamw_kernel.cu NOTE on clipping): a clipped table with amsgrad rows steps on
-    # the torch backend.
-    clips_amsgrad = False
+    # Issue #19: every table clips and tracks norms in the kernels. The plain kernels clip
+    # under GradScaler (or a scale of 1.0, below) outside amsgrad; clipped amsgrad and
+    # low-precision tables and any table with track_norms run the NORMS kernels
+    # (kernels/adamw_kernel.cu adamw_norms_kernel, adamw_lowp_kernel<T, S, true>), bit for bit
+    # the CPU loop's under tests/test_kernel_emulation.py.
+    clips_amsgrad = True
+    tracks_norms = True  # table.row_norms, from the step kernel's own partials
 
     def clips_table(self, table: _table.Table) -> bool:
-        """Whether the kernels apply the clip coefficient to ``table``: the plain kernels
-        only (the low-precision kernels, rewritten at 16-byte width in issue #21, do not
-        clip yet), without amsgrad (clips_amsgrad)."""
-        lowp = table.state_dtype != table.dtype or (table.dtype != torch.float32 and any(
-            row[_table.HP_MASTER_MODE] != 0 for row in table.host_hparams))
-        return not lowp and not table.has_max
-    # NOTE on track_norms: the per-tile norm partials are not in the CUDA kernels yet; tables
-    # with track_norms are stepped by the torch backend (fused_adamw._clip.backend_of).
-    tracks_norms = False
+        """Whether the kernels apply the clip coefficient to ``table``: every table (the NORMS
+        kernels where the plain ones do not clip)."""
+        return True
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if device.type != "cuda":
@@ -58,8 +55,9 @@ class CudaBackend:
         coef = getattr(table, "clip_coef", None)
         amp["clip_coef"] = 0 if coef is None else coef.data_ptr()
         if coef is not None and table.grad_scale is None:
-            # Only the SCALED kernels clip (NOTE on clipping in kernels/adamw_kernel.cu):
-            # a scale of 1.0 on the device, for which they write no grad back.
+            # The plain kernels clip in their SCALED form (NOTE on clipping in
+            # kernels/adamw_kernel.cu): a scale of 1.0 on the device, for which they write no
+            # grad back (the launcher takes the NORMS kernels where those do not clip).
             one = _ONES.get(device)
             if one is None:
                 one = _ONES[device] = torch.ones((), dtype=torch.float32, device=device)
@@ -70,6 +68,15 @@ class CudaBackend:
         amp["state_dtype"] = _table.DTYPE_CODES[table.state_dtype]
         amp["master_modes"] = table.dtype != torch.float32 and any(
             row[_table.HP_MASTER_MODE] != 0 for row in table.host_hparams)
+        norms = getattr(table, "row_norms", None)
+        if norms is not None:  # track_norms: the kernel's per-thread partials, then rows
+            need = table.n_tiles * 3 * 257  # 3 x (kNormLanes lanes + 1 partial) per tile
+            scratch = getattr(table, "norm_scratch", None)
+            if scratch is None or scratch.numel() < need or scratch.device != norms.device:
+                scratch = table.norm_scratch = torch.empty(max(need, 1), dtype=torch.float32,
+                                                           device=norms.device)
+            amp["row_norms"] = norms.data_ptr()
+            amp["norm_scratch"] = scratch.data_ptr()
         if torch.cuda.current_device() != index:
             # torch's guard: on exit it restores the previous device without creating a
             # context there (c10::cuda::MaybeExchangeDevice); the launcher's own guard then
