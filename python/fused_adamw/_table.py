@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from ._watch import Watch, address_readers, compiled_scan
+
 TILE_ELEMS = 16384  # kernels/adamw_params.h kTileElems
 ALIGN_BYTES = 16
 
@@ -115,7 +117,6 @@ def pack_table(rows: list[tuple], itemsize: int) -> tuple[torch.Tensor, int]:
 # tensors and layouts
 # ------------------------------------------------------------------------------------------
 
-_data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
 _grad_of = operator.attrgetter("grad")
 _is_sparse = operator.attrgetter("is_sparse")
@@ -123,136 +124,6 @@ _numel = torch.Tensor.numel
 _stride = torch.Tensor.stride
 _dtype_of = operator.attrgetter("dtype")
 _shape_of = operator.attrgetter("shape")
-
-
-def _python_addresses(tensors: list) -> list[int]:
-    return list(map(_data_ptr, tensors))
-
-
-def _python_same_addresses(tensors: list, expected: list[int]) -> bool:
-    return list(map(_data_ptr, tensors)) == expected
-
-
-_READERS: tuple | None = None
-
-
-def address_readers() -> tuple:
-    """``(addresses, same_addresses)``: ``addresses(tensors)`` is ``[t.data_ptr() for t in
-    tensors]``, ``same_addresses(tensors, expected)`` is ``addresses(tensors) == expected``.
-
-    NOTE on the compiled reader: the change detection reads the address of every param, grad
-    and state tensor every step, and a Python call per tensor (``data_ptr``, 50-90 ns) was
-    most of a steady step's host time. ``_C`` reads them in one call through torch's C entry
-    point for a Tensor's data pointer (the one Inductor's compiled wrappers call, 15-20 ns a
-    tensor; csrc/bindings.cpp, namespace ``addresses``). It is torch's private API: used only
-    where it exists and reads what ``data_ptr()`` reads on a probe; otherwise, and for a
-    tensor it refuses (no storage), the Python pass, which raises as before.
-    """
-    global _READERS
-    if _READERS is None:
-        _READERS = _compiled_readers() or (_python_addresses, _python_same_addresses)
-    return _READERS
-
-
-def _compiled_readers() -> tuple | None:
-    from . import _ext
-
-    C = _ext.C
-    try:
-        from torch._C._dynamo.guards import _torchinductor_pyobject_tensor_data_ptr as fn
-    except ImportError:
-        return None
-    base = getattr(torch._C, "TensorBase", None) or getattr(torch._C, "_TensorBase", None)
-    if (C is None or not hasattr(C, "addresses_equal") or not isinstance(fn, int) or not fn
-            or base is None):
-        return None
-    flat = torch.zeros(8)
-    probe = [flat, flat[3:], flat[1::2], torch.nn.Parameter(torch.ones(2)), torch.empty(0)]
-    try:
-        ok = (C.tensor_addresses(fn, base, probe) == _python_addresses(probe)
-              and C.addresses_equal(fn, base, probe, _python_addresses(probe))
-              and not C.addresses_equal(fn, base, probe[:2], _python_addresses(probe[1:3])))
-    except Exception:  # noqa: BLE001 - any failure: the Python pass
-        return None
-    if not ok:
-        return None
-    tensor_addresses, addresses_equal = C.tensor_addresses, C.addresses_equal
-
-    def addresses(tensors: list) -> list[int]:
-        try:
-            return tensor_addresses(fn, base, tensors)
-        except (TypeError, ValueError):
-            return _python_addresses(tensors)
-
-    def same_addresses(tensors: list, expected: list[int]) -> bool:
-        try:
-            return addresses_equal(fn, base, tensors, expected)
-        except (TypeError, ValueError):
-            return _python_same_addresses(tensors, expected)
-
-    return addresses, same_addresses
-
-
-_ACCESSORS = ("grad", "dtype", "shape", "numel", "is_contiguous")
-_SCANNER: Any = False  # not looked up yet
-
-
-def param_scanner():
-    """``scan(dtype, params, grad_ids, grad_ptrs, data_ptrs, numels, dtypes, shapes)``, the
-    steady step's pass over a table whose rows cover every param, in one compiled call
-    (csrc/bindings.cpp ``scan_params``: each param's and grad's objects touched once, where
-    separate Python passes re-read them, from memory at 100,000 params); None where the
-    compiled reader is not used. ``scan`` returns None (types it leaves to Python), or
-    ``(grads, params_same, grads_same, fresh)``."""
-    global _SCANNER
-    if _SCANNER is False:
-        _SCANNER = _compiled_scanner()
-    return _SCANNER
-
-
-def _compiled_scanner():
-    import inspect
-
-    from . import _ext
-
-    if _compiled_readers() is None or not hasattr(_ext.C, "scan_params"):
-        return None
-    from torch._C._dynamo.guards import _torchinductor_pyobject_tensor_data_ptr as fn
-
-    base = getattr(torch._C, "TensorBase", None) or getattr(torch._C, "_TensorBase", None)
-    accessors = tuple(base.__dict__.get(k) for k in _ACCESSORS)
-    types = (torch.Tensor, torch.nn.Parameter)
-    # The C pass calls TensorBase's accessors: only for types that do not override them.
-    if None in accessors or any(inspect.getattr_static(t, k, None) is not a
-                                for t in types for k, a in zip(_ACCESSORS, accessors)):
-        return None
-    scan_params = _ext.C.scan_params
-
-    def scan(dtype, params, grad_ids, grad_ptrs, data_ptrs, numels, dtypes, shapes):
-        return scan_params(fn, base, accessors, types, dtype, params, grad_ids, grad_ptrs,
-                           data_ptrs, numels, dtypes, shapes)
-
-    # A probe: what it says must be what the Python passes say.
-    ps = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4))]
-    for p in ps:
-        p.grad = torch.zeros(p.shape)
-    grads = [p.grad for p in ps]
-    record = ([id(g) for g in grads], [g.data_ptr() for g in grads],
-              [p.data_ptr() for p in ps], [p.numel() for p in ps], [p.dtype for p in ps],
-              [p.shape for p in ps])
-    try:
-        same = scan(torch.float32, ps, *record)
-        ps[1].grad = torch.ones(4)
-        fresh = scan(torch.float32, ps, *record)
-        ps[0].data = ps[0].data.t()
-        moved = scan(torch.float32, ps, *record)
-    except Exception:  # noqa: BLE001 - any failure: the Python passes
-        return None
-    ok = (same is not None and same[0] == grads and same[1:] == (True, True, None)
-          and fresh is not None and fresh[1:3] == (True, False)
-          and fresh[3] == [grads[0].data_ptr(), ps[1].grad.data_ptr()]
-          and moved is not None and moved[1] is False)
-    return scan if ok else None
 
 
 class Repartition(Exception):
@@ -481,6 +352,7 @@ class Plan:
     locals: list = field(default_factory=list)
     rows: list[_RowPlan] = field(default_factory=list)
     grad_ids: list | None = None  # ids of ``grads`` when prepare had them ("grads")
+    scanned: bool = False  # decided by the compiled pass (Watch)
 
 
 class Table:
@@ -509,6 +381,8 @@ class Table:
         self.state_ptrs: list[int] = []
         self.amsgrad_sig: tuple | None = None
         self.fast_grads = False  # fresh grads may be swapped in without a rebuild
+        self.watch = Watch()  # the compiled pass's record (_watch.py)
+        self.grads_in_watch = False  # grad_ids and grad_ptrs are stale: the watch has them
         # What the kernels read.
         self.rows: list[Row] = []
         self.kernel_grads: list[torch.Tensor] = []  # row i's grad as the kernel reads it
@@ -545,25 +419,23 @@ class Table:
         stale (state or param groups edited). C-level passes only unless something changed.
         """
         params = self.params
-        addresses, same_addresses = address_readers()
-        geometry = self.geometry
-        scan = (param_scanner() if self.n_rows and self.n_rows == len(params) and self.fast_grads
-                and not (rebuild or self.has_dtensor) and amsgrad_sig == self.amsgrad_sig
-                else None)
-        found = None if scan is None else scan(
-            self.dtype, params, self.grad_ids, self.grad_ptrs, self.data_ptrs, geometry[0],
-            geometry[1], self.shapes)
-        if found is not None and found[1] and same_addresses(self.state_tensors,
-                                                             self.state_ptrs):
-            # Every param and state tensor as the rows hold them (one compiled pass: what the
-            # Python passes below check, the same way).
-            grads, _, same, fresh = found
-            if same:
-                return Plan("same", grads, self.mask, grads, self.grad_ptrs)
-            if fresh is not None:
-                return Plan("grads", grads, self.mask, grads, fresh,
-                            grad_ids=list(map(id, grads)))
+        watch = self.watch
+        if watch.armed and not (rebuild or self.has_dtensor) and amsgrad_sig == self.amsgrad_sig:
+            # Every param, grad and state tensor as the rows hold them, or only the grads new
+            # and fitting the rows (one compiled pass: what the Python passes below check).
+            found = watch.scan(params)
+            if found is not None:
+                grads, same = found
+                if same:
+                    return Plan("same", grads, self.mask, grads, scanned=True)
+                return Plan("grads", grads, self.mask, grads, watch.grad_ptrs(), scanned=True)
             # Otherwise the passes below decide (and name what is wrong).
+        addresses, same_addresses = address_readers()[:2]
+        geometry = self.geometry
+        if self.grads_in_watch:  # the last fresh grads were recorded by the compiled pass
+            self.grad_ids = watch.record[1::3].tolist()
+            self.grad_ptrs = watch.record[2::3].tolist()
+            self.grads_in_watch = False
         if self.has_dtensor:
             locals_ = list(map(local, params))
             grads = [None if g is None else local(g) for g in map(_grad_of, params)]
@@ -749,6 +621,8 @@ class Table:
         """Carries out a plan of :meth:`prepare`: allocates state (torch's keys, at a param's
         first step with a grad), rebuilds or patches the rows and uploads them."""
         if plan.kind == "idle":
+            self.watch.disarm()
+            self.grads_in_watch = False
             self.grad_ids = list(map(id, plan.grads)) if plan.grads else None
             self.mask = plan.mask or None
             if not self.rows and self.packed is not None:
@@ -761,14 +635,33 @@ class Table:
         if plan.kind == "same":
             if self.fast_grads:
                 self.kernel_grads = plan.active_grads
-            return
-        if plan.kind == "grads":  # only on fast tables: every grad contiguous, real, unstaged
+        elif plan.kind == "grads":  # only on fast tables: every grad contiguous, real, unstaged
             self.kernel_grads = plan.active_grads
-            self.grad_ids, self.mask = plan.grad_ids, plan.mask
-            self.grad_ptrs = plan.grad_ptrs
             self._patch_grads(plan.grad_ptrs)
+            if plan.scanned:
+                self.watch.took()
+                self.grads_in_watch = True
+            else:
+                self.grad_ids, self.mask = plan.grad_ids, plan.mask
+                self.grad_ptrs = plan.grad_ptrs
+        else:
+            self._build_rows(plan, opt)
+        if not plan.scanned:
+            self._arm_watch(plan)
+
+    def _arm_watch(self, plan: Plan) -> None:
+        """After a step the Python passes decided: the compiled pass's record, for a table whose
+        rows cover every param with grads read in place (else none). Guards that said
+        "changed" where Python found nothing that matters (a requires_grad toggled, another
+        dispatch context) are re-armed a few times, then the table stays on the Python passes."""
+        watch, fns = self.watch, compiled_scan()
+        if (fns is None or not self.fast_grads or not self.n_rows or self.has_dtensor
+                or self.n_rows != len(self.params) or watch.misses >= watch.MAX_MISSES):
+            watch.disarm()
             return
-        self._build_rows(plan, opt)
+        if watch.armed and plan.kind != "rebuild":
+            watch.misses += 1
+        watch.arm(fns, self.params, plan.grads, self.state_tensors)
 
     def release(self) -> None:
         """Drops this step's grads after the launch (the table keeps their ids and addresses):

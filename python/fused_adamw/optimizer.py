@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _clip, _compile, _dispatch, _table
+from . import _clip, _compile, _dispatch, _table, _watch
 
 _params_of = operator.itemgetter("params")
 
@@ -483,8 +483,7 @@ class FusedAdam(torch.optim.Optimizer):
 
     def _layout_key(self) -> tuple:
         groups = self.param_groups
-        flat = list(chain.from_iterable(map(_params_of, groups)))
-        return (groups, list(groups), list(map(len, map(_params_of, groups))), flat,
+        return (groups, list(groups), list(map(_params_of, groups)),
                 [bool(g.get("differentiable")) for g in groups],
                 [(g.get("master_weights"), g.get("state_dtype")) for g in groups])
 
@@ -492,10 +491,13 @@ class FusedAdam(torch.optim.Optimizer):
         old = self._layout
         if old is None:
             return True
-        return (key[0] is not old[0] or len(key[1]) != len(old[1])
-                or not all(map(operator.is_, key[1], old[1])) or key[2] != old[2]
-                or len(key[3]) != len(old[3]) or not all(map(operator.is_, key[3], old[3]))
-                or key[4] != old[4] or key[5] != old[5])
+        same_items = _watch.address_readers()[2]
+        # Every group's params: the same objects in the same order as the tables were built
+        # from (old[2] holds copies: a list edited in place is seen); one compiled comparison
+        # per group where _C has it.
+        return (key[0] is not old[0] or not same_items(key[1], old[1])
+                or len(key[2]) != len(old[2]) or not all(map(same_items, key[2], old[2]))
+                or key[3] != old[3] or key[4] != old[4])
 
     def _build_tables(self, key: tuple) -> None:
         self._drop_device_buffers()
@@ -522,7 +524,7 @@ class FusedAdam(torch.optim.Optimizer):
             t.backend = _dispatch.choose(self._backend_request, k[0], k[1], k[2], modes)
             tables[k] = t
         self._tables = tables
-        self._layout = key
+        self._layout = key[:2] + ([list(p) for p in key[2]],) + key[3:]
         self._hparams = {}
         self._graph_hparams = set()
         self._hparam_users = {}
@@ -650,7 +652,7 @@ class FusedAdam(torch.optim.Optimizer):
             plans = [t.prepare(self, True, amsgrad_sig) for t in tables]
         if capturing:
             self._check_capturable(plans, grad_scale, found_inf)
-        if any(key[4]):
+        if any(key[3]):
             self._check_differentiable_groups()
         if _clip.wanted(self):
             _clip.check_tables(self, tables)
@@ -694,7 +696,7 @@ class FusedAdam(torch.optim.Optimizer):
             t.release()
         if clip:
             _clip.after_step(self, tables, found_inf)
-        if any(key[4]):
+        if any(key[3]):
             self._differentiable_step(grad_scale, found_inf)
         return loss
 
