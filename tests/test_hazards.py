@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA
-from fused_adamw import FusedAdamW, _table, _watch
+from fused_adamw import FusedAdamW, _table, _validate, _watch
 from fused_adamw.backends import torch as torch_backend
 
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
@@ -161,7 +161,7 @@ def order_problems(log: list) -> list[str]:
 
 def meta_memory(monkeypatch) -> None:
     """Meta tensors all sit at address 0: the overlap check would see every pair overlap."""
-    monkeypatch.setattr(_table.Table, "_check_overlaps", lambda table, locals_: None)
+    monkeypatch.setattr(_validate, "check_overlaps", lambda names, params, locals_: None)
 
 
 def meta_params(n: int) -> list:

@@ -174,7 +174,7 @@ def test_a_steady_step_runs_no_python_pass(monkeypatch):
     def python_pass(*args):
         raise AssertionError("a steady step ran the Python passes")
 
-    monkeypatch.setattr(_table, "address_readers", python_pass)
+    monkeypatch.setattr(_watch, "address_readers", python_pass)
     for _ in range(2):
         opt.step()  # persistent grads
     for _ in range(2):

@@ -28,12 +28,21 @@ Python passes, slower and the same.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass, field
+from itertools import compress, repeat
 from typing import Any
 
 import numpy as np
 import torch
 
 _data_ptr = torch.Tensor.data_ptr
+_is_contiguous = torch.Tensor.is_contiguous
+_grad_of = operator.attrgetter("grad")
+_is_sparse = operator.attrgetter("is_sparse")
+_numel = torch.Tensor.numel
+_stride = torch.Tensor.stride
+_dtype_of = operator.attrgetter("dtype")
+_shape_of = operator.attrgetter("shape")
 
 
 def _python_addresses(tensors: list) -> list[int]:
@@ -250,3 +259,138 @@ class Watch:
     def grad_ptrs(self) -> np.ndarray:
         """The last scan's grad addresses (a view of ``out``)."""
         return self.out[1::2]
+
+
+# ------------------------------------------------------------------------------------------
+# a table's step: what changed, as a plan
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RowPlan:
+    """A row to build, validated; nothing allocated yet."""
+
+    index: int
+    group: int
+    param: object  # the user's param object
+    local: torch.Tensor  # its local tensor (the DTensor's shard, or the param)
+    grad: torch.Tensor  # its grad's local tensor
+    state: dict | None  # None: torch creates state at the first step with a grad: so do we
+    amsgrad: bool
+    fix_step: bool  # the step entry is not a 0-d float32 tensor on the param's device
+    mode: str | None = None  # the group's master_weights (16-bit params only; else None)
+
+
+@dataclass
+class Plan:
+    """What one step must do to a table before the launch (Table.prepare makes it,
+    Table.commit carries it out)."""
+
+    kind: str  # "idle" (no grad), "same", "grads" (only grad addresses moved), "rebuild"
+    grads: list = field(default_factory=list)  # every param's grad (local), None for no grad
+    mask: list = field(default_factory=list)
+    active_grads: list = field(default_factory=list)
+    grad_ptrs: list = field(default_factory=list)
+    data_ptrs: list = field(default_factory=list)
+    locals: list = field(default_factory=list)
+    rows: list[RowPlan] = field(default_factory=list)
+    grad_ids: list | None = None  # ids of ``grads`` when prepare had them ("grads")
+    scanned: bool = False  # decided by the compiled pass (Watch)
+
+
+def detect(table, rebuild: bool, amsgrad_sig: tuple) -> Plan:
+    """What changed in ``table`` since its rows were built: a plan "same", "grads",
+    "idle", or "rebuild" (the grads and params the rebuild will validate). The compiled pass
+    where it is armed; otherwise Python passes (C-level ones where ``_C`` reads addresses).
+    ``rebuild``: the optimizer knows the rows are stale (state or param groups edited)."""
+    params = table.params
+    watch = table.watch
+    if watch.armed and not (rebuild or table.has_dtensor) and amsgrad_sig == table.amsgrad_sig:
+        # Every param, grad and state tensor as the rows hold them, or only the grads new
+        # and fitting the rows (one compiled pass: what the Python passes below check).
+        found = watch.scan(params)
+        if found is not None:
+            grads, same = found
+            if same:
+                return Plan("same", grads, table.mask, grads, scanned=True)
+            return Plan("grads", grads, table.mask, grads, watch.grad_ptrs(), scanned=True)
+        # Otherwise the passes below decide (and name what is wrong).
+    from ._table import describe, local
+
+    addresses, same_addresses = address_readers()[:2]
+    geometry = table.geometry
+    if table.grads_in_watch:  # the last fresh grads were recorded by the compiled pass
+        table.grad_ids = watch.record[1::3].tolist()
+        table.grad_ptrs = watch.record[2::3].tolist()
+        table.grads_in_watch = False
+    if table.has_dtensor:
+        locals_ = list(map(local, params))
+        grads = [None if g is None else local(g) for g in map(_grad_of, params)]
+    else:
+        locals_ = params
+        grads = list(map(_grad_of, params))
+    # NOTE on staleness: what the kernel relies on for each param is compared with what
+    # the rows were built from: its address, numel, dtype and strides. The address alone
+    # misses a `p.data = t` of another size or dtype that the caching allocator placed
+    # where the old storage was, and a re-view at the same address (p.data = p.data[:k],
+    # p.data = p.data.t()). Strides: a fast table's params are contiguous, and then numel
+    # and contiguity fix the walk (one cheap pass); other tables compare the strides.
+    if (table.data_ptrs is None or not same_addresses(locals_, table.data_ptrs)
+            or list(map(_numel, locals_)) != geometry[0]
+            or list(map(_dtype_of, locals_)) != geometry[1]
+            or (table.fast_grads and not all(map(_is_contiguous, locals_)))
+            or (not table.fast_grads and list(map(_stride, locals_)) != geometry[2])
+            or (table.has_dtensor and not all(map(operator.is_, locals_, table.locals)))
+            # A state tensor whose storage was swapped (state["exp_avg"].data = t).
+            or not same_addresses(table.state_tensors, table.state_ptrs)):
+        rebuild = True
+    rebuild = rebuild or amsgrad_sig != table.amsgrad_sig
+    # NOTE on ids: the table keeps the ids and addresses of last step's grads, not the
+    # grads (holding them would keep a grad-sized buffer alive through the next forward
+    # and backward). A new grad may get a freed one's id; it is then taken as the same
+    # only if it also has the same address, which makes the row right as it is.
+    grad_ids = list(map(id, grads))
+    if not rebuild and grad_ids == table.grad_ids:
+        # The same grads as last step (zero_grad(set_to_none=False), DDP bucket views).
+        # A row per param: every param has its grad (no pass to pick them).
+        active_grads = (grads if table.n_rows == len(grads)
+                        else list(compress(grads, table.mask)))
+        if same_addresses(active_grads, table.grad_ptrs):
+            return Plan("same" if table.rows else "idle", grads, table.mask, active_grads,
+                        table.grad_ptrs)
+        # Same objects, new storage (p.grad.data = t): checked like fresh grads below.
+    mask = list(map(operator.is_not, grads, repeat(None)))
+    if not any(mask):
+        return Plan("idle", grads, mask)
+    active_grads = grads if all(mask) else list(compress(grads, mask))
+    if (not rebuild and mask == table.mask and table.fast_grads
+            and all(map(_is_contiguous, active_grads))
+            and list(map(_shape_of, active_grads)) == table.shapes
+            and list(map(_dtype_of, active_grads)).count(table.dtype) == len(active_grads)):
+        # Fresh grads (the default zero_grad()): contiguous like their params (a sparse
+        # grad is not), of their shapes and dtype (a grad swapped by p.grad.data = t may
+        # be neither: the rebuild below refuses it, naming the param), new addresses.
+        return Plan("grads", grads, mask, active_grads, addresses(active_grads),
+                    grad_ids=grad_ids)
+    if any(map(_is_sparse, active_grads)):
+        i = next(i for i, g in enumerate(grads) if g is not None and g.is_sparse)
+        raise RuntimeError(
+            f"FusedAdamW does not support sparse gradients: "
+            f"{describe(table.names[i], local(params[i]))} has a sparse grad; use "
+            "torch.optim.SparseAdam for sparse params")
+    return Plan("rebuild", grads, mask, active_grads, [], addresses(locals_), locals_)
+
+
+def arm_after(table, plan: Plan) -> None:
+    """After a step the Python passes decided for ``table``: the compiled pass's record, for
+    a table whose rows cover every param with grads read in place (else none). Guards that
+    said "changed" where Python found nothing that matters (a requires_grad toggled, another
+    dispatch context) are re-armed a few times, then the table stays on the Python passes."""
+    watch, fns = table.watch, compiled_scan()
+    if (fns is None or not table.fast_grads or not table.n_rows or table.has_dtensor
+            or table.n_rows != len(table.params) or watch.misses >= watch.MAX_MISSES):
+        watch.disarm()
+        return
+    if watch.armed and plan.kind != "rebuild":
+        watch.misses += 1
+    watch.arm(fns, table.params, plan.grads, table.state_tensors)
