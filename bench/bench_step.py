@@ -107,7 +107,7 @@ RECORD_KEYS = (
     "p80_ns_per_param", "host_ratio", "sets", "interleaved_with", "reps", "warmup", "device",
     "device_name", "cores", "threads", "torch", "triton", "cuda", "fused_adamw", "git_commit",
     "git_dirty", "date", "quick", "loadavg", "copy_gbps_run", "load_warning", "kernel_ms",
-    "options",
+    "options", "thread_ms", "thread_ratio",
 )
 
 
@@ -431,6 +431,7 @@ class Runner:
     sets: list[tuple[list[torch.nn.Parameter], torch.optim.Optimizer]] = field(
         default_factory=list)
     times: list[float] = field(default_factory=list)
+    thread_times: list[float] = field(default_factory=list)  # CPU: this thread's CPU time
     status: str = "ok"
     reason: str | None = None
     backend_used: str | None = None
@@ -533,11 +534,12 @@ def time_round_robin(runners: list[Runner], warmup: int, reps: int,
                     if rep >= warmup:
                         pending.append((runner, start, end))
                 else:
-                    t0 = time.perf_counter()
+                    c0, t0 = time.thread_time(), time.perf_counter()
                     runner.step()
                     sync()
                     if rep >= warmup:
                         runner.times.append(time.perf_counter() - t0)
+                        runner.thread_times.append(time.thread_time() - c0)
             except Exception as e:  # noqa: BLE001 - one failing implementation must not end the run
                 runner.fail(e)
         live = [r for r in live if r.status == "ok"]
@@ -692,7 +694,7 @@ COLUMNS = ("case", "implementation", "grads", "median ms", "p20 ms", "p80 ms", "
            "% copy", "x for-loop", "x foreach", "x fused", "kernel ms", "host us", "extra MB",
            "state MB")
 HOST_COLUMNS = ("case", "implementation", "grads", "median ns/param", "p20", "p80",
-                "time / torch-fused")
+                "time / torch-fused", "median ms", "thread ms", "thread / torch-fused")
 
 
 def table_rows(records: list[dict]) -> list[list[str]]:
@@ -721,7 +723,8 @@ def host_rows(records: list[dict]) -> list[list[str]]:
             continue
         rows.append([r["case"], r["impl"], r["grads"], f"{r['ns_per_param']:.0f}",
                      f"{r['p20_ns_per_param']:.0f}", f"{r['p80_ns_per_param']:.0f}",
-                     _fmt(r["host_ratio"], ".2f")])
+                     _fmt(r["host_ratio"], ".2f"), f"{r['median_ms']:.3f}",
+                     _fmt(r["thread_ms"], ".3f"), _fmt(r.get("thread_ratio"), ".2f")])
     return rows
 
 
@@ -1020,16 +1023,20 @@ def run_host(args, env: dict, n_params: int, reps: int, warmup: int) -> list[dic
         rec.update(median_ms=med * 1e3, p20_ms=p20 * 1e3, p80_ms=p80 * 1e3,
                    ns_per_param=med / n_params * 1e9, p20_ns_per_param=p20 / n_params * 1e9,
                    p80_ns_per_param=p80 / n_params * 1e9,
-                   state_bytes=state_bytes(r.sets[0][1]))
+                   state_bytes=state_bytes(r.sets[0][1]),
+                   thread_ms=statistics.median(r.thread_times) * 1e3)
         progress(f"{case.name} {rec['impl']} {r.grads}: {rec['ns_per_param']:.0f} ns/param "
-                 f"({med * 1e3:.3f} ms per step)")
+                 f"({med * 1e3:.3f} ms per step, {rec['thread_ms']:.3f} ms thread time)")
         r.release()
     out = list(records.values())
     for grads in args.grads:
         base = records.get(("torch-fused", grads), {}).get("median_ms")
+        base_thread = records.get(("torch-fused", grads), {}).get("thread_ms")
         for r in out:
             if r["grads"] == grads and r["status"] == "ok" and base:
                 r["host_ratio"] = r["median_ms"] / base
+                if base_thread:
+                    r["thread_ratio"] = r["thread_ms"] / base_thread
                 r["speedup"] = {"torch-fused": base / r["median_ms"]}
     return out
 
@@ -1128,7 +1135,9 @@ def run(args) -> list[dict]:
     if host_records:
         lines += ["", format_table(HOST_COLUMNS, host_rows(host_records)), "",
                   "host: step() on one-element CPU params; ns/param = median step time / "
-                  "params; time / torch-fused = this median / torch fused's (same grads)"]
+                  "params; time / torch-fused = this median / torch fused's (same grads); "
+                  "thread ms: the median CPU time of the stepping thread (what a busy machine's "
+                  "other work does not add; with --threads 1 the whole step's)"]
     text = "\n".join(lines)
     print(text)
     if warning:

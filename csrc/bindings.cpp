@@ -12,6 +12,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -229,10 +230,8 @@ Reader reader(std::uintptr_t fn, py::handle tensor_type) {
   return {reinterpret_cast<DataPtrFn>(fn), reinterpret_cast<PyTypeObject*>(tensor_type.ptr())};
 }
 
-void* address_of(const Reader& r, PyObject* t, Py_ssize_t i) {
-  if (!PyObject_TypeCheck(t, r.tensor_type)) {
-    throw py::type_error("addresses: item " + std::to_string(i) + " is not a Tensor");
-  }
+// The address of t, a Tensor (its type checked by the caller).
+void* read(const Reader& r, PyObject* t, Py_ssize_t i) {
   try {
     return r.fn(t);
   } catch (const std::exception& e) {  // e.g. a tensor without storage: the caller's own pass
@@ -241,6 +240,13 @@ void* address_of(const Reader& r, PyObject* t, Py_ssize_t i) {
   } catch (...) {
     throw py::value_error("addresses: item " + std::to_string(i) + ": not readable");
   }
+}
+
+void* address_of(const Reader& r, PyObject* t, Py_ssize_t i) {
+  if (!PyObject_TypeCheck(t, r.tensor_type)) {
+    throw py::type_error("addresses: item " + std::to_string(i) + " is not a Tensor");
+  }
+  return read(r, t, i);
 }
 
 PyObject* checked_list(py::handle l, const char* name) {
@@ -280,36 +286,41 @@ bool addresses_equal(std::uintptr_t fn, py::handle tensor_type, py::handle tenso
   return true;
 }
 
-// The steady step's pass over the params of a table whose rows cover every param (one call,
-// each param's and grad's objects touched once: at 100,000 params they no longer fit in the
-// caches, and each Python pass paid its misses again). accessors: torch._C.TensorBase's
-// descriptors of grad, dtype, shape (getters), numel and is_contiguous (methods), called
-// through their C functions; types: the exact types this pass accepts (Tensor, Parameter:
-// their accessors are TensorBase's; anything else returns None and Python does it).
-// Returns None, or (grads, params_same, grads_same, fresh): params_same: every param's address,
-// numel and dtype are the recorded ones and it is contiguous; grads_same: every grad is the
-// recorded object (id) at the recorded address; fresh (only when not grads_same): the grads'
-// addresses when every grad is a contiguous tensor of the recorded shape and of dtype, else
-// None.
+// The steady step's one pass over a table whose rows cover every param (csrc's half of
+// python/fused_adamw/_watch.py): each param's and grad's objects are touched once, chunk by
+// chunk, where separate Python passes re-read them from memory at 100,000 params.
+//
+// Per chunk of `chunk` params: param_checks[c](*the chunk's params) (a torch TensorGuards'
+// check: type, dtype, device, sizes, strides as recorded) must return True; then per param
+// its grad (get_grad: TensorBase's getter of .grad), its address and its grad's. record:
+// uint64 [3n] (param address, grad id, grad address per param, as the rows were built);
+// state_ptrs: uint64 [len(state_tensors)]; out: writable uint64 [2n], this step's grad ids
+// and addresses. Returns None when Python must decide (a param of another type, moved or
+// re-viewed; a grad None, of another type or not readable; a state tensor moved; an error),
+// or (grads, same): same: every grad is the recorded object at the recorded address; else
+// every grad is a tensor that passed grad_checks[c] for its chunk (the rows' geometry and
+// dtype), its id and address in out.
 
-PyObject* call_accessor(PyObject* descr, PyObject* obj, PyObject* empty) {
-  if (PyObject_TypeCheck(descr, &PyGetSetDescr_Type)) {
-    PyGetSetDef* g = reinterpret_cast<PyGetSetDescrObject*>(descr)->d_getset;
-    if (g->get != nullptr) return g->get(obj, g->closure);
-  } else if (PyObject_TypeCheck(descr, &PyMethodDescr_Type)) {
-    PyMethodDef* d = reinterpret_cast<PyMethodDescrObject*>(descr)->d_method;
-    int flags = d->ml_flags & ~METH_COEXIST;
-    void (*f)(void) = reinterpret_cast<void (*)(void)>(d->ml_meth);
-    if (flags == METH_NOARGS) return d->ml_meth(obj, nullptr);
-    if (flags == (METH_VARARGS | METH_KEYWORDS)) {
-      return reinterpret_cast<PyCFunctionWithKeywords>(f)(obj, empty, nullptr);
+struct Buffer {  // a buffer-protocol view of uint64s, released at scope exit
+  Py_buffer view{};
+  Buffer(py::handle obj, Py_ssize_t n, bool writable, const char* name) {
+    if (PyObject_GetBuffer(obj.ptr(), &view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) != 0) {
+      throw py::error_already_set();
     }
-    if (flags == (METH_FASTCALL | METH_KEYWORDS)) {
-      return reinterpret_cast<_PyCFunctionFastWithKeywords>(f)(obj, nullptr, 0, nullptr);
+    if (view.len != n * static_cast<Py_ssize_t>(sizeof(std::uint64_t))) {
+      PyBuffer_Release(&view);
+      throw py::value_error(std::string("scan_table: ") + name + " has the wrong size");
     }
-    if (flags == METH_FASTCALL) return reinterpret_cast<_PyCFunctionFast>(f)(obj, nullptr, 0);
   }
-  return PyObject_CallOneArg(descr, obj);  // any other kind: the generic call
+  ~Buffer() { PyBuffer_Release(&view); }
+  std::uint64_t* data() const { return static_cast<std::uint64_t*>(view.buf); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+};
+
+PyObject* get_attr(PyObject* descr, PyObject* obj) {  // a getset descriptor's getter
+  PyGetSetDef* g = reinterpret_cast<PyGetSetDescrObject*>(descr)->d_getset;
+  return g->get(obj, g->closure);
 }
 
 struct Ref {  // an owned reference, released at scope exit
@@ -322,98 +333,118 @@ struct Ref {  // an owned reference, released at scope exit
   Ref& operator=(const Ref&) = delete;
 };
 
-bool same_int(PyObject* value, PyObject* expected) {
-  int eq = PyObject_RichCompareBool(value, expected, Py_EQ);
-  if (eq < 0) throw py::error_already_set();
-  return eq == 1;
+// check(*items[lo:hi]) is True
+bool check_chunk(PyObject* check, PyObject* items, Py_ssize_t lo, Py_ssize_t hi) {
+  Ref args(PyTuple_New(hi - lo));
+  for (Py_ssize_t i = lo; i < hi; ++i) {
+    PyObject* o = PyList_GET_ITEM(items, i);
+    Py_INCREF(o);
+    PyTuple_SET_ITEM(args.p, i - lo, o);
+  }
+  Ref result(PyObject_Call(check, args.p, nullptr));
+  return result.p == Py_True;
 }
 
-py::object scan(std::uintptr_t fn, py::handle tensor_type, py::tuple accessors,
-                py::tuple types, py::handle dtype, py::handle params, py::handle grad_ids,
-                py::handle grad_ptrs, py::handle data_ptrs, py::handle numels,
-                py::handle dtypes, py::handle shapes) {
+py::object scan(std::uintptr_t fn, py::handle tensor_type, py::handle get_grad, py::tuple types,
+                py::handle params, py::handle param_checks, py::handle grad_checks,
+                py::handle record, py::handle state_tensors, py::handle state_ptrs,
+                py::handle out, Py_ssize_t chunk) {
   Reader r = reader(fn, tensor_type);
-  if (accessors.size() != 5) throw py::value_error("scan_params: 5 accessors");
-  PyObject* get_grad = accessors[0].ptr();
-  PyObject* get_dtype = accessors[1].ptr();
-  PyObject* get_shape = accessors[2].ptr();
-  PyObject* numel = accessors[3].ptr();
-  PyObject* is_contiguous = accessors[4].ptr();
-  PyObject* ps = checked_list(params, "params");
-  Py_ssize_t n = PyList_GET_SIZE(ps);
-  PyObject* lists[] = {checked_list(grad_ids, "grad_ids"), checked_list(grad_ptrs, "grad_ptrs"),
-                       checked_list(data_ptrs, "data_ptrs"), checked_list(numels, "numels"),
-                       checked_list(dtypes, "dtypes"), checked_list(shapes, "shapes")};
-  for (PyObject* l : lists) {
-    if (PyList_GET_SIZE(l) != n) return py::none();
+  if (!PyObject_TypeCheck(get_grad.ptr(), &PyGetSetDescr_Type) ||
+      reinterpret_cast<PyGetSetDescrObject*>(get_grad.ptr())->d_getset->get == nullptr) {
+    throw py::type_error("scan_table: get_grad must be a getset descriptor");
   }
-  auto accepted = [&](PyObject* o) {
+  PyObject* ps = checked_list(params, "params");
+  PyObject* pcs = checked_list(param_checks, "param_checks");
+  PyObject* gcs = checked_list(grad_checks, "grad_checks");
+  PyObject* sts = checked_list(state_tensors, "state_tensors");
+  Py_ssize_t n = PyList_GET_SIZE(ps), n_state = PyList_GET_SIZE(sts);
+  if (chunk <= 0) throw py::value_error("scan_table: chunk must be > 0");
+  Py_ssize_t n_chunks = (n + chunk - 1) / chunk;
+  if (PyList_GET_SIZE(pcs) != n_chunks || PyList_GET_SIZE(gcs) != n_chunks) return py::none();
+  Buffer rec(record, 3 * n, false, "record");
+  Buffer sp(state_ptrs, n_state, false, "state_ptrs");
+  Buffer o(out, 2 * n, true, "out");
+  const std::uint64_t* want = rec.data();
+  std::uint64_t* got = o.data();
+  auto accepted = [&](PyObject* obj) {
     for (auto t : types) {
-      if (Py_TYPE(o) == reinterpret_cast<PyTypeObject*>(t.ptr())) return true;
+      if (Py_TYPE(obj) == reinterpret_cast<PyTypeObject*>(t.ptr())) return true;
     }
     return false;
   };
-  Ref empty(PyTuple_New(0));
   py::list grads(n);
-  bool params_same = true, grads_same = true;
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* p = PyList_GET_ITEM(ps, i);
-    if (!accepted(p)) return py::none();
-    PyObject* g = call_accessor(get_grad, p, empty.p);
-    if (g == nullptr) throw py::error_already_set();
-    PyList_SET_ITEM(grads.ptr(), i, g);  // the list owns it
-    if (params_same) {
-      params_same =
-          address_of(r, p, i) == PyLong_AsVoidPtr(PyList_GET_ITEM(data_ptrs.ptr(), i)) &&
-          same_int(Ref(call_accessor(numel, p, empty.p)).p, PyList_GET_ITEM(numels.ptr(), i));
-      if (params_same) {
-        Ref d(call_accessor(get_dtype, p, empty.p));
-        params_same = d.p == PyList_GET_ITEM(dtypes.ptr(), i) &&
-                      Ref(call_accessor(is_contiguous, p, empty.p)).p == Py_True;
+  bool same = true;
+  for (Py_ssize_t c = 0; c < n_chunks; ++c) {
+    Py_ssize_t lo = c * chunk, hi = std::min(n, lo + chunk);
+    // One kind of read per loop: the reads of neighbouring params then overlap in the core
+    // (a loop mixing a getter and two pointer chases waits on each cache miss in turn).
+    for (Py_ssize_t i = lo; i < hi; ++i) {
+      PyObject* p = PyList_GET_ITEM(ps, i);
+      if (!accepted(p)) return py::none();
+      PyObject* g = get_attr(get_grad.ptr(), p);
+      if (g == nullptr) throw py::error_already_set();
+      PyList_SET_ITEM(grads.ptr(), i, g);  // the list owns it
+    }
+    for (Py_ssize_t i = lo; i < hi; ++i) {  // params: types checked above
+      if (reinterpret_cast<std::uint64_t>(read(r, PyList_GET_ITEM(ps, i), i)) != want[3 * i]) {
+        return py::none();
       }
     }
-    if (grads_same) {
-      grads_same = reinterpret_cast<std::uintptr_t>(g) ==
-                       PyLong_AsSize_t(PyList_GET_ITEM(grad_ids.ptr(), i)) &&
-                   g != Py_None && accepted(g) &&
-                   address_of(r, g, i) == PyLong_AsVoidPtr(PyList_GET_ITEM(grad_ptrs.ptr(), i));
-      if (PyErr_Occurred()) throw py::error_already_set();
+    for (Py_ssize_t i = lo; i < hi; ++i) {
+      PyObject* g = PyList_GET_ITEM(grads.ptr(), i);
+      if (g == Py_None || !accepted(g)) return py::none();
+    }
+    bool chunk_same = true;
+    for (Py_ssize_t i = lo; i < hi; ++i) {  // grads: types checked above
+      PyObject* g = PyList_GET_ITEM(grads.ptr(), i);
+      std::uint64_t id = reinterpret_cast<std::uint64_t>(g);
+      std::uint64_t at = reinterpret_cast<std::uint64_t>(read(r, g, i));
+      got[2 * i] = id;
+      got[2 * i + 1] = at;
+      chunk_same = chunk_same && id == want[3 * i + 1] && at == want[3 * i + 2];
+    }
+    if (!check_chunk(PyList_GET_ITEM(pcs, c), ps, lo, hi)) return py::none();
+    if (!chunk_same) {
+      PyObject* gc = PyList_GET_ITEM(gcs, c);
+      if (gc == Py_None || !check_chunk(gc, grads.ptr(), lo, hi)) return py::none();
+    }
+    same = same && chunk_same;
+  }
+  const std::uint64_t* sw = sp.data();
+  for (Py_ssize_t i = 0; i < n_state; ++i) {
+    if (reinterpret_cast<std::uint64_t>(address_of(r, PyList_GET_ITEM(sts, i), i)) != sw[i]) {
+      return py::none();
     }
   }
-  if (grads_same) return py::make_tuple(grads, params_same, true, py::none());
-  // Fresh grads: contiguous, of the rows' shapes and the table's dtype; their addresses.
-  py::list fresh(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* g = PyList_GET_ITEM(grads.ptr(), i);
-    if (g == Py_None || !accepted(g)) return py::make_tuple(grads, params_same, false, py::none());
-    Ref d(call_accessor(get_dtype, g, empty.p));
-    if (d.p != dtype.ptr() || Ref(call_accessor(is_contiguous, g, empty.p)).p != Py_True) {
-      return py::make_tuple(grads, params_same, false, py::none());
-    }
-    Ref shape(call_accessor(get_shape, g, empty.p));
-    int eq = PyObject_RichCompareBool(shape.p, PyList_GET_ITEM(shapes.ptr(), i), Py_EQ);
-    if (eq < 0) throw py::error_already_set();
-    if (eq == 0) return py::make_tuple(grads, params_same, false, py::none());
-    PyObject* v = PyLong_FromVoidPtr(address_of(r, g, i));
-    if (v == nullptr) throw py::error_already_set();
-    PyList_SET_ITEM(fresh.ptr(), i, v);
-  }
-  return py::make_tuple(grads, params_same, false, fresh);
+  return py::make_tuple(grads, same);
 }
 
-// Anything the pass cannot read (an accessor that raises, as is_contiguous does for a sparse
-// grad): None, and Python's passes meet it and say what is wrong.
-py::object scan_params(std::uintptr_t fn, py::handle tensor_type, py::tuple accessors,
-                       py::tuple types, py::handle dtype, py::handle params,
-                       py::handle grad_ids, py::handle grad_ptrs, py::handle data_ptrs,
-                       py::handle numels, py::handle dtypes, py::handle shapes) {
+// Anything the pass cannot read (a check or getter that raises, a tensor without storage as
+// a sparse grad): None, and Python's passes meet it and say what is wrong.
+py::object scan_table(std::uintptr_t fn, py::handle tensor_type, py::handle get_grad,
+                      py::tuple types, py::handle params, py::handle param_checks,
+                      py::handle grad_checks, py::handle record, py::handle state_tensors,
+                      py::handle state_ptrs, py::handle out, Py_ssize_t chunk) {
   try {
-    return scan(fn, tensor_type, accessors, types, dtype, params, grad_ids, grad_ptrs,
-                data_ptrs, numels, dtypes, shapes);
+    return scan(fn, tensor_type, get_grad, types, params, param_checks, grad_checks, record,
+                state_tensors, state_ptrs, out, chunk);
   } catch (const std::exception&) {  // py::error_already_set too: the error is dropped
     PyErr_Clear();
     return py::none();
   }
+}
+
+// a and b (lists) hold the same objects in the same order
+bool same_items(py::handle a, py::handle b) {
+  PyObject* la = checked_list(a, "a");
+  PyObject* lb = checked_list(b, "b");
+  Py_ssize_t n = PyList_GET_SIZE(la);
+  if (PyList_GET_SIZE(lb) != n) return false;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (PyList_GET_ITEM(la, i) != PyList_GET_ITEM(lb, i)) return false;
+  }
+  return true;
 }
 
 void define(py::module_& m) {
@@ -427,12 +458,14 @@ void define(py::module_& m) {
         "tensor_addresses(fn, tensor_type, tensors) == expected (a list of ints), stopping at "
         "the first difference.",
         py::arg("fn"), py::arg("tensor_type"), py::arg("tensors"), py::arg("expected"));
-  m.def("scan_params", &scan_params,
-        "The steady step's one pass over a table's params and grads (see the comment above "
-        "scan_params in csrc/bindings.cpp): None, or (grads, params_same, grads_same, fresh).",
-        py::arg("fn"), py::arg("tensor_type"), py::arg("accessors"), py::arg("types"),
-        py::arg("dtype"), py::arg("params"), py::arg("grad_ids"), py::arg("grad_ptrs"),
-        py::arg("data_ptrs"), py::arg("numels"), py::arg("dtypes"), py::arg("shapes"));
+  m.def("scan_table", &scan_table,
+        "The steady step's one pass over a table's params, grads and state tensors (see the "
+        "comment above scan in csrc/bindings.cpp): None, or (grads, same).",
+        py::arg("fn"), py::arg("tensor_type"), py::arg("get_grad"), py::arg("types"),
+        py::arg("params"), py::arg("param_checks"), py::arg("grad_checks"), py::arg("record"),
+        py::arg("state_tensors"), py::arg("state_ptrs"), py::arg("out"), py::arg("chunk"));
+  m.def("same_items", &same_items, "Lists a and b hold the same objects in the same order.",
+        py::arg("a"), py::arg("b"));
 }
 
 }  // namespace addresses

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA
-from fused_adamw import FusedAdamW, _table
+from fused_adamw import FusedAdamW, _table, _validate, _watch
 from fused_adamw.backends import torch as torch_backend
 
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
@@ -161,7 +161,7 @@ def order_problems(log: list) -> list[str]:
 
 def meta_memory(monkeypatch) -> None:
     """Meta tensors all sit at address 0: the overlap check would see every pair overlap."""
-    monkeypatch.setattr(_table.Table, "_check_overlaps", lambda table, locals_: None)
+    monkeypatch.setattr(_validate, "check_overlaps", lambda names, params, locals_: None)
 
 
 def meta_params(n: int) -> list:
@@ -269,8 +269,8 @@ def test_a_host_buffer_is_never_written_after_its_copy_is_queued(monkeypatch):
     meta_memory(monkeypatch)
     # Meta tensors have no address: each grad gets its id, so that fresh grads change the
     # table's grad column as they do on a GPU.
-    data_ptr = _table._data_ptr
-    monkeypatch.setattr(_table, "_data_ptr", lambda t: id(t) if t.is_meta else data_ptr(t))
+    data_ptr = _watch._data_ptr
+    monkeypatch.setattr(_watch, "_data_ptr", lambda t: id(t) if t.is_meta else data_ptr(t))
     params = meta_params(3)
     opt = FusedAdamW(params, lr=1e-3, backend="torch")
     for _ in range(4):

@@ -13,7 +13,9 @@ mirror it)::
 Both integer tables travel in one int64 tensor (``packed``: rows then tile_starts), so a change
 is one upload. The table changes only when something in it changed (a param's storage, its
 grad's address, its state tensors, the set of params with a grad); it is rebuilt from the live
-tensors then, never in the steady state.
+tensors then, never in the steady state. What changed is found by ``_watch.detect``; a rebuild
+is validated by ``_validate`` and allocates state through ``_state``; the optimizer's tables
+and their hyperparameter rows are kept by ``_tableset.TableSet``.
 
 Memory rules, each applied per param when its row is built (:func:`plan_param`):
 
@@ -35,11 +37,12 @@ Memory rules, each applied per param when its row is built (:func:`plan_param`):
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
-from itertools import compress, repeat
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ._watch import Plan, Watch, address_readers
 
 TILE_ELEMS = 16384  # kernels/adamw_params.h kTileElems
 ALIGN_BYTES = 16
@@ -115,144 +118,9 @@ def pack_table(rows: list[tuple], itemsize: int) -> tuple[torch.Tensor, int]:
 # tensors and layouts
 # ------------------------------------------------------------------------------------------
 
-_data_ptr = torch.Tensor.data_ptr
-_is_contiguous = torch.Tensor.is_contiguous
-_grad_of = operator.attrgetter("grad")
-_is_sparse = operator.attrgetter("is_sparse")
 _numel = torch.Tensor.numel
 _stride = torch.Tensor.stride
 _dtype_of = operator.attrgetter("dtype")
-_shape_of = operator.attrgetter("shape")
-
-
-def _python_addresses(tensors: list) -> list[int]:
-    return list(map(_data_ptr, tensors))
-
-
-def _python_same_addresses(tensors: list, expected: list[int]) -> bool:
-    return list(map(_data_ptr, tensors)) == expected
-
-
-_READERS: tuple | None = None
-
-
-def address_readers() -> tuple:
-    """``(addresses, same_addresses)``: ``addresses(tensors)`` is ``[t.data_ptr() for t in
-    tensors]``, ``same_addresses(tensors, expected)`` is ``addresses(tensors) == expected``.
-
-    NOTE on the compiled reader: the change detection reads the address of every param, grad
-    and state tensor every step, and a Python call per tensor (``data_ptr``, 50-90 ns) was
-    most of a steady step's host time. ``_C`` reads them in one call through torch's C entry
-    point for a Tensor's data pointer (the one Inductor's compiled wrappers call, 15-20 ns a
-    tensor; csrc/bindings.cpp, namespace ``addresses``). It is torch's private API: used only
-    where it exists and reads what ``data_ptr()`` reads on a probe; otherwise, and for a
-    tensor it refuses (no storage), the Python pass, which raises as before.
-    """
-    global _READERS
-    if _READERS is None:
-        _READERS = _compiled_readers() or (_python_addresses, _python_same_addresses)
-    return _READERS
-
-
-def _compiled_readers() -> tuple | None:
-    from . import _ext
-
-    C = _ext.C
-    try:
-        from torch._C._dynamo.guards import _torchinductor_pyobject_tensor_data_ptr as fn
-    except ImportError:
-        return None
-    base = getattr(torch._C, "TensorBase", None) or getattr(torch._C, "_TensorBase", None)
-    if (C is None or not hasattr(C, "addresses_equal") or not isinstance(fn, int) or not fn
-            or base is None):
-        return None
-    flat = torch.zeros(8)
-    probe = [flat, flat[3:], flat[1::2], torch.nn.Parameter(torch.ones(2)), torch.empty(0)]
-    try:
-        ok = (C.tensor_addresses(fn, base, probe) == _python_addresses(probe)
-              and C.addresses_equal(fn, base, probe, _python_addresses(probe))
-              and not C.addresses_equal(fn, base, probe[:2], _python_addresses(probe[1:3])))
-    except Exception:  # noqa: BLE001 - any failure: the Python pass
-        return None
-    if not ok:
-        return None
-    tensor_addresses, addresses_equal = C.tensor_addresses, C.addresses_equal
-
-    def addresses(tensors: list) -> list[int]:
-        try:
-            return tensor_addresses(fn, base, tensors)
-        except (TypeError, ValueError):
-            return _python_addresses(tensors)
-
-    def same_addresses(tensors: list, expected: list[int]) -> bool:
-        try:
-            return addresses_equal(fn, base, tensors, expected)
-        except (TypeError, ValueError):
-            return _python_same_addresses(tensors, expected)
-
-    return addresses, same_addresses
-
-
-_ACCESSORS = ("grad", "dtype", "shape", "numel", "is_contiguous")
-_SCANNER: Any = False  # not looked up yet
-
-
-def param_scanner():
-    """``scan(dtype, params, grad_ids, grad_ptrs, data_ptrs, numels, dtypes, shapes)``, the
-    steady step's pass over a table whose rows cover every param, in one compiled call
-    (csrc/bindings.cpp ``scan_params``: each param's and grad's objects touched once, where
-    separate Python passes re-read them, from memory at 100,000 params); None where the
-    compiled reader is not used. ``scan`` returns None (types it leaves to Python), or
-    ``(grads, params_same, grads_same, fresh)``."""
-    global _SCANNER
-    if _SCANNER is False:
-        _SCANNER = _compiled_scanner()
-    return _SCANNER
-
-
-def _compiled_scanner():
-    import inspect
-
-    from . import _ext
-
-    if _compiled_readers() is None or not hasattr(_ext.C, "scan_params"):
-        return None
-    from torch._C._dynamo.guards import _torchinductor_pyobject_tensor_data_ptr as fn
-
-    base = getattr(torch._C, "TensorBase", None) or getattr(torch._C, "_TensorBase", None)
-    accessors = tuple(base.__dict__.get(k) for k in _ACCESSORS)
-    types = (torch.Tensor, torch.nn.Parameter)
-    # The C pass calls TensorBase's accessors: only for types that do not override them.
-    if None in accessors or any(inspect.getattr_static(t, k, None) is not a
-                                for t in types for k, a in zip(_ACCESSORS, accessors)):
-        return None
-    scan_params = _ext.C.scan_params
-
-    def scan(dtype, params, grad_ids, grad_ptrs, data_ptrs, numels, dtypes, shapes):
-        return scan_params(fn, base, accessors, types, dtype, params, grad_ids, grad_ptrs,
-                           data_ptrs, numels, dtypes, shapes)
-
-    # A probe: what it says must be what the Python passes say.
-    ps = [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(4))]
-    for p in ps:
-        p.grad = torch.zeros(p.shape)
-    grads = [p.grad for p in ps]
-    record = ([id(g) for g in grads], [g.data_ptr() for g in grads],
-              [p.data_ptr() for p in ps], [p.numel() for p in ps], [p.dtype for p in ps],
-              [p.shape for p in ps])
-    try:
-        same = scan(torch.float32, ps, *record)
-        ps[1].grad = torch.ones(4)
-        fresh = scan(torch.float32, ps, *record)
-        ps[0].data = ps[0].data.t()
-        moved = scan(torch.float32, ps, *record)
-    except Exception:  # noqa: BLE001 - any failure: the Python passes
-        return None
-    ok = (same is not None and same[0] == grads and same[1:] == (True, True, None)
-          and fresh is not None and fresh[1:3] == (True, False)
-          and fresh[3] == [grads[0].data_ptr(), ps[1].grad.data_ptr()]
-          and moved is not None and moved[1] is False)
-    return scan if ok else None
 
 
 class Repartition(Exception):
@@ -453,36 +321,6 @@ class Row:
     seed: int = 0  # stochastic rounding seed
 
 
-@dataclass
-class _RowPlan:
-    """A row to build, validated; nothing allocated yet."""
-
-    index: int
-    group: int
-    param: Any  # the user's param object
-    local: torch.Tensor  # its local tensor (the DTensor's shard, or the param)
-    grad: torch.Tensor  # its grad's local tensor
-    state: dict | None  # None: torch creates state at the first step with a grad: so do we
-    amsgrad: bool
-    fix_step: bool  # the step entry is not a 0-d float32 tensor on the param's device
-    mode: str | None = None  # the group's master_weights (16-bit params only; else None)
-
-
-@dataclass
-class Plan:
-    """What one step must do to a table before the launch (see Table.prepare)."""
-
-    kind: str  # "idle" (no grad), "same", "grads" (only grad addresses moved), "rebuild"
-    grads: list = field(default_factory=list)  # every param's grad (local), None for no grad
-    mask: list = field(default_factory=list)
-    active_grads: list = field(default_factory=list)
-    grad_ptrs: list = field(default_factory=list)
-    data_ptrs: list = field(default_factory=list)
-    locals: list = field(default_factory=list)
-    rows: list[_RowPlan] = field(default_factory=list)
-    grad_ids: list | None = None  # ids of ``grads`` when prepare had them ("grads")
-
-
 class Table:
     """The params of one (device, storage dtype) from every param group, and what the kernels
     read for them. The optimizer owns one per key; backends read ``packed``, ``rows`` and the
@@ -509,6 +347,8 @@ class Table:
         self.state_ptrs: list[int] = []
         self.amsgrad_sig: tuple | None = None
         self.fast_grads = False  # fresh grads may be swapped in without a rebuild
+        self.watch = Watch()  # the compiled pass's record (_watch.py)
+        self.grads_in_watch = False  # grad_ids and grad_ptrs are stale: the watch has them
         # What the kernels read.
         self.rows: list[Row] = []
         self.kernel_grads: list[torch.Tensor] = []  # row i's grad as the kernel reads it
@@ -537,218 +377,23 @@ class Table:
 
     # -------------------------------------------------------------------------- per step
 
-    def prepare(self, opt, rebuild: bool, amsgrad_sig: tuple) -> Plan:
-        """Compares the live tensors with what the rows hold and validates whatever changed.
+    def prepare(self, state, groups: list[dict], rebuild: bool, amsgrad_sig: tuple) -> Plan:
+        """Compares the live tensors with what the rows hold (``_watch.detect``) and validates
+        whatever changed (``_validate``): raises, naming the param and what is wrong, before
+        anything is modified; the returned plan is carried out by :meth:`commit`.
+        ``rebuild``: the optimizer knows the rows are stale (state or param groups edited)."""
+        plan = _watch.detect(self, rebuild, amsgrad_sig)
+        if plan.kind != "rebuild":
+            return plan
+        return _validate.plan_rebuild(self, state, groups, plan.grads, plan.mask,
+                                      plan.active_grads, plan.data_ptrs, plan.locals)
 
-        Raises (naming the param and what is wrong) before anything is modified; the returned
-        plan is carried out by :meth:`commit`. ``rebuild``: the optimizer knows the rows are
-        stale (state or param groups edited). C-level passes only unless something changed.
-        """
-        params = self.params
-        addresses, same_addresses = address_readers()
-        geometry = self.geometry
-        scan = (param_scanner() if self.n_rows and self.n_rows == len(params) and self.fast_grads
-                and not (rebuild or self.has_dtensor) and amsgrad_sig == self.amsgrad_sig
-                else None)
-        found = None if scan is None else scan(
-            self.dtype, params, self.grad_ids, self.grad_ptrs, self.data_ptrs, geometry[0],
-            geometry[1], self.shapes)
-        if found is not None and found[1] and same_addresses(self.state_tensors,
-                                                             self.state_ptrs):
-            # Every param and state tensor as the rows hold them (one compiled pass: what the
-            # Python passes below check, the same way).
-            grads, _, same, fresh = found
-            if same:
-                return Plan("same", grads, self.mask, grads, self.grad_ptrs)
-            if fresh is not None:
-                return Plan("grads", grads, self.mask, grads, fresh,
-                            grad_ids=list(map(id, grads)))
-            # Otherwise the passes below decide (and name what is wrong).
-        if self.has_dtensor:
-            locals_ = list(map(local, params))
-            grads = [None if g is None else local(g) for g in map(_grad_of, params)]
-        else:
-            locals_ = params
-            grads = list(map(_grad_of, params))
-        # NOTE on staleness: what the kernel relies on for each param is compared with what
-        # the rows were built from: its address, numel, dtype and strides. The address alone
-        # misses a `p.data = t` of another size or dtype that the caching allocator placed
-        # where the old storage was, and a re-view at the same address (p.data = p.data[:k],
-        # p.data = p.data.t()). Strides: a fast table's params are contiguous, and then numel
-        # and contiguity fix the walk (one cheap pass); other tables compare the strides.
-        if (self.data_ptrs is None or not same_addresses(locals_, self.data_ptrs)
-                or list(map(_numel, locals_)) != geometry[0]
-                or list(map(_dtype_of, locals_)) != geometry[1]
-                or (self.fast_grads and not all(map(_is_contiguous, locals_)))
-                or (not self.fast_grads and list(map(_stride, locals_)) != geometry[2])
-                or (self.has_dtensor and not all(map(operator.is_, locals_, self.locals)))
-                # A state tensor whose storage was swapped (state["exp_avg"].data = t).
-                or not same_addresses(self.state_tensors, self.state_ptrs)):
-            rebuild = True
-        rebuild = rebuild or amsgrad_sig != self.amsgrad_sig
-        # NOTE on ids: the table keeps the ids and addresses of last step's grads, not the
-        # grads (holding them would keep a grad-sized buffer alive through the next forward
-        # and backward). A new grad may get a freed one's id; it is then taken as the same
-        # only if it also has the same address, which makes the row right as it is.
-        grad_ids = list(map(id, grads))
-        if not rebuild and grad_ids == self.grad_ids:
-            # The same grads as last step (zero_grad(set_to_none=False), DDP bucket views).
-            # A row per param: every param has its grad (no pass to pick them).
-            active_grads = (grads if self.n_rows == len(grads)
-                            else list(compress(grads, self.mask)))
-            if same_addresses(active_grads, self.grad_ptrs):
-                return Plan("same" if self.rows else "idle", grads, self.mask, active_grads,
-                            self.grad_ptrs)
-            # Same objects, new storage (p.grad.data = t): checked like fresh grads below.
-        mask = list(map(operator.is_not, grads, repeat(None)))
-        if not any(mask):
-            return Plan("idle", grads, mask)
-        active_grads = grads if all(mask) else list(compress(grads, mask))
-        if (not rebuild and mask == self.mask and self.fast_grads
-                and all(map(_is_contiguous, active_grads))
-                and list(map(_shape_of, active_grads)) == self.shapes
-                and list(map(_dtype_of, active_grads)).count(self.dtype) == len(active_grads)):
-            # Fresh grads (the default zero_grad()): contiguous like their params (a sparse
-            # grad is not), of their shapes and dtype (a grad swapped by p.grad.data = t may
-            # be neither: the rebuild below refuses it, naming the param), new addresses.
-            return Plan("grads", grads, mask, active_grads, addresses(active_grads),
-                        grad_ids=grad_ids)
-        if any(map(_is_sparse, active_grads)):
-            i = next(i for i, g in enumerate(grads) if g is not None and g.is_sparse)
-            raise RuntimeError(
-                f"FusedAdamW does not support sparse gradients: "
-                f"{describe(self.names[i], local(params[i]))} has a sparse grad; use "
-                "torch.optim.SparseAdam for sparse params")
-        return self._plan_rebuild(opt, grads, mask, active_grads, addresses(locals_), locals_)
-
-    def _plan_rebuild(self, opt, grads, mask, active_grads, data_ptrs, locals_) -> Plan:
-        self._check_overlaps(locals_)
-        state = opt.state
-        groups = opt.param_groups
-        rows = []
-        for i in compress(range(len(grads)), mask):
-            p, lp, g = self.params[i], locals_[i], grads[i]
-            name = self.names[i]
-            if storage_dtype(lp) != self.dtype or lp.device != self.device:
-                raise Repartition()
-            if g.dtype != lp.dtype or g.shape != lp.shape or g.device != lp.device:
-                raise RuntimeError(
-                    f"{describe(name, lp)} on {lp.device} has a grad of shape "
-                    f"{tuple(g.shape)}, {g.dtype} on {g.device}; they must match")
-            gi = self.groups[i]
-            amsgrad = bool(groups[gi]["amsgrad"])
-            mode = self.mode_of(groups[gi])
-            st = dict.get(state, p)
-            fix_step = False
-            if st:
-                for key in ("step", "exp_avg", "exp_avg_sq"):
-                    if key not in st:
-                        raise KeyError(f"the optimizer state of {name} has no {key!r} (it has "
-                                       f"{sorted(map(str, st))}); torch.optim.AdamW needs it too")
-                keys = ("exp_avg", "exp_avg_sq") + (
-                    ("max_exp_avg_sq",) if amsgrad and "max_exp_avg_sq" in st else ())
-                for key in keys:
-                    self._check_state_tensor(name, lp, key, st[key], self.state_dtype)
-                xkey = EXTRA_KEYS.get(mode)
-                if xkey is not None and xkey in st:
-                    self._check_state_tensor(name, lp, xkey, st[xkey],
-                                             extra_dtype(mode, self.dtype))
-                step = st["step"]
-                fix_step = not (isinstance(step, torch.Tensor) and step.dtype == torch.float32
-                                and step.dim() == 0 and step.device == lp.device
-                                and not is_dtensor(step))
-                if fix_step:
-                    try:
-                        ok = torch.as_tensor(local(step) if is_dtensor(step) else step,
-                                             dtype=torch.float32).numel() == 1
-                    except (TypeError, ValueError, RuntimeError):
-                        ok = False
-                    if not ok:
-                        raise TypeError(
-                            f"the optimizer state 'step' of {name} is {step!r}; it must be a "
-                            "number or a one-element tensor")
-            rows.append(_RowPlan(i, gi, p, lp, g, st or None, amsgrad, fix_step, mode))
-        self._check_shared_steps(rows)
-        return Plan("rebuild", grads, mask, active_grads, [], data_ptrs, locals_, rows)
-
-    def _check_shared_steps(self, rows: list[_RowPlan]) -> None:
-        """Two rows of one launch cannot count one step tensor (state[p1]["step"] is
-        state[p2]["step"]): the kernel's count is a read-modify-write per row, not atomic, so a
-        GPU would add 1 or 2 by chance and the CPU loop always 2. Refused, naming both."""
-        seen: dict[int, int] = {}
-        for rp in rows:
-            step = rp.state.get("step") if rp.state else None
-            if not isinstance(step, torch.Tensor):
-                continue  # a number: fix_step makes the row its own tensor
-            step = local(step)
-            key = step.data_ptr() or id(step)  # no address (meta tensors): the object
-            first = seen.setdefault(key, rp.index)
-            if first != rp.index:
-                raise RuntimeError(
-                    f"{self.names[first]} and {self.names[rp.index]} share one optimizer "
-                    "state 'step' tensor (state[p]['step'] is the same tensor for both): one "
-                    "fused step cannot count it once per param. Give each param its own, "
-                    "e.g. opt.state[p]['step'] = opt.state[p]['step'].clone()")
-
-    def _check_state_tensor(self, name: str, lp: torch.Tensor, key: str, t,
-                            dtype: torch.dtype) -> None:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"the optimizer state {key!r} of {name} is a {type(t).__name__}, "
-                            "not a Tensor")
-        lt = local(t)
-        expected = lp.dtype if dtype == self.dtype else dtype  # complex params: complex state
-        if lt.dtype != expected and lt.dtype == lp.dtype:
-            raise RuntimeError(
-                f"{name} is {lp.dtype} and its param group keeps {key!r} in {expected} "
-                f"(state_dtype or master_weights), but the state holds {lt.dtype} (was the "
-                "setting changed after steps?). FusedAdamW does not convert state silently: to "
-                "convert it on purpose, call opt.load_state_dict(opt.state_dict())")
-        if lt.dtype != expected:
-            raise RuntimeError(
-                f"{name} is {lp.dtype} but its optimizer state {key!r} is {lt.dtype}, not "
-                f"{expected} (did the model change dtype after the optimizer stepped, e.g. "
-                "model.half()? or was the group's state_dtype changed after steps?). FusedAdamW does not convert state silently: to convert it on "
-                "purpose, call opt.load_state_dict(opt.state_dict()), which casts state to the "
-                "params' dtype as torch does (state_dtype and master buffers to their own)")
-        if lt.device != lp.device:
-            raise RuntimeError(
-                f"{name} is on {lp.device} but its optimizer state {key!r} is on {lt.device}; "
-                "opt.load_state_dict(opt.state_dict()) moves state to the params' device")
-        if lt.shape != lp.shape:
-            raise RuntimeError(f"{describe(name, lp)}: its optimizer state {key!r} has shape "
-                               f"{tuple(lt.shape)}")
-
-    def _check_overlaps(self, locals_) -> None:
-        """Two params whose memory overlaps cannot be updated in one launch: refuse, naming both."""
-        spans = []
-        for i, lp in enumerate(locals_):
-            if lp.numel() == 0:
-                continue
-            if torch._debug_has_internal_overlap(lp) == 1:
-                raise RuntimeError(
-                    f"{describe(self.names[i], lp)} has elements that share memory (an expanded "
-                    "view): it cannot be updated in place (torch refuses it too)")
-            start, end = span(lp)
-            spans.append((start, end, i))
-        spans.sort()
-        for (s0, e0, i0), (s1, e1, i1) in zip(spans, spans[1:]):
-            if s1 < e0 and _share_elements(locals_[i0], locals_[i1]):
-                a, b = sorted((i0, i1))
-                if self.params[a] is self.params[b]:
-                    raise RuntimeError(
-                        f"{describe(self.names[a], locals_[a])} is given to the optimizer "
-                        f"twice (again as {self.names[b]}); one fused step cannot update it "
-                        "twice (torch warns and does). Give each param once.")
-                raise RuntimeError(
-                    f"{describe(self.names[a], locals_[a])} and "
-                    f"{describe(self.names[b], locals_[b])} overlap in memory: one fused step "
-                    "cannot update both (torch's for-loop would update them one after the "
-                    "other). Give the optimizer params that do not share memory.")
-
-    def commit(self, plan: Plan, opt) -> None:
+    def commit(self, plan: Plan, state, groups: list[dict]) -> None:
         """Carries out a plan of :meth:`prepare`: allocates state (torch's keys, at a param's
         first step with a grad), rebuilds or patches the rows and uploads them."""
         if plan.kind == "idle":
+            self.watch.disarm()
+            self.grads_in_watch = False
             self.grad_ids = list(map(id, plan.grads)) if plan.grads else None
             self.mask = plan.mask or None
             if not self.rows and self.packed is not None:
@@ -761,14 +406,19 @@ class Table:
         if plan.kind == "same":
             if self.fast_grads:
                 self.kernel_grads = plan.active_grads
-            return
-        if plan.kind == "grads":  # only on fast tables: every grad contiguous, real, unstaged
+        elif plan.kind == "grads":  # only on fast tables: every grad contiguous, real, unstaged
             self.kernel_grads = plan.active_grads
-            self.grad_ids, self.mask = plan.grad_ids, plan.mask
-            self.grad_ptrs = plan.grad_ptrs
             self._patch_grads(plan.grad_ptrs)
-            return
-        self._build_rows(plan, opt)
+            if plan.scanned:
+                self.watch.took()
+                self.grads_in_watch = True
+            else:
+                self.grad_ids, self.mask = plan.grad_ids, plan.mask
+                self.grad_ptrs = plan.grad_ptrs
+        else:
+            self._build_rows(plan, state, groups)
+        if not plan.scanned:
+            _watch.arm_after(self, plan)
 
     def release(self) -> None:
         """Drops this step's grads after the launch (the table keeps their ids and addresses):
@@ -776,7 +426,7 @@ class Table:
         if self.fast_grads:
             self.kernel_grads = []
 
-    def _build_rows(self, plan: Plan, opt) -> None:
+    def _build_rows(self, plan: Plan, state, groups: list[dict]) -> None:
         for scratch, _ in self.stage_in:
             retire(scratch, self.users)
         self.stage_in, self.stage_out, self.stage_grads = [], [], []
@@ -787,8 +437,9 @@ class Table:
             dense = is_dense(lp)
             like = lp if dense else torch.empty_like(lp)
             phase = lp.data_ptr() % ALIGN_BYTES if dense else 0
-            st = self.new_state(opt, rp.param, rp.state, rp.amsgrad, like, phase, rp.mode)
-            extra, seed = self._master_state(rp.param, rp.mode, st, lp, like, phase)
+            st = _state.new_state(state, rp.param, rp.state, rp.amsgrad, self.dtype,
+                                  self.state_dtype, like, phase, rp.mode)
+            extra, seed = _state.master_state(rp.param, rp.mode, st, lp, like, phase, self.dtype)
             if rp.fix_step:  # a Python number, another dtype or device: torch's fused layout
                 step = st["step"]
                 step = local(step) if is_dtensor(step) else step
@@ -814,8 +465,8 @@ class Table:
                 extra = direct if direct is not None else self._stage(walk, t, out=True)
             rows.append(Row(rp.index, rp.group, walk, grad, tensors[0], tensors[1], tensors[2],
                             st["step"], extra, seed))
-            if type(dict.get(opt.state, rp.param)) is dict and hasattr(opt.state, "_owner"):
-                opt.state[rp.param] = st  # a plain dict put in by update(): track its edits
+            if type(dict.get(state, rp.param)) is dict and hasattr(state, "_owner"):
+                state[rp.param] = st  # a plain dict put in by update(): track its edits
         self.rows = rows
         self.kernel_grads = [r.grad for r in rows]
         # A table with staged or complex rows is rebuilt whenever fresh grads arrive.
@@ -825,7 +476,7 @@ class Table:
                 r.grad = None  # kept only by kernel_grads, and only until release()
         state_tensors = []
         for rp in plan.rows:
-            st = dict.get(opt.state, rp.param)
+            st = dict.get(state, rp.param)
             keys = ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if rp.amsgrad else ())
             if rp.mode in EXTRA_KEYS:
                 keys += (EXTRA_KEYS[rp.mode],)
@@ -838,7 +489,7 @@ class Table:
                          list(map(_stride, plan.locals)))
         self.grad_ids, self.mask = list(map(id, plan.grads)), plan.mask
         self.grad_ptrs = address_readers()[0](plan.active_grads)
-        self.amsgrad_sig = tuple(bool(g["amsgrad"]) for g in opt.param_groups)
+        self.amsgrad_sig = tuple(bool(g["amsgrad"]) for g in groups)
         self.torch_lists = None
         self.rebuilds += 1
         self._rebuild_packed()
@@ -847,56 +498,6 @@ class Table:
         """The master mode a row of ``group`` runs under here: the group's master_weights for
         16-bit params, None for float32 tables (the option means nothing there)."""
         return group.get("master_weights") if self.dtype in LOW_PRECISION else None
-
-    def new_state(self, opt, param, st, amsgrad: bool, like=None, phase=None,
-                  mode: str | None = None) -> dict:
-        """``param``'s state entry, with torch's keys allocated where missing: step 0 and zero
-        moments in the table's state_dtype at the param's 16-byte phase (``like``/``phase`` as
-        _build_rows computes them), and the master mode's buffer or seed (_master_state).
-        The step count stays 0: nothing here counts a step."""
-        lp = local(param)
-        if like is None:
-            dense = is_dense(lp)
-            like = lp if dense else torch.empty_like(lp)
-            phase = lp.data_ptr() % ALIGN_BYTES if dense else 0
-        sd = None if self.state_dtype == self.dtype else self.state_dtype
-        if st is None:
-            # An entry that tracks edits (unless opt.state was replaced by a dict of the
-            # user's: then the optimizer re-reads state every step).
-            try:
-                st = opt.state[param]
-            except KeyError:  # a plain dict
-                st = opt.state[param] = {}
-            st["step"] = torch.zeros((), dtype=torch.float32, device=like.device)
-            st["exp_avg"] = self._wrap(param, zeros_at_phase(like, phase, sd))
-            st["exp_avg_sq"] = self._wrap(param, zeros_at_phase(like, phase, sd))
-        if amsgrad and "max_exp_avg_sq" not in st:
-            # amsgrad switched on after the first steps: the maxima start at zero (torch
-            # raises a KeyError here).
-            st["max_exp_avg_sq"] = self._wrap(param, zeros_at_phase(like, phase, sd))
-        self._master_state(param, mode, st, lp, like, phase)
-        return st
-
-    def _master_state(self, param, mode: str | None, st: dict, lp: torch.Tensor,
-                      like: torch.Tensor, phase: int) -> tuple:
-        """The row's master-mode buffer and seed, created when missing: the fp32 master
-        from the param (a torch checkpoint, a mode switched on, a mangled buffer dropped at
-        load), a zero remainder or compensation (param and master are then equal), a seed
-        drawn from torch's default generator (torch.manual_seed makes it reproducible)."""
-        if mode is None:
-            return None, 0
-        if mode == "stochastic":
-            seed = st.get(SEED_KEY)
-            if not isinstance(seed, int) or isinstance(seed, bool):
-                seed = st[SEED_KEY] = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-            return None, seed
-        key = EXTRA_KEYS[mode]
-        if key not in st:
-            buf = zeros_at_phase(like, phase, extra_dtype(mode, self.dtype))
-            if mode == "fp32":
-                buf.copy_(lp)
-            st[key] = self._wrap(param, buf)
-        return st[key], 0
 
     @staticmethod
     def _direct_or_staged(walk: torch.Tensor, t: torch.Tensor, out: bool):
@@ -914,15 +515,6 @@ class Table:
         else:  # a grad: written back only when a GradScaler unscales it (stage_after)
             self.stage_grads.append((source, scratch))
         return scratch
-
-    @staticmethod
-    def _wrap(param, t: torch.Tensor):
-        """State of a DTensor param is a DTensor with its mesh and placements (as torch's)."""
-        if not is_dtensor(param):
-            return t
-        return dtensor_class().from_local(t, param.device_mesh, param.placements,
-                                          run_check=False, shape=param.shape,
-                                          stride=param.stride())
 
     def _row_tuples(self) -> list[tuple]:
         return [(r.param.data_ptr(), g.data_ptr(), r.exp_avg.data_ptr(),
@@ -996,3 +588,7 @@ class Table:
 
     def tile_starts_ptr(self) -> int:
         return self.packed.data_ptr() + 8 * ROW_COLS * self.n_rows
+
+
+# The table's helpers import from this module: loaded once everything above is defined.
+from . import _state, _validate, _watch  # noqa: E402
