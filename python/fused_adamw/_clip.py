@@ -52,10 +52,11 @@ must step the same DTensor params (FSDP2 does), or the collectives do not match.
 NOTE on backends: cpu (the C++ loop), cuda (kernels/adamw_norm.cuh; the coefficient in the
 GradScaler kernels, see the NOTE on clipping in kernels/adamw_kernel.cu) and triton
 (backends/triton_norm.py; the coefficient in adamw_kernel, bitwise the CPU loop under the
-interpreter) run the norm pass and the coefficient; the cpu and torch backends also the
-per-row norms of ``track_norms``. A table whose backend lacks a part is stepped by the torch
-backend when norms are wanted (``backend_of``): correct, slower (Triton tables with
-track_norms; on CUDA, track_norms, amsgrad and low-precision tables, for now).
+interpreter) run the norm pass and the coefficient; the cpu, triton (inside adamw_kernel, its
+NOTE on track_norms: the CPU loop's lane order, bitwise under the interpreter) and torch
+backends also the per-row norms of ``track_norms``. A table whose backend lacks a part is
+stepped by the torch backend when norms are wanted (``backend_of``): correct, slower (on
+CUDA, track_norms, amsgrad and low-precision tables, for now).
 
 NOTE on GradScaler's skipped steps: ``opt.grad_norm`` holds the non-finite norm torch's
 ``clip_grad_norm_`` would return; no param stepped, so every ``opt.norms`` entry is NaN.
