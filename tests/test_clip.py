@@ -517,7 +517,7 @@ def _norms_run(backend, dtype, state_dtype, masters, amsgrad, scaled, steps=4):
     (a view of a flat buffer: the Triton kernel's head round, body and tail, across a tile
     edge), three with fresh grads (off the 16-byte grid, all edges, or on it at phase 0: the
     body, across a tile edge) and one that never has a grad. Under ``scaled`` a
-    GradScaler-like scale with an inf step (step 2). Returns the params, the norms of each
+    GradScaler-like scale with an inf in a grad at step 2 (found_inf: skipped). Returns the params, the norms of each
     step ({index: norms}), grad_norm and the optimizer."""
     torch.manual_seed(0)
     buf = torch.randn(50000).to(dtype)
@@ -536,6 +536,8 @@ def _norms_run(backend, dtype, state_dtype, masters, amsgrad, scaled, steps=4):
             grad = (torch.randn(ps[i].shape, generator=g) * (1 + s % 3)).to(dtype)
             if scaled:
                 grad = grad * 1024.0
+                if s == 2 and i == 3:  # the overflow GradScaler found
+                    grad[0] = float("inf")
             if i == 1:  # at the param's phase: on the grid
                 gbuf[9:16394].copy_(grad)
                 grad = gbuf[9:16394]
@@ -582,7 +584,8 @@ def test_triton_track_norms_match_the_cpu_loop_bitwise(dtype, state_dtype, maste
     assert triton_adamw.variant(t)[1].norms
     for s, (got, want) in enumerate(zip(norms, want_norms)):
         skipped = scaled and s == 2
-        assert torch.equal(totals[s], want_totals[s]) or skipped, f"step {s}: grad_norm"
+        assert torch.equal(totals[s], want_totals[s]), f"step {s}: grad_norm"
+        assert totals[s].isinf() == skipped
         for i, n in got.items():
             if skipped:
                 assert n.isnan().all() and want[i].isnan().all(), f"step {s}: param {i}"

@@ -412,6 +412,10 @@ def adamw_kernel(
     # l * N + e), so that a lane's adds stay in one thread and in order; a lane-major masked
     # block was accessed an element a thread, and Triton moved its values through shared
     # memory into the body's layout (130 registers for the fp32 variant, 94 this way).
+    # The param before and after the step is read back from memory (before the block's
+    # stores, and after them: the thread's own store, a cache hit) rather than kept live
+    # through the update, which cost up to 16 registers and spills at 128 (bf16 params, fp32
+    # amsgrad moments, GradScaler). The grad's square enters its lanes before the clip.
     # Masked positions add +0.0, which leaves a sum of squares (never -0.0) unchanged. Each
     # tile writes its three partials to its own slot of tile_norms (no atomics); the rows sum
     # their tiles in order in float64 (adamw_row_norms_kernel), so the result does not depend
@@ -640,18 +644,15 @@ def adamw_block(start, u_begin, u_end, phase, param_addr, grad_addr, exp_avg_add
     )
 
     # ---------------------------------------------------------------- store, fp32 -> storage
-    if NORMS:  # the stored param before the step, read again here (an L1 hit) rather than
-        # kept live through the update: bf16 params with fp32 amsgrad moments and GradScaler
-        # spilled 8 bytes at 128 registers holding it, none reading it again (122 registers)
+    if NORMS:  # the param before the step as stored: adamw_kernel's NOTE on track_norms
         p_before = tl.load(param_ptrs, mask=mask).to(tl.float32)
     if HAS_MASTER:
-        stored = store_param(param, p0, u - phase, mask, param_ptrs, mode,
-                             grid_base(extra_addr, phase, tl.float32, on_grid) + u,
-                             grid_base(extra_addr, phase, tl.int16, on_grid) + u,
-                             grid_base(extra_addr, phase, DTYPE, on_grid) + u, key, BF16_BY_HAND)
+        store_param(param, p0, u - phase, mask, param_ptrs, mode,
+                    grid_base(extra_addr, phase, tl.float32, on_grid) + u,
+                    grid_base(extra_addr, phase, tl.int16, on_grid) + u,
+                    grid_base(extra_addr, phase, DTYPE, on_grid) + u, key, BF16_BY_HAND)
     else:
-        stored = to_storage(param, param_ptrs, BF16_BY_HAND)
-        tl.store(param_ptrs, stored, mask=mask)
+        tl.store(param_ptrs, to_storage(param, param_ptrs, BF16_BY_HAND), mask=mask)
     tl.store(exp_avg_ptrs, to_storage(exp_avg, exp_avg_ptrs, STATE_BF16_BY_HAND), mask=mask)
     tl.store(exp_avg_sq_ptrs, to_storage(exp_avg_sq, exp_avg_sq_ptrs, STATE_BF16_BY_HAND),
              mask=mask)
@@ -661,7 +662,7 @@ def adamw_block(start, u_begin, u_end, phase, param_addr, grad_addr, exp_avg_add
 
     # ---------------------------------------------------------------- track_norms' lanes
     if NORMS:  # the values as stored, in float32 (D::load in tile_with_norms)
-        p_after = stored.to(tl.float32)
+        p_after = tl.load(param_ptrs, mask=mask).to(tl.float32)  # this thread's own store
         delta = p_after - p_before  # the stored param, not a master
         p_sq = p_after * p_after
         d_sq = delta * delta
@@ -679,24 +680,20 @@ def store_param(param, p0, i, mask, param_ptrs, mode, master_ptrs, rem_ptrs, com
                 BF16_BY_HAND: tl.constexpr):
     """The param's store under its row's master mode (tile_loop_master in csrc/cpu_adamw.cpp):
     ``param`` is adamw_update's result, ``p0`` the float it started from, ``i`` the element
-    indices (the stochastic rounding's counter). Returns what it stored in the param (unused
-    but by track_norms)."""
+    indices (the stochastic rounding's counter)."""
     if mode == MASTER_FP32:
         tl.store(master_ptrs, param, mask=mask)
-        stored = to_storage(param, param_ptrs, BF16_BY_HAND)
-        tl.store(param_ptrs, stored, mask=mask)
+        tl.store(param_ptrs, to_storage(param, param_ptrs, BF16_BY_HAND), mask=mask)
     elif mode == MASTER_REMAINDER:  # bfloat16 only (the optimizer refuses it for float16)
         p, rem = remainder_split(param)
-        stored = p.to(param_ptrs.dtype.element_ty, bitcast=True)
-        tl.store(param_ptrs, stored, mask=mask)
+        tl.store(param_ptrs, p.to(param_ptrs.dtype.element_ty, bitcast=True), mask=mask)
         tl.store(rem_ptrs, rem, mask=mask)
     elif mode == MASTER_KAHAN:
         s, y = kahan_sum(p0, param, tl.load(comp_ptrs, mask=mask).to(tl.float32))
-        stored = to_storage(s, param_ptrs, BF16_BY_HAND)
-        tl.store(param_ptrs, stored, mask=mask)
+        ps = to_storage(s, param_ptrs, BF16_BY_HAND)
+        tl.store(param_ptrs, ps, mask=mask)
         tl.store(comp_ptrs,
-                 to_storage(kahan_residual(y, p0, stored.to(tl.float32)), comp_ptrs,
-                            BF16_BY_HAND),
+                 to_storage(kahan_residual(y, p0, ps.to(tl.float32)), comp_ptrs, BF16_BY_HAND),
                  mask=mask)
     elif mode == MASTER_STOCHASTIC:
         r = sr_bits(key, i)
@@ -704,12 +701,9 @@ def store_param(param, p0, i, mask, param_ptrs, mode, master_ptrs, rem_ptrs, com
             param = round_bf16_stochastic(param, r)
         else:
             param = round_f16_stochastic(param, r)
-        stored = to_storage(param, param_ptrs, BF16_BY_HAND)
-        tl.store(param_ptrs, stored, mask=mask)
+        tl.store(param_ptrs, to_storage(param, param_ptrs, BF16_BY_HAND), mask=mask)
     else:  # MASTER_NONE
-        stored = to_storage(param, param_ptrs, BF16_BY_HAND)
-        tl.store(param_ptrs, stored, mask=mask)
-    return stored
+        tl.store(param_ptrs, to_storage(param, param_ptrs, BF16_BY_HAND), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_rows"],  # as adamw_kernel's NOTE on specialisation
@@ -835,7 +829,10 @@ def max_registers(v: Variant) -> int:
 
     track_norms variants hold three lanes and the squares besides (and run whole lane
     rounds: 8 warps, 4 for float32 params with 16-bit moments): 96 for float32 tables, else
-    128 (16 warps either way), from a sweep of 64-128 and a check of all 160."""
+    128 (16 warps per SM either way), from a sweep of 64-128 over the heaviest of each kind.
+    NOTE: not every one of the 160 was checked (tests/test_triton_compile.py --all-norms);
+    bf16 params with a master mode and found_inf but no grad_scale spill 16 bytes at 128
+    (139 registers uncapped, 48 bytes at 120): a known cost, left for a leaner kernel."""
     if v.norms:
         return 96 if v.dtype == v.state_dtype == torch.float32 else 128
     if v.dtype == torch.float32:
