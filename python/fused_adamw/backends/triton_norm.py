@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .. import _table
-from .triton_adamw import fold, row_of_tile
+from .triton_adamw import fold, norm_max, row_of_tile
 
 LANES = 256  # kernels/adamw_math.cuh kNormLanes
 
