@@ -326,9 +326,8 @@ def lanes_add(acc, x, N: tl.constexpr):
     """One lane round of lanes_add (csrc/cpu_adamw.cpp) over a body block: ``x`` holds the
     NORM_LANES * N positions of a round (from a multiple of NORM_LANES * N of the tile); lane
     l of ``acc`` ([NORM_LANES]) adds x[l * N + e] for e = 0, 1, ... N - 1, one at a time, in
-    that order. Element e of each lane is a sum over the lane's N values with all but e
-    replaced by +0.0: exact (x + 0 = x for the squares summed here, never -0.0), and within a
-    thread (a thread holds its lanes' 16-byte vectors)."""
+    that order. The reshape keeps the order and each split takes the lowest remaining bit of
+    e; a thread holds its lanes' 16-byte vectors, so all of it stays within the thread."""
     if N == 4:
         a, b = tl.split(tl.reshape(x, [NORM_LANES, 2, 2]))  # a: e = 0, 2; b: e = 1, 3
         e0, e2 = tl.split(a)
@@ -411,7 +410,7 @@ def adamw_kernel(
     # N blocks of NORM_LANES positions, block e holding element e of every lane (u = start +
     # l * N + e), so that a lane's adds stay in one thread and in order; a lane-major masked
     # block was accessed an element a thread, and Triton moved its values through shared
-    # memory into the body's layout (130 registers for the fp32 variant, 94 this way).
+    # memory into the body's layout (130 registers for the fp32 variant, 90 this way).
     # The param before and after the step is read back from memory (before the block's
     # stores, and after them: the thread's own store, a cache hit) rather than kept live
     # through the update, which cost up to 16 registers and spills at 128 (bf16 params, fp32
