@@ -808,12 +808,13 @@ def variants(all_norms: bool = False) -> list[Variant]:
 
 
 # The track_norms variants compiled in CI: the common fp32 step and the heaviest of each lane
-# layout (fp32 params with 16-bit moments take 4 warps, the others 8; block_size).
+# layout (fp32 params with 16-bit moments take 4 warps, the others 8; block_size) and of each
+# register cap (96, 128, 168: max_registers).
 NORMS_SAMPLE = (
     Variant(torch.float32, torch.float32, False, False, False, False, True, True),
     Variant(torch.float32, torch.float32, True, False, True, True, True, True),
     Variant(torch.float32, torch.bfloat16, True, False, True, True, True, True),
-    Variant(torch.bfloat16, torch.bfloat16, False, True, True, True, True, True),
+    Variant(torch.bfloat16, torch.bfloat16, True, False, True, True, True, True),
     Variant(torch.bfloat16, torch.float32, True, True, True, True, True, True),
 )
 
@@ -828,12 +829,17 @@ def max_registers(v: Variant) -> int:
 
     track_norms variants hold three lanes and the squares besides (and run whole lane
     rounds: 8 warps, 4 for float32 params with 16-bit moments): 96 for float32 tables, else
-    128 (16 warps per SM either way), from a sweep of 64-128 over the heaviest of each kind.
-    NOTE: not every one of the 160 was checked (tests/test_triton_compile.py --all-norms);
-    bf16 params with a master mode and found_inf but no grad_scale spill 16 bytes at 128
-    (139 registers uncapped, 48 bytes at 120): a known cost, left for a leaner kernel."""
+    128 (16 warps per SM either way), but 168 for 16-bit params with a master mode, or with
+    fp32 amsgrad moments: those spill 8-64 bytes at 128 (139-158 registers uncapped), and
+    168 fits them at one block of 8 warps per SM (a sweep of all 160, ``--all-norms``;
+    kernels/NOTES.md). A leaner kernel (4-warp half rounds) is left to do."""
     if v.norms:
-        return 96 if v.dtype == v.state_dtype == torch.float32 else 128
+        if v.dtype == v.state_dtype == torch.float32:
+            return 96
+        if v.dtype != torch.float32 and (
+                v.has_master or (v.has_max and v.state_dtype == torch.float32)):
+            return 168
+        return 128
     if v.dtype == torch.float32:
         if v.state_dtype == torch.float32:
             # amsgrad with GradScaler or the clip coefficient: spills at 64 and 80
