@@ -509,3 +509,88 @@ def test_triton_clipped_steps_match_the_cpu_loop_bitwise(dtype, inf, amsgrad, sc
         assert torch.equal(p, q), f"param {i}"
         for k, v in want_opt.state[q].items():
             assert torch.equal(opt.state[p][k], v), f"param {i}: state {k}"
+
+
+def _norms_run(backend, dtype, state_dtype, masters, amsgrad, scaled, steps=4):
+    """``steps`` clipped steps with track_norms over two groups (different lr, decay and
+    master modes) of params at odd element offsets: one with its grad at the param's phase
+    (a view of a flat buffer: the Triton kernel's head round, body and tail, across a tile
+    edge), three with fresh grads (off the 16-byte grid, all edges, or on it at phase 0: the
+    body, across a tile edge) and one that never has a grad. Under ``scaled`` a
+    GradScaler-like scale with an inf in a grad at step 2 (found_inf: skipped). Returns the params, the norms of each
+    step ({index: norms}), grad_norm and the optimizer."""
+    torch.manual_seed(0)
+    buf = torch.randn(50000).to(dtype)
+    gbuf = torch.zeros(50000, dtype=dtype)
+    ps = [torch.nn.Parameter(buf[i:j]) for i, j in
+          ((1, 8), (9, 16394), (16400, 16410), (20001, 25001), (26000, 46000))]
+    with_grad = (0, 1, 3, 4)
+    groups = [{"params": ps[:3], "master_weights": masters[0]},
+              {"params": ps[3:], "lr": 3e-3, "weight_decay": 0.0, "master_weights": masters[1]}]
+    opt = FusedAdamW(groups, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, max_grad_norm=40.0,
+                     track_norms=True, state_dtype=state_dtype, backend=backend)
+    norms, totals = [], []
+    for s in range(steps):
+        g = torch.Generator().manual_seed(s)
+        for i in with_grad:
+            grad = (torch.randn(ps[i].shape, generator=g) * (1 + s % 3)).to(dtype)
+            if scaled:
+                grad = grad * 1024.0
+                if s == 2 and i == 3:  # the overflow GradScaler found
+                    grad[0] = float("inf")
+            if i == 1:  # at the param's phase: on the grid
+                gbuf[9:16394].copy_(grad)
+                grad = gbuf[9:16394]
+            ps[i].grad = grad
+        if scaled:  # what torch.amp.GradScaler.step() sets
+            opt.grad_scale = torch.tensor(1024.0)
+            opt.found_inf = torch.tensor(1.0 if s == 2 else 0.0)
+        opt.step()
+        if scaled:
+            del opt.grad_scale, opt.found_inf
+        assert set(map(id, opt.norms)) == {id(ps[i]) for i in with_grad}
+        norms.append({i: opt.norms[ps[i]].clone() for i in with_grad})
+        totals.append(opt.grad_norm.clone())
+    return ps, norms, totals, opt
+
+
+@pytest.mark.skipif(not TRITON_INTERPRET,
+                    reason="Triton runs on CPU tensors only with TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype, state_dtype, masters, amsgrad, scaled", [
+    (torch.float32, None, (None, None), False, True),
+    (torch.float32, torch.bfloat16, (None, None), True, False),
+    (torch.bfloat16, None, ("kahan", "stochastic"), False, True),
+    (torch.bfloat16, torch.float32, ("fp32", "remainder"), True, False),
+    (torch.float16, None, ("fp32", None), False, False),
+], ids=["fp32-scaled", "fp32-bf16state-amsgrad", "bf16-kahan-stochastic-scaled",
+        "bf16-fp32state-master-remainder-amsgrad", "fp16-master"])
+def test_triton_track_norms_match_the_cpu_loop_bitwise(dtype, state_dtype, masters, amsgrad,
+                                                       scaled):
+    """track_norms inside the Triton step kernel (adamw_kernel's NOTE on track_norms) gives
+    bitwise the CPU loop's opt.norms over several clipped steps (grad as used, param after
+    and the step's delta, as stored), with the same params and grad_norm; a skipped step's
+    norms are NaN on both. Fails when the lanes add a round's elements in another order
+    (tried: e0, e2, e1, e3 in lanes_add, the fp32 cells) and when the delta is taken from
+    the master instead of the stored param (tried: the bf16 fp32-master cell)."""
+    from fused_adamw import _clip
+    from fused_adamw.backends import triton_adamw
+
+    want_ps, want_norms, want_totals, _ = _norms_run("cpu", dtype, state_dtype, masters,
+                                                     amsgrad, scaled)
+    ps, norms, totals, opt = _norms_run("triton", dtype, state_dtype, masters, amsgrad, scaled)
+    t = next(iter(opt._tables.values()))
+    assert t.backend.name == "triton" and _clip.backend_of(opt, t) is t.backend, \
+        "the Triton table with track_norms fell back to another backend"
+    assert triton_adamw.variant(t)[1].norms
+    for s, (got, want) in enumerate(zip(norms, want_norms)):
+        skipped = scaled and s == 2
+        assert torch.equal(totals[s], want_totals[s]), f"step {s}: grad_norm"
+        assert totals[s].isinf() == skipped
+        for i, n in got.items():
+            if skipped:
+                assert n.isnan().all() and want[i].isnan().all(), f"step {s}: param {i}"
+            else:
+                assert torch.equal(n, want[i]), f"step {s}: param {i}: {n} != {want[i]}"
+    assert all(n > 40.0 for s, n in enumerate(totals) if not (scaled and s == 2)), totals
+    for i, (p, q) in enumerate(zip(ps, want_ps)):
+        assert torch.equal(p, q), f"param {i}"

@@ -2,8 +2,9 @@
 
 Triton compiles for a target with no device present (``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", 90, 32))``, its bundled ptxas and cuobjdump). Every variant that
-``triton_adamw.launch`` can compile (``triton_adamw.variants()``, with the constexprs launch
-passes, ``kernel_constexprs``) is compiled for sm_90 and checked:
+``triton_adamw.launch`` can compile without track_norms, and a sample of those with it
+(``triton_adamw.variants()``, with the constexprs launch passes, ``kernel_constexprs``; all
+track_norms variants with ``--all-norms``) is compiled for sm_90 and checked:
 
 - **spills**: no local memory and no stack frame (cuobjdump ``-res-usage``: ``LOCAL:0``,
   ``STACK:0``);
@@ -40,12 +41,21 @@ SM_REGISTERS, SM_MAX_WARPS, SM_MAX_BLOCKS, REG_UNIT = 65536, 64, 32, 256
 MIN_WARPS_PER_SM = 32  # the CUDA kernel's plain launch bounds: 4 blocks x 8 warps, 50%
 
 MIN_WARPS_NOTED = 16  # the floor of the variants occupancy_note excuses (25%)
+# track_norms with 16-bit params and a master mode (or fp32 amsgrad moments): 139-158
+# registers, one block of 8 warps (12.5%) rather than spills at 128 (triton_adamw.max_registers)
+MIN_WARPS_NORMS_HEAVY = 8
 
 
 def occupancy_note(v: list[str]) -> str | None:
     """Why variant ``v`` (variant_key) may reside with fewer than MIN_WARPS_PER_SM warps, or
     None: it may not. The numbers are in kernels/NOTES.md's Triton table."""
     dtype, state_dtype, has_max, _, scaled = v[:5]
+    if v[7] == "True":
+        return ("track_norms: the param before the step and three lanes stay live beside the "
+                "update, in whole lane rounds (8 warps, 4 for float32 params with 16-bit "
+                "moments): 96-128 registers without spills (triton_adamw.max_registers), 16 "
+                "warps, or 168 and 8 warps for 16-bit params with a master mode or fp32 "
+                "amsgrad moments; the variant runs only when norms are asked for")
     if dtype == state_dtype == "torch.float32":
         if has_max == scaled == "True":
             return ("amsgrad with GradScaler: 5 buffers in and the unscaled grad out; ptxas "
@@ -92,9 +102,9 @@ def access_widths(ptx: str) -> Counter:
 # ---------------------------------------------------------------- the compiles (subprocess)
 
 
-def _cases():
+def _cases(all_norms: bool = False):
     """(name, kernel name, variant_key or None, signature, constexprs, options) of every
-    compile."""
+    compile (``all_norms``: every track_norms variant, not only ``NORMS_SAMPLE``)."""
     import torch
 
     from fused_adamw.backends import triton_adamw as ta
@@ -110,14 +120,18 @@ def _cases():
             const["found_inf_ptr"] = None
         cases.append((f"steps{', found_inf' if found else ''}", "adamw_steps_kernel", None,
                       sig, const, {}))
+    cases.append(("row norms", "adamw_row_norms_kernel", None,
+                  {"tiles_ptr": "*fp32", "tile_starts_ptr": "*i64", "out_ptr": "*fp32",
+                   "n_rows": "i64"}, {}, {}))
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    for v in ta.variants():
+    for v in ta.variants(all_norms):
         const = ta.kernel_constexprs(v, interpret=False)
         sig = {"rows_ptr": "*i64", "tile_starts_ptr": "*i64", "hparams_ptr": "*fp32",
                "n_rows": "i64",
                "grad_scale_ptr": "*fp32" if v.scaled else "constexpr",
                "found_inf_ptr": "*fp32" if v.skippable else "constexpr",
-               "clip_coef_ptr": "*fp32" if v.clipped else "constexpr"}
+               "clip_coef_ptr": "*fp32" if v.clipped else "constexpr",
+               "tile_norms_ptr": "*fp32" if v.norms else "constexpr"}
         sig.update({k: "constexpr" for k in const})
         if not v.scaled:
             const["grad_scale_ptr"] = None
@@ -125,22 +139,26 @@ def _cases():
             const["found_inf_ptr"] = None
         if not v.clipped:
             const["clip_coef_ptr"] = None
+        if not v.norms:
+            const["tile_norms_ptr"] = None
         name = (f"{names[v.dtype]}" + (f" / {names[v.state_dtype]} state"
                                        if v.state_dtype != v.dtype else "")
                 + (", amsgrad" if v.has_max else "") + (", master" if v.has_master else "")
-                + (", grad_scale" if v.scaled else "") + (", found_inf" if v.skippable else "") + (", clip" if v.clipped else ""))
-        cases.append((name, "adamw_kernel", variant_key(v), sig, const, ta.launch_options(v)))
+                + (", grad_scale" if v.scaled else "") + (", found_inf" if v.skippable else "")
+                + (", clip" if v.clipped else "") + (", track_norms" if v.norms else ""))
+        cases.append((name, "adamw_kernel", variant_key(v), sig, const,
+                      ta.launch_options(v, interpret=False)))
     return cases
 
 
-def _compile(i: int) -> dict:
+def _compile(i: int, all_norms: bool = False) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from fused_adamw.backends import triton_adamw as ta
 
-    name, kernel, v, sig, const, options = _cases()[i]
+    name, kernel, v, sig, const, options = _cases(all_norms)[i]
     fn = getattr(ta, kernel)
     compiled = triton.compile(ASTSource(fn, sig, const), target=GPUTarget(*TARGET),
                               options=options)
@@ -159,17 +177,18 @@ def _compile(i: int) -> dict:
                 widths={f"{op}{bits}": n for (op, bits), n in sorted(widths.items())})
 
 
-def compile_all(jobs: int | None = None) -> list[dict]:
+def compile_all(jobs: int | None = None, all_norms: bool = False) -> list[dict]:
     """Compiles every case, ``jobs`` processes at a time (default: the CPUs)."""
+    import functools
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    n = len(_cases())
+    n = len(_cases(all_norms))
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1:
-        return [_compile(i) for i in range(n)]
+        return [_compile(i, all_norms) for i in range(n)]
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(_compile, range(n)))
+        return list(pool.map(functools.partial(_compile, all_norms=all_norms), range(n)))
 
 
 def report(results: list[dict]) -> str:
@@ -200,7 +219,7 @@ def write_notes(results: list[dict]) -> None:
 
 def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
-    results = compile_all()
+    results = compile_all(all_norms="--all-norms" in argv)
     if "--json" in argv or "--background" in argv:  # --background: tests/_background.py
         print(json.dumps(results))
         return 0
@@ -242,8 +261,10 @@ def test_every_variant_compiles(compiled):
     got = {tuple(r["variant"]) for r in compiled if r["kernel"] == "adamw_kernel"}
     assert got == {tuple(variant_key(v)) for v in ta.variants()}
     # 6 (dtype, state dtype) pairs x amsgrad x GradScaler's 2 pointers, x master for the 4
-    # 16-bit pairs (80), x clipping
-    assert len(got) == 160
+    # 16-bit pairs (80), x clipping; and the track_norms sample (not 160 more: CI time)
+    assert len(got) == 160 + len(ta.NORMS_SAMPLE) == 165
+    assert {r["kernel"] for r in compiled} == {"adamw_kernel", "adamw_steps_kernel",
+                                               "adamw_row_norms_kernel"}
 
 
 def test_no_spills(compiled):
@@ -252,12 +273,15 @@ def test_no_spills(compiled):
 
 
 def test_registers_allow_occupancy(compiled):
-    """MIN_WARPS_PER_SM warps per SM, or the variant's occupancy_note and MIN_WARPS_NOTED."""
+    """MIN_WARPS_PER_SM warps per SM, or the variant's occupancy_note and MIN_WARPS_NOTED
+    (MIN_WARPS_NORMS_HEAVY for the track_norms variants capped above 128)."""
     bad = []
     for r in compiled:
         warps = warps_per_sm(r["regs"], r["num_warps"])
         need = MIN_WARPS_NOTED if r["variant"] and occupancy_note(r["variant"]) else \
             MIN_WARPS_PER_SM
+        if r["variant"] and r["variant"][7] == "True" and r["maxnreg"] > 128:
+            need = MIN_WARPS_NORMS_HEAVY
         if warps < need:
             bad.append((r["name"], r["regs"], warps, need))
     assert not bad, f"(kernel, registers, warps per SM, needed): {bad}"
@@ -313,7 +337,8 @@ def _binder(kernel):
                                           make_backend(GPUTarget(*TARGET)))
 
 
-def _fake_table(dtype, n_rows: int, odd_hparams: bool, odd_amp: bool, amp: bool):
+def _fake_table(dtype, n_rows: int, odd_hparams: bool, odd_amp: bool, amp: bool,
+                norms: bool = False):
     """A table of ``n_rows`` rows (fake addresses, never launched) whose tensors' alignment
     varies: hparams, GradScaler's values and the clip coefficient 4 bytes past a 16-byte
     boundary when ``odd_*``."""
@@ -331,6 +356,8 @@ def _fake_table(dtype, n_rows: int, odd_hparams: bool, odd_amp: bool, amp: bool)
         buf = torch.ones(8)
         t.grad_scale, t.found_inf = buf[int(odd_amp):][:1], buf[4:][:1] * 0
         t.clip_coef = buf[4 + int(odd_amp):][:1]
+    if norms:  # track_norms: row_norms (and the kernel's scratch, triton_adamw.tile_norms)
+        t.row_norms = torch.zeros(n_rows, 3)
     return t
 
 
@@ -345,18 +372,22 @@ def test_variant_is_what_triton_specialises_on():
     from fused_adamw.backends import triton_adamw as ta
 
     steps, update = _binder(ta.adamw_steps_kernel), _binder(ta.adamw_kernel)
+    rows = _binder(ta.adamw_row_norms_kernel)
     for dtype in (torch.float32, torch.bfloat16):
-        for amp in (False, True):
+        for amp, norms in ((False, False), (True, False), (True, True)):
             keys = {}
             for n_rows in (1, 2, 3, 16, 17, 32):
                 for odd_hparams in (False, True):
                     for odd_amp in ((False, True) if amp else (False,)):
-                        t = _fake_table(dtype, n_rows, odd_hparams, odd_amp, amp)
+                        t = _fake_table(dtype, n_rows, odd_hparams, odd_amp, amp, norms)
                         v = ta.variant(t)
                         steps_args, update_args = ta.kernel_args(t)
                         key = (str(steps(*steps_args, ROW_COLS=ta._table.ROW_COLS,
                                          BLOCK_SIZE=ta._STEPS_BLOCK)[1]),
                                str(update(*update_args, **ta.kernel_constexprs(v[1], False))[1]))
+                        if norms:
+                            key += (str(rows(update_args[-1], update_args[1], t.row_norms,
+                                             t.n_rows)[1]),)
                         keys.setdefault(v, set()).add(key)
             assert len(keys) == 1, keys.keys()
             (v, specs), = keys.items()

@@ -54,10 +54,11 @@ GradScaler kernels outside amsgrad, see the NOTE on clipping in kernels/adamw_ke
 in the NORMS kernels for amsgrad and low-precision tables) and triton
 (backends/triton_norm.py; the coefficient in adamw_kernel, bitwise the CPU loop under the
 interpreter) run the norm pass and the coefficient; the cpu, cuda (the NORMS kernels' own
-per-thread partials, bitwise the CPU loop's under tests/test_kernel_emulation.py) and torch
-backends also the per-row norms of ``track_norms``. A table whose backend lacks a part is
-stepped by the torch backend when norms are wanted (``backend_of``): correct, slower (Triton
-tables with track_norms).
+per-thread partials, bitwise the CPU loop's under tests/test_kernel_emulation.py), triton
+(inside adamw_kernel, its NOTE on track_norms: the CPU loop's lane order, bitwise under the
+interpreter) and torch backends also the per-row norms of ``track_norms``. ``backend_of``
+still steps a table whose backend lacks a part on the torch backend (correct, slower); no
+backend lacks one now.
 
 NOTE on GradScaler's skipped steps: ``opt.grad_norm`` holds the non-finite norm torch's
 ``clip_grad_norm_`` would return; no param stepped, so every ``opt.norms`` entry is NaN.

@@ -284,6 +284,68 @@ def row_of_tile(tile_starts_ptr, n_rows, tile):
     return lo
 
 
+# ------------------------------------------------------------------------------------------
+# Norms (issue #19): kernels/adamw_math.cuh's lane order (the norm pass, backends/triton_norm.py,
+# and track_norms in adamw_kernel).
+# ------------------------------------------------------------------------------------------
+
+_NORM_LANES = 256  # adamw_math.cuh kNormLanes
+NORM_LANES: tl.constexpr = tl.constexpr(_NORM_LANES)
+
+
+@triton.jit
+def norm_max(acc, x):
+    """adamw_norm_max: max(acc, x) that keeps a NaN once seen."""
+    return tl.where(((x > acc) | (x != x)) & (acc == acc), x, acc)
+
+
+@triton.jit
+def fold(x, H: tl.constexpr, INF: tl.constexpr):
+    """One level of adamw_norm_tree: [2H] -> [H], lane l with lane l + H."""
+    a, b = tl.split(tl.permute(tl.reshape(x, [2, H]), (1, 0)))
+    if INF:
+        return norm_max(a, b)
+    return a + b
+
+
+@triton.jit
+def norm_tree(x, INF: tl.constexpr):
+    """adamw_norm_tree over NORM_LANES (256) lanes: [256] -> [1]."""
+    x = fold(x, 128, INF)
+    x = fold(x, 64, INF)
+    x = fold(x, 32, INF)
+    x = fold(x, 16, INF)
+    x = fold(x, 8, INF)
+    x = fold(x, 4, INF)
+    x = fold(x, 2, INF)
+    return fold(x, 1, INF)
+
+
+@triton.jit
+def lanes_add(acc, x, N: tl.constexpr):
+    """One lane round of lanes_add (csrc/cpu_adamw.cpp) over a body block: ``x`` holds the
+    NORM_LANES * N positions of a round (from a multiple of NORM_LANES * N of the tile); lane
+    l of ``acc`` ([NORM_LANES]) adds x[l * N + e] for e = 0, 1, ... N - 1, one at a time, in
+    that order. The reshape keeps the order and each split takes the lowest remaining bit of
+    e; a thread holds its lanes' 16-byte vectors, so all of it stays within the thread."""
+    if N == 4:
+        a, b = tl.split(tl.reshape(x, [NORM_LANES, 2, 2]))  # a: e = 0, 2; b: e = 1, 3
+        e0, e2 = tl.split(a)
+        e1, e3 = tl.split(b)
+        acc = (((acc + e0) + e1) + e2) + e3
+    else:
+        tl.static_assert(N == 8, "lanes_add takes 4 or 8 elements a lane")
+        a, b = tl.split(tl.reshape(x, [NORM_LANES, 2, 2, 2]))  # a: e even; b: e odd
+        a0, a1 = tl.split(a)  # e = 0, 4; e = 2, 6
+        b0, b1 = tl.split(b)  # e = 1, 5; e = 3, 7
+        e0, e4 = tl.split(a0)
+        e2, e6 = tl.split(a1)
+        e1, e5 = tl.split(b0)
+        e3, e7 = tl.split(b1)
+        acc = (((((((acc + e0) + e1) + e2) + e3) + e4) + e5) + e6) + e7
+    return acc
+
+
 # NOTE on specialisation: Triton compiles a kernel per value of what it specialises on, and
 # besides constexprs and None arguments it specialises on integers equal to 1 (a constexpr),
 # integers divisible by 16 and pointers aligned to 16 bytes. n_rows and the tables' addresses
@@ -309,7 +371,7 @@ def row_of_tile(tile_starts_ptr, n_rows, tile):
 @triton.jit(do_not_specialize=["n_rows"],
             do_not_specialize_on_alignment=["rows_ptr", "tile_starts_ptr", "hparams_ptr",
                                             "grad_scale_ptr", "found_inf_ptr",
-                                            "clip_coef_ptr"])
+                                            "clip_coef_ptr", "tile_norms_ptr"])
 def adamw_kernel(
     rows_ptr,  # *int64 [n_rows, ROW_COLS]: addresses of param, grad, exp_avg, exp_avg_sq, max, step; numel; group
     tile_starts_ptr,  # *int64 [n_rows + 1]: the first tile of each row
@@ -319,6 +381,7 @@ def adamw_kernel(
     grad_scale_ptr,  # *fp32 GradScaler's scale (grads divided by it and written back), or None
     found_inf_ptr,  # *fp32 GradScaler's found_inf (!= 0: nothing is written), or None
     clip_coef_ptr,  # *fp32 the clip coefficient (fused_adamw._clip; adamw_clip), or None
+    tile_norms_ptr,  # *fp32 [n_tiles, 3]: each tile's sums of squares (track_norms), or None
     DTYPE: tl.constexpr,  # the params' (and grads') storage type (tl.float32, bfloat16, float16)
     STATE_DTYPE: tl.constexpr,  # the moments' (state_dtype; DTYPE by default)
     ELEM_BYTES: tl.constexpr,  # DTYPE's size
@@ -334,6 +397,31 @@ def adamw_kernel(
     BLOCK_SIZE: tl.constexpr,  # positions per body block (a divisor of TILE_ELEMS)
     EDGE_SIZE: tl.constexpr,  # positions per edge block (a divisor of BLOCK_SIZE)
 ):
+    # NOTE on track_norms (tile_norms_ptr given): the tile also leaves, per column (grad as
+    # used: after the unscale, before the clip; param after the step; param after - param
+    # before; both as stored), the sum of squares in the CPU loop's order (tile_with_norms in
+    # csrc/cpu_adamw.cpp, kernels/adamw_math.cuh's lane order), so bit for bit its sums:
+    # position u goes to lane (u / N) % NORM_LANES (N elements of a 16-byte param vector),
+    # each lane adds its elements in increasing u, one at a time, in float32, then the
+    # pairwise tree over lanes (norm_tree). The variant's blocks are whole lane rounds
+    # (BLOCK_SIZE = EDGE_SIZE = NORM_LANES * N positions, aligned to the tile, which rounds
+    # divide), walked head, body, tail: increasing u. A body round gives each thread its
+    # lanes' 16-byte vectors (lanes_add, within the thread). An edge round (masked) runs as
+    # N blocks of NORM_LANES positions, block e holding element e of every lane (u = start +
+    # l * N + e), so that a lane's adds stay in one thread and in order; a lane-major masked
+    # block was accessed an element a thread, and Triton moved its values through shared
+    # memory into the body's layout (130 registers for the fp32 variant, 90 this way).
+    # The param before and after the step is read back from memory (before the block's
+    # stores, and after them: the thread's own store, a cache hit) rather than kept live
+    # through the update, which cost up to 16 registers and spills at 128 (bf16 params, fp32
+    # amsgrad moments, GradScaler). The grad's square enters its lanes before the clip.
+    # Masked positions add +0.0, which leaves a sum of squares (never -0.0) unchanged. Each
+    # tile writes its three partials to its own slot of tile_norms (no atomics); the rows sum
+    # their tiles in order in float64 (adamw_row_norms_kernel), so the result does not depend
+    # on the grid. Launched with enable_fp_fusion=False on a GPU: `acc + g * g` must round
+    # the product first, as the CPU loop (built without contraction) does; adamw_update has
+    # no pair that fusion would contract (the module's NOTE on contraction), so the step is
+    # unchanged.
     # ---------------------------------------------------------------- map program id to tile
     # tile_work_in_row (adamw_tile.cuh): positions [u_begin, u_end) of row r.
     tile = tl.program_id(0).to(tl.int64)
@@ -409,23 +497,60 @@ def adamw_kernel(
     first = u_begin - u_begin % EDGE_SIZE
     n_head = (tl.minimum(body_lo, u_end) - first + EDGE_SIZE - 1) // EDGE_SIZE
     n_tail = (tl.maximum(u_end - body_hi, 0) + EDGE_SIZE - 1) // EDGE_SIZE
-    for start in tl.range(body_lo, body_hi, BLOCK_SIZE):
-        adamw_block(start, u_begin, u_end, phase, param_addr, grad_addr, exp_avg_addr,
-                    exp_avg_sq_addr, max_addr, extra_addr, grad_scale, clip_coef, lr, beta1, beta2,
-                    eps, weight_decay, decay, bias_correction1, bias_correction2_sqrt,
-                    maximize, amsgrad, l2, mode, key, grad_scale_ptr is not None,
-                    clip_coef_ptr is not None,
-                    DTYPE, STATE_DTYPE, HAS_MAX, HAS_MASTER, BF16_BY_HAND, STATE_BF16_BY_HAND,
-                    BLOCK_SIZE, False)
-    for k in tl.range(0, n_head + n_tail):
-        start = tl.where(k < n_head, first + k * EDGE_SIZE, body_hi + (k - n_head) * EDGE_SIZE)
-        adamw_block(start, u_begin, u_end, phase, param_addr, grad_addr, exp_avg_addr,
-                    exp_avg_sq_addr, max_addr, extra_addr, grad_scale, clip_coef, lr, beta1, beta2,
-                    eps, weight_decay, decay, bias_correction1, bias_correction2_sqrt,
-                    maximize, amsgrad, l2, mode, key, grad_scale_ptr is not None,
-                    clip_coef_ptr is not None,
-                    DTYPE, STATE_DTYPE, HAS_MAX, HAS_MASTER, BF16_BY_HAND, STATE_BF16_BY_HAND,
-                    EDGE_SIZE, True)
+    if tile_norms_ptr is None:
+        for start in tl.range(body_lo, body_hi, BLOCK_SIZE):
+            adamw_block(start, u_begin, u_end, phase, param_addr, grad_addr, exp_avg_addr,
+                        exp_avg_sq_addr, max_addr, extra_addr, grad_scale, clip_coef, lr,
+                        beta1, beta2, eps, weight_decay, decay, bias_correction1,
+                        bias_correction2_sqrt, maximize, amsgrad, l2, mode, key,
+                        grad_scale_ptr is not None, clip_coef_ptr is not None,
+                        DTYPE, STATE_DTYPE, HAS_MAX, HAS_MASTER, BF16_BY_HAND,
+                        STATE_BF16_BY_HAND, BLOCK_SIZE, False, 0.0, 0.0, 0.0, False, 1)
+        for k in tl.range(0, n_head + n_tail):
+            start = tl.where(k < n_head, first + k * EDGE_SIZE,
+                             body_hi + (k - n_head) * EDGE_SIZE)
+            adamw_block(start, u_begin, u_end, phase, param_addr, grad_addr, exp_avg_addr,
+                        exp_avg_sq_addr, max_addr, extra_addr, grad_scale, clip_coef, lr,
+                        beta1, beta2, eps, weight_decay, decay, bias_correction1,
+                        bias_correction2_sqrt, maximize, amsgrad, l2, mode, key,
+                        grad_scale_ptr is not None, clip_coef_ptr is not None,
+                        DTYPE, STATE_DTYPE, HAS_MAX, HAS_MASTER, BF16_BY_HAND,
+                        STATE_BF16_BY_HAND, EDGE_SIZE, True, 0.0, 0.0, 0.0, False, 1)
+    else:  # track_norms: head, body, tail (increasing u: the lanes' order)
+        N: tl.constexpr = 16 // ELEM_BYTES
+        g_acc = tl.zeros([NORM_LANES], tl.float32)
+        p_acc = tl.zeros([NORM_LANES], tl.float32)
+        d_acc = tl.zeros([NORM_LANES], tl.float32)
+        for k in tl.range(0, n_head * N):  # edge rounds: N blocks each, element k % N
+            g_acc, p_acc, d_acc = adamw_block(
+                first + (k // N) * BLOCK_SIZE + k % N,
+                u_begin, u_end, phase, param_addr, grad_addr, exp_avg_addr, exp_avg_sq_addr,
+                max_addr, extra_addr, grad_scale, clip_coef, lr, beta1, beta2, eps,
+                weight_decay, decay, bias_correction1, bias_correction2_sqrt, maximize, amsgrad,
+                l2, mode, key, grad_scale_ptr is not None, clip_coef_ptr is not None, DTYPE,
+                STATE_DTYPE, HAS_MAX, HAS_MASTER, BF16_BY_HAND, STATE_BF16_BY_HAND,
+                NORM_LANES, True, g_acc, p_acc, d_acc, True, N)
+        for start in tl.range(body_lo, body_hi, BLOCK_SIZE):
+            g_acc, p_acc, d_acc = adamw_block(
+                start, u_begin, u_end, phase, param_addr, grad_addr, exp_avg_addr, exp_avg_sq_addr,
+                max_addr, extra_addr, grad_scale, clip_coef, lr, beta1, beta2, eps,
+                weight_decay, decay, bias_correction1, bias_correction2_sqrt, maximize, amsgrad,
+                l2, mode, key, grad_scale_ptr is not None, clip_coef_ptr is not None, DTYPE,
+                STATE_DTYPE, HAS_MAX, HAS_MASTER, BF16_BY_HAND, STATE_BF16_BY_HAND,
+                BLOCK_SIZE, False, g_acc, p_acc, d_acc, True, N)
+        for k in tl.range(0, n_tail * N):
+            g_acc, p_acc, d_acc = adamw_block(
+                body_hi + (k // N) * BLOCK_SIZE + k % N,
+                u_begin, u_end, phase, param_addr, grad_addr, exp_avg_addr, exp_avg_sq_addr,
+                max_addr, extra_addr, grad_scale, clip_coef, lr, beta1, beta2, eps,
+                weight_decay, decay, bias_correction1, bias_correction2_sqrt, maximize, amsgrad,
+                l2, mode, key, grad_scale_ptr is not None, clip_coef_ptr is not None, DTYPE,
+                STATE_DTYPE, HAS_MAX, HAS_MASTER, BF16_BY_HAND, STATE_BF16_BY_HAND,
+                NORM_LANES, True, g_acc, p_acc, d_acc, True, N)
+        out = tile_norms_ptr + tile * 3 + tl.arange(0, 1)
+        tl.store(out, norm_tree(g_acc, False))
+        tl.store(out + 1, norm_tree(p_acc, False))
+        tl.store(out + 2, norm_tree(d_acc, False))
 
 
 @triton.jit
@@ -446,11 +571,17 @@ def adamw_block(start, u_begin, u_end, phase, param_addr, grad_addr, exp_avg_add
                 DTYPE: tl.constexpr,
                 STATE_DTYPE: tl.constexpr, HAS_MAX: tl.constexpr, HAS_MASTER: tl.constexpr,
                 BF16_BY_HAND: tl.constexpr, STATE_BF16_BY_HAND: tl.constexpr,
-                BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr):
+                BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, g_acc, p_acc, d_acc,
+                NORMS: tl.constexpr, N: tl.constexpr):
     """Positions [start, start + BLOCK_SIZE) of a row: a body block (MASKED false: all of them
     in the row, every buffer on the 16-byte grid) or an edge block (masked to [u_begin,
-    u_end))."""
-    u = start + tl.arange(0, BLOCK_SIZE)
+    u_end)). With NORMS (track_norms: the block is one lane round, adamw_kernel's NOTE on
+    track_norms) returns the lanes (g_acc, p_acc, d_acc) plus this block's squares; without,
+    returns them unchanged."""
+    if MASKED and NORMS:  # element e of every lane of a round (adamw_kernel's NOTE)
+        u = start + tl.arange(0, BLOCK_SIZE) * N
+    else:
+        u = start + tl.arange(0, BLOCK_SIZE)
     if MASKED:
         mask = (u >= u_begin) & (u < u_end)
     else:
@@ -495,6 +626,12 @@ def adamw_block(start, u_begin, u_end, phase, param_addr, grad_addr, exp_avg_add
     if SCALED:  # adamw_unscale, written back to the grad
         grad = adamw_unscale(grad, grad_scale)
         tl.store(grad_ptrs, to_storage(grad, grad_ptrs, BF16_BY_HAND), mask=mask)
+    if NORMS:  # the grad as used: unscaled, not clipped (tile_with_norms's g_used)
+        g_sq = grad * grad
+        if MASKED:  # +0.0 outside the row: the lanes' sums do not change
+            g_acc += tl.where(mask, g_sq, 0.0)  # one element of each lane
+        else:
+            g_acc = lanes_add(g_acc, g_sq, N)
     if CLIPPED:  # adamw_clip, after the write-back: p.grad stays unclipped
         # NOTE on contraction: the product only feeds adamw_update's fmas as an operand (or
         # its negation), never an add, so it is not fused; the CPU loop rounds it alone too.
@@ -506,6 +643,8 @@ def adamw_block(start, u_begin, u_end, phase, param_addr, grad_addr, exp_avg_add
     )
 
     # ---------------------------------------------------------------- store, fp32 -> storage
+    if NORMS:  # the param before the step as stored: adamw_kernel's NOTE on track_norms
+        p_before = tl.load(param_ptrs, mask=mask).to(tl.float32)
     if HAS_MASTER:
         store_param(param, p0, u - phase, mask, param_ptrs, mode,
                     grid_base(extra_addr, phase, tl.float32, on_grid) + u,
@@ -519,6 +658,20 @@ def adamw_block(start, u_begin, u_end, phase, param_addr, grad_addr, exp_avg_add
     if HAS_MAX:
         tl.store(max_ptrs, to_storage(max_exp_avg_sq, max_ptrs, STATE_BF16_BY_HAND),
                  mask=max_mask)
+
+    # ---------------------------------------------------------------- track_norms' lanes
+    if NORMS:  # the values as stored, in float32 (D::load in tile_with_norms)
+        p_after = tl.load(param_ptrs, mask=mask).to(tl.float32)  # this thread's own store
+        delta = p_after - p_before  # the stored param, not a master
+        p_sq = p_after * p_after
+        d_sq = delta * delta
+        if MASKED:
+            p_acc += tl.where(mask, p_sq, 0.0)
+            d_acc += tl.where(mask, d_sq, 0.0)
+        else:
+            p_acc = lanes_add(p_acc, p_sq, N)
+            d_acc = lanes_add(d_acc, d_sq, N)
+    return g_acc, p_acc, d_acc
 
 
 @triton.jit
@@ -573,6 +726,27 @@ def adamw_steps_kernel(
     tl.store(step_ptrs, tl.load(step_ptrs, mask=mask) + increment, mask=mask)
 
 
+@triton.jit(do_not_specialize=["n_rows"],  # as adamw_kernel's NOTE on specialisation
+            do_not_specialize_on_alignment=["tiles_ptr", "tile_starts_ptr", "out_ptr"])
+def adamw_row_norms_kernel(
+    tiles_ptr,  # *fp32 [n_tiles, 3]: adamw_kernel's tile_norms
+    tile_starts_ptr,  # *int64 [n_rows + 1]
+    out_ptr,  # *fp32 [n_rows, 3]: table.row_norms
+    n_rows: tl.int64,  # rows in the table (each program takes one; unused but for the key)
+):
+    """track_norms' rows, after adamw_kernel: per row and column its tiles' sums in order, in
+    float64, rounded once to float32 (adamw_step_cpu's loop). One program per row: the order
+    is the row's, whatever the grid."""
+    r = tl.program_id(0).to(tl.int64)
+    t0 = tl.load(tile_starts_ptr + r)
+    t1 = tl.load(tile_starts_ptr + r + 1)
+    for c in tl.static_range(3):
+        acc = tl.zeros([1], tl.float64)
+        for t in range(t0, t1):
+            acc += tl.load(tiles_ptr + t * 3 + c + tl.arange(0, 1)).to(tl.float64)
+        tl.store(out_ptr + r * 3 + c + tl.arange(0, 1), acc.to(tl.float32))
+
+
 # ------------------------------------------------------------------------------------------
 # Host side.
 # ------------------------------------------------------------------------------------------
@@ -606,23 +780,43 @@ class Variant(NamedTuple):
     scaled: bool  # GradScaler's grad_scale is given
     skippable: bool  # GradScaler's found_inf is given
     clipped: bool = False  # a clip coefficient is given (max_grad_norm, fused_adamw._clip)
+    norms: bool = False  # track_norms: the tiles' sums of squares (table.row_norms)
 
 
 def variant(table: _table.Table) -> tuple:
     """The key of the kernels a step of ``table`` launches: (device, :class:`Variant`)."""
     return (table.device, Variant(table.dtype, table.state_dtype, table.has_max,
                                   has_master(table), table.grad_scale is not None,
-                                  table.found_inf is not None, clip_coef(table) is not None))
+                                  table.found_inf is not None, clip_coef(table) is not None,
+                                  row_norms(table) is not None))
 
 
-def variants() -> list[Variant]:
-    """Every variant :func:`launch` can compile (tests/test_triton_compile.py compiles each)."""
-    return [Variant(dtype, state_dtype, has_max, has_master, scaled, skippable, clipped)
-            for dtype in _SUPPORTED_DTYPES for state_dtype in _STATE_DTYPES[dtype]
-            for has_max in (False, True)
-            for has_master in ((False, True) if dtype != torch.float32 else (False,))
-            for scaled in (False, True) for skippable in (False, True)
-            for clipped in (False, True)]
+def variants(all_norms: bool = False) -> list[Variant]:
+    """The variants tests/test_triton_compile.py compiles: every one without track_norms that
+    :func:`launch` can compile (160) and :data:`NORMS_SAMPLE`, the track_norms twins that
+    stand for the others (a sweep of all of them, ``all_norms``, set max_registers;
+    kernels/NOTES.md)."""
+    plain = [Variant(dtype, state_dtype, has_max, has_master, scaled, skippable, clipped)
+             for dtype in _SUPPORTED_DTYPES for state_dtype in _STATE_DTYPES[dtype]
+             for has_max in (False, True)
+             for has_master in ((False, True) if dtype != torch.float32 else (False,))
+             for scaled in (False, True) for skippable in (False, True)
+             for clipped in (False, True)]
+    if all_norms:
+        return plain + [v._replace(norms=True) for v in plain]
+    return plain + list(NORMS_SAMPLE)
+
+
+# The track_norms variants compiled in CI: the common fp32 step and the heaviest of each lane
+# layout (fp32 params with 16-bit moments take 4 warps, the others 8; block_size) and of each
+# register cap (96, 128, 168: max_registers).
+NORMS_SAMPLE = (
+    Variant(torch.float32, torch.float32, False, False, False, False, True, True),
+    Variant(torch.float32, torch.float32, True, False, True, True, True, True),
+    Variant(torch.float32, torch.bfloat16, True, False, True, True, True, True),
+    Variant(torch.bfloat16, torch.bfloat16, True, False, True, True, True, True),
+    Variant(torch.bfloat16, torch.float32, True, True, True, True, True, True),
+)
 
 
 def max_registers(v: Variant) -> int:
@@ -631,7 +825,21 @@ def max_registers(v: Variant) -> int:
     does, measured with Triton 3.9's ptxas for sm_90 (a sweep of the four caps over every
     variant; ptxas is not monotone here: some spill at 96 and not at 80). 16-bit params hold
     8 elements a thread (one 16-byte vector), as fp32 moments and masters 8 more registers
-    each. tests/test_triton_compile.py fails on any spill; kernels/NOTES.md has the counts."""
+    each. tests/test_triton_compile.py fails on any spill; kernels/NOTES.md has the counts.
+
+    track_norms variants hold three lanes and the squares besides (and run whole lane
+    rounds: 8 warps, 4 for float32 params with 16-bit moments): 96 for float32 tables, else
+    128 (16 warps per SM either way), but 168 for 16-bit params with a master mode, or with
+    fp32 amsgrad moments: those spill 8-64 bytes at 128 (139-158 registers uncapped), and
+    168 fits them at one block of 8 warps per SM (a sweep of all 160, ``--all-norms``;
+    kernels/NOTES.md). A leaner kernel (4-warp half rounds) is left to do."""
+    if v.norms:
+        if v.dtype == v.state_dtype == torch.float32:
+            return 96
+        if v.dtype != torch.float32 and (
+                v.has_master or (v.has_max and v.state_dtype == torch.float32)):
+            return 168
+        return 128
     if v.dtype == torch.float32:
         if v.state_dtype == torch.float32:
             # amsgrad with GradScaler or the clip coefficient: spills at 64 and 80
@@ -644,15 +852,29 @@ def max_registers(v: Variant) -> int:
     return 96 if v.has_master and (v.has_max or v.dtype == torch.float16) else 80
 
 
-def launch_options(v: Variant) -> dict:
-    """:func:`adamw_kernel`'s compile options for variant ``v``."""
-    return dict(num_warps=_NUM_WARPS, maxnreg=max_registers(v))
+def launch_options(v: Variant, interpret: bool = _INTERPRET) -> dict:
+    """:func:`adamw_kernel`'s compile options for variant ``v`` (track_norms: no fp fusion,
+    adamw_kernel's NOTE on track_norms; the interpreter never fuses)."""
+    opts = dict(num_warps=num_warps(v), maxnreg=max_registers(v))
+    if v.norms and not interpret:
+        opts["enable_fp_fusion"] = False
+    return opts
 
 
 def block_size(v: Variant) -> int:
     """Body positions per block: one 16-byte vector per thread of the narrower buffers (see
-    the NOTE on configuration)."""
+    the NOTE on configuration); with track_norms one lane round, NORM_LANES 16-byte vectors
+    of params (adamw_kernel's NOTE on track_norms)."""
+    if v.norms:
+        return _NORM_LANES * 16 // v.dtype.itemsize
     return 32 * _NUM_WARPS * 16 // min(v.dtype.itemsize, v.state_dtype.itemsize)
+
+
+def num_warps(v: Variant) -> int:
+    """Warps per program: a thread holds one 16-byte vector of the narrower buffers, so 4
+    without track_norms; with it the block is a lane round (1024 positions for float32
+    params, 2048 for 16-bit ones): 8 warps, or 4 for float32 params with 16-bit moments."""
+    return block_size(v) * min(v.dtype.itemsize, v.state_dtype.itemsize) // (32 * 16)
 
 
 def kernel_constexprs(v: Variant, interpret: bool = _INTERPRET) -> dict:
@@ -672,7 +894,7 @@ def kernel_constexprs(v: Variant, interpret: bool = _INTERPRET) -> dict:
         BF16_BY_HAND=interpret and v.dtype == torch.bfloat16,
         STATE_BF16_BY_HAND=interpret and v.state_dtype == torch.bfloat16,
         BLOCK_SIZE=block_size(v),
-        EDGE_SIZE=_EDGE_SIZE,
+        EDGE_SIZE=block_size(v) if v.norms else _EDGE_SIZE,
     )
 
 
@@ -690,10 +912,12 @@ def launch(table: _table.Table) -> None:
     steps_args, update_args = kernel_args(table)
     adamw_steps_kernel[(triton.cdiv(table.n_rows, _STEPS_BLOCK),)](
         *steps_args, ROW_COLS=_table.ROW_COLS, BLOCK_SIZE=_STEPS_BLOCK)
-    if table.n_tiles == 0:
-        return
-    adamw_kernel[(table.n_tiles,)](*update_args, **kernel_constexprs(key[1]),
-                                   **launch_options(key[1]))
+    if table.n_tiles:
+        adamw_kernel[(table.n_tiles,)](*update_args, **kernel_constexprs(key[1]),
+                                       **launch_options(key[1]))
+    if key[1].norms:  # rows without a tile (no elements) get 0, as in the CPU loop
+        adamw_row_norms_kernel[(table.n_rows,)](update_args[-1], update_args[1],
+                                                table.row_norms, table.n_rows)
 
 
 def kernel_args(table: _table.Table) -> tuple[tuple, tuple]:
@@ -704,7 +928,7 @@ def kernel_args(table: _table.Table) -> tuple[tuple, tuple]:
     tile_starts = packed[table.n_rows * _table.ROW_COLS:]
     return ((rows, table.n_rows, table.found_inf),
             (rows, tile_starts, table.hparams, table.n_rows, table.grad_scale, table.found_inf,
-             clip_coef(table)))
+             clip_coef(table), tile_norms(table)))
 
 
 def clip_coef(table: _table.Table):
@@ -713,12 +937,28 @@ def clip_coef(table: _table.Table):
     return getattr(table, "clip_coef", None)
 
 
+def row_norms(table: _table.Table):
+    """track_norms' output (float32 [n_rows, 3], fused_adamw._clip), or None."""
+    return getattr(table, "row_norms", None)
+
+
+def tile_norms(table: _table.Table):
+    """adamw_kernel's scratch for track_norms, float32 [max(n_tiles, 1), 3] on the table's
+    device (allocated when the table's tiles change, reused every step), or None."""
+    if row_norms(table) is None:
+        return None
+    buf = getattr(table, "triton_tile_norms", None)
+    n = max(table.n_tiles, 1)
+    if buf is None or buf.shape[0] != n or buf.device != table.device:
+        buf = table.triton_tile_norms = torch.empty(n, 3, dtype=torch.float32,
+                                                    device=table.device)
+    return buf
+
+
 class TritonBackend:
     name = "triton"
     clips = True  # grad_norm_rows (backends/triton_norm.py) and table.clip_coef
-    # NOTE on track_norms: the kernel computes no per-row norms; tables with track_norms are
-    # stepped by the torch backend (fused_adamw._clip.backend_of).
-    tracks_norms = False
+    tracks_norms = True  # table.row_norms: adamw_kernel's NOTE on track_norms
 
     def grad_norm_rows(self, table: _table.Table) -> None:
         """The norm pass (fused_adamw._clip): ``table.clip_rows`` (float64 [n_rows + 1])."""
@@ -735,7 +975,7 @@ class TritonBackend:
         key is all Triton specialises on: see adamw_kernel's NOTE on specialisation)."""
         if table.n_rows and variant(table) not in _launched:
             return ("the Triton kernel for this table (dtypes, amsgrad, master modes, GradScaler "
-                    "use, clipping) has not "
+                    "use, clipping, track_norms) has not "
                     "been compiled yet: run one eager step the way the graph will (with or "
                     "without the scaler) before capturing")
         return None
@@ -759,6 +999,12 @@ class TritonBackend:
                              "float32, bfloat16 or float16")
         if table.hparams is None or table.hparams.dtype != torch.float32:
             raise ValueError("table.hparams must be a float32 [n_groups, HPARAM_COLS] tensor")
+        norms = row_norms(table)
+        if norms is not None and (norms.dtype != torch.float32 or not norms.is_contiguous()
+                                  or tuple(norms.shape) != (table.n_rows, 3)
+                                  or norms.device != table.device):
+            raise ValueError(f"table.row_norms must be a contiguous float32 [{table.n_rows}, 3] "
+                             f"tensor on {table.device}")
         if table.device.type == "cuda":
             with torch.cuda.device(table.device):
                 launch(table)

@@ -16,24 +16,9 @@ import triton
 import triton.language as tl
 
 from .. import _table
-from .triton_adamw import row_of_tile
+from .triton_adamw import fold, norm_max, row_of_tile
 
 LANES = 256  # kernels/adamw_math.cuh kNormLanes
-
-
-@triton.jit
-def norm_max(acc, x):
-    """adamw_norm_max: max(acc, x) that keeps a NaN once seen."""
-    return tl.where(((x > acc) | (x != x)) & (acc == acc), x, acc)
-
-
-@triton.jit
-def fold(x, H: tl.constexpr, INF: tl.constexpr):
-    """One level of adamw_norm_tree: [2H] -> [H], lane l with lane l + H."""
-    a, b = tl.split(tl.permute(tl.reshape(x, [2, H]), (1, 0)))
-    if INF:
-        return norm_max(a, b)
-    return a + b
 
 
 @triton.jit
