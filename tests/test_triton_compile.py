@@ -22,6 +22,7 @@ it in kernels/NOTES.md (the Triton section).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -106,6 +107,7 @@ def _cases(all_norms: bool = False):
     """(name, kernel name, variant_key or None, signature, constexprs, options) of every
     compile (``all_norms``: every track_norms variant, not only ``NORMS_SAMPLE``)."""
     import torch
+    import triton.language as tl
 
     from fused_adamw.backends import triton_adamw as ta
     from fused_adamw import _table
@@ -123,6 +125,32 @@ def _cases(all_norms: bool = False):
     cases.append(("row norms", "adamw_row_norms_kernel", None,
                   {"tiles_ptr": "*fp32", "tile_starts_ptr": "*i64", "out_ptr": "*fp32",
                    "n_rows": "i64"}, {}, {}))
+    # Clipping's norm pass (backends/triton_norm.py, launched as grad_norm_rows does): each
+    # grad dtype, GradScaler's pointer or not, the L2 and the inf norm, in 4 compiles, and
+    # its two reductions.
+    from fused_adamw.backends import triton_norm as tn
+    tls = {"fp32": (tl.float32, 4), "bf16": (tl.bfloat16, 2), "fp16": (tl.float16, 2)}
+    for dname, scaled, inf in (("fp32", False, False), ("fp32", True, True),
+                               ("bf16", True, False), ("fp16", False, True)):
+        dtype, size = tls[dname]
+        sig = {"rows_ptr": "*i64", "tile_starts_ptr": "*i64", "n_rows": "i64",
+               "grad_scale_ptr": "*fp32" if scaled else "constexpr", "out_ptr": "*fp32"}
+        const = dict(DTYPE=dtype, ELEM_BYTES=size, N=16 // size, INF=inf,
+                     ROW_COLS=_table.ROW_COLS, TILE_ELEMS=_table.TILE_ELEMS, LANES=tn.LANES)
+        sig.update({k: "constexpr" for k in const})
+        if not scaled:
+            const["grad_scale_ptr"] = None
+        cases.append((f"norm pass, {dname}" + (", grad_scale" if scaled else "")
+                      + (", inf" if inf else ""), "triton_norm.adamw_norm_lanes_kernel", None,
+                      sig, const, {"enable_fp_fusion": False}))
+    for inf in (False, True):
+        cases.append((f"norm rows{', inf' if inf else ''}", "triton_norm.adamw_norm_rows_kernel",
+                      None, {"tiles_ptr": "*fp32", "tile_starts_ptr": "*i64", "out_ptr": "*fp64",
+                             "INF": "constexpr"}, {"INF": inf}, {}))
+        cases.append((f"norm total{', inf' if inf else ''}",
+                      "triton_norm.adamw_norm_total_kernel", None,
+                      {"out_ptr": "*fp64", "n_rows": "i64", "INF": "constexpr"}, {"INF": inf},
+                      {}))
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     for v in ta.variants(all_norms):
         const = ta.kernel_constexprs(v, interpret=False)
@@ -159,7 +187,9 @@ def _compile(i: int, all_norms: bool = False) -> dict:
     from fused_adamw.backends import triton_adamw as ta
 
     name, kernel, v, sig, const, options = _cases(all_norms)[i]
-    fn = getattr(ta, kernel)
+    module, _, attr = kernel.rpartition(".")
+    fn = getattr(importlib.import_module(f"fused_adamw.backends.{module}") if module else ta,
+                 attr)
     compiled = triton.compile(ASTSource(fn, sig, const), target=GPUTarget(*TARGET),
                               options=options)
     cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"fused_adamw_triton_{os.getpid()}.cubin"
@@ -263,8 +293,10 @@ def test_every_variant_compiles(compiled):
     # 6 (dtype, state dtype) pairs x amsgrad x GradScaler's 2 pointers, x master for the 4
     # 16-bit pairs (80), x clipping; and the track_norms sample (not 160 more: CI time)
     assert len(got) == 160 + len(ta.NORMS_SAMPLE) == 165
-    assert {r["kernel"] for r in compiled} == {"adamw_kernel", "adamw_steps_kernel",
-                                               "adamw_row_norms_kernel"}
+    assert {r["kernel"] for r in compiled} == {
+        "adamw_kernel", "adamw_steps_kernel", "adamw_row_norms_kernel",
+        "triton_norm.adamw_norm_lanes_kernel", "triton_norm.adamw_norm_rows_kernel",
+        "triton_norm.adamw_norm_total_kernel"}
 
 
 def test_no_spills(compiled):

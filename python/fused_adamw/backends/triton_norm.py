@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .. import _table
-from .triton_adamw import fold, norm_max, row_of_tile
+from .triton_adamw import norm_max, norm_tree, row_of_tile
 
 LANES = 256  # kernels/adamw_math.cuh kNormLanes
 
@@ -63,15 +63,7 @@ def adamw_norm_lanes_kernel(
             else:
                 acc = tl.where(m, acc + g * g, acc)
     # ---------------------------------------------------------------- the tree over lanes
-    x = fold(acc, 128, INF)
-    x = fold(x, 64, INF)
-    x = fold(x, 32, INF)
-    x = fold(x, 16, INF)
-    x = fold(x, 8, INF)
-    x = fold(x, 4, INF)
-    x = fold(x, 2, INF)
-    x = fold(x, 1, INF)
-    tl.store(out_ptr + tile + tl.arange(0, 1), x)
+    tl.store(out_ptr + tile + tl.arange(0, 1), norm_tree(acc, INF))
 
 
 @triton.jit
