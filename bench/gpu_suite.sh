@@ -15,7 +15,8 @@
 #   sanitizer  compute-sanitizer memcheck, then racecheck, on bench/sanitize_step.py (one small
 #              step of each kernel family: plain, amsgrad, GradScaler, low precision)
 #   bench      bench/bench_step.py --suite: cuda, triton, torch fused; fresh grads
-#   extras     bench/bench_training_step.py, then bench/bench_lowprec.py --quick
+#   extras     bench/bench_training_step.py, bench/bench_clip.py --device cuda (clip + step
+#              against torch's clip_grad_norm_ + fused step), then bench/bench_lowprec.py --quick
 # OUT holds at most 7 files, no folder: summary.json (rewritten after every stage),
 # build.log, tests.log, sanitizer.log, bench.log, bench.jsonl, extras.log.
 # The last line says which stages passed, failed or were cut for time.
@@ -33,7 +34,7 @@ declare -A WHAT=(
     [tests]="GPU tests (low precision, plain kernels, GradScaler, capture, Triton, streams)"
     [sanitizer]="compute-sanitizer memcheck + racecheck, one step of each kernel family"
     [bench]="bench_step.py --suite: cuda, triton, torch fused; fresh grads; kernel time"
-    [extras]="bench_training_step.py, then bench_lowprec.py --quick (with the time left)"
+    [extras]="bench_training_step.py, bench_clip.py, then bench_lowprec.py --quick (time left)"
 )
 # The GPU tests, most important first; -k keeps the tests that touch CUDA (module, class or
 # parameter names); test_gpu_suite.py is this script's own CPU test.
@@ -372,6 +373,13 @@ if starts extras; then
     run_in extras "$LIMIT" "$PY" bench/bench_training_step.py --out "$SCRATCH/extras"
     RC=$?
     LEFT=$((LIMIT - ($(date +%s) - T0)))
+    if [ "$RC" = 0 ] && [ "$LEFT" -ge "$MIN_STAGE_S" ]; then
+        # issue #19: clip + step, 50M fp32 params and 5,000 tensors (a few seconds on a GPU)
+        run_in extras "$LEFT" "$PY" bench/bench_clip.py --device cuda --reps 9 \
+            --json "$SCRATCH/extras/clip.jsonl"
+        RC=$?
+        LEFT=$((LIMIT - ($(date +%s) - T0)))
+    fi
     if [ "$RC" = 0 ] && [ "$LEFT" -ge "$MIN_STAGE_S" ]; then
         run_in extras "$LEFT" "$PY" bench/bench_lowprec.py --quick --out "$SCRATCH/extras"
         RC=$?
