@@ -762,7 +762,7 @@ def has_master(table: _table.Table) -> bool:
         row[_table.HP_MASTER_MODE] != 0 for row in table.host_hparams)
 
 
-# The moments' dtypes each param dtype takes (optimizer._check_low_precision: its own, float32,
+# The moments' dtypes each param dtype takes (_lowp.check_low_precision: its own, float32,
 # or bfloat16 beside float32 params).
 _STATE_DTYPES = {torch.float32: (torch.float32, torch.bfloat16),
                  torch.bfloat16: (torch.bfloat16, torch.float32),
