@@ -405,10 +405,10 @@ py::object scan(std::uintptr_t fn, py::handle tensor_type, py::handle get_grad, 
       chunk_same = chunk_same && id == want[3 * i + 1] && at == want[3 * i + 2];
     }
     if (!check_chunk(PyList_GET_ITEM(pcs, c), ps, lo, hi)) return py::none();
-    if (!chunk_same) {
-      PyObject* gc = PyList_GET_ITEM(gcs, c);
-      if (gc == Py_None || !check_chunk(gc, grads.ptr(), lo, hi)) return py::none();
-    }
+    // The grads' layout, kept grads included: one re-viewed at its own address (p.grad.t_(),
+    // p.grad.data = p.grad.data.view(...)) keeps its id and address.
+    PyObject* gc = PyList_GET_ITEM(gcs, c);
+    if (gc == Py_None || !check_chunk(gc, grads.ptr(), lo, hi)) return py::none();
     same = same && chunk_same;
   }
   const std::uint64_t* sw = sp.data();

@@ -129,3 +129,39 @@ def test_grad_norm_process_group_must_be_one_and_is_not_lost_silently(tmp_path):
         assert torch.equal(q, before)
     finally:
         dist.destroy_process_group()
+
+
+def test_grad_norm_is_a_new_tensor_each_step():
+    """Kept without .item() (logging without a sync), each step's opt.grad_norm keeps its
+    value, as clip_grad_norm_'s return values do; the review found one buffer overwritten."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = FusedAdamW([p], lr=1e-2, max_grad_norm=1.0)
+    kept, want = [], []
+    for s in range(3):
+        p.grad = torch.randn(10) * (s + 1)
+        want.append(p.grad.norm())
+        opt.step()
+        kept.append(opt.grad_norm)
+    # float32 sums of 10 squares in two orders: an ulp or two.
+    torch.testing.assert_close(torch.stack(kept), torch.stack(want), rtol=1e-6, atol=0)
+
+
+def test_float64_params_clip_in_float64():
+    """float64 params (the torch backend) take torch's float64 coefficient: params match
+    torch's AdamW + clip_grad_norm_ to float64 rounding, not float32's (1e-7 relative)."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(50, dtype=torch.float64)) for _ in range(2)]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = FusedAdamW(ps, lr=1e-2, max_grad_norm=0.3)
+    ref = torch.optim.AdamW(qs, lr=1e-2, foreach=False)
+    for _ in range(5):
+        gs = [torch.randn(50, dtype=torch.float64) for _ in ps]
+        for p, q, g in zip(ps, qs, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        clip_grad_norm_(qs, 0.3)
+        ref.step()
+    for p, q in zip(ps, qs):
+        # float64 arithmetic in another order: ~1e-15 relative; a float32 coefficient: ~1e-7.
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=0)

@@ -472,3 +472,44 @@ def test_a_param_changed_at_the_same_address_is_not_stepped_stale(backend, stage
         # 3 steps of fp32 |p| < 5: the fused math rounds in another order than torch's
         # for-loop (a few ulps, 4.8e-7 each at 4); a stale (untransposed) walk is off by ~1e-2.
         assert torch.allclose(a, b, rtol=0, atol=2e-6), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("python_pass", [False, True], ids=["compiled", "python"])
+@pytest.mark.parametrize("change", ["t_", "data_t", "view", "dtype_view"])
+def test_a_kept_grad_re_viewed_at_its_address_is_not_stepped_stale(change, python_pass,
+                                                                    monkeypatch):
+    """The param untouched, its kept grad (zero_grad(set_to_none=False)) re-viewed in place:
+    the same object at the same address, another layout. A transposed one steps as torch
+    steps it; another shape or dtype is refused before anything changes, as torch refuses it.
+    Both change detections: the compiled scan and the Python passes."""
+    if python_pass:
+        monkeypatch.setattr(_watch, "_SCAN", None)  # as tests/test_host_time.py
+    shape = (2, 3) if change == "view" else (3, 3)
+    p = torch.nn.Parameter(torch.randn(shape))
+    q = torch.nn.Parameter(p.detach().clone())
+    opt = FusedAdamW([p], lr=1e-2)
+    ref = torch.optim.AdamW([q], lr=1e-2, foreach=False)
+    p.grad = torch.randn(shape)
+    q.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+    for x in (p, q):
+        if change == "t_":
+            x.grad.t_()
+        elif change == "data_t":
+            x.grad.data = x.grad.data.t()
+        elif change == "view":
+            x.grad.data = x.grad.data.view(3, 2)
+        else:
+            x.grad.data = x.grad.data.view(torch.int32)
+    if change in ("view", "dtype_view"):
+        before = p.detach().clone()
+        with pytest.raises(RuntimeError, match="param 0 of param group 0"):
+            opt.step()
+        assert torch.equal(p, before), "the param changed"
+        return
+    for _ in range(2):
+        opt.step()
+        ref.step()
+    # 3 steps of fp32 |p| < 5: a few ulps of rounding order; stale (untransposed): ~6e-4.
+    assert torch.allclose(p, q, rtol=0, atol=2e-6), (p - q).abs().max()

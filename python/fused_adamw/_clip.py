@@ -301,19 +301,37 @@ def before_step(opt, tables: list) -> None:
         total.masked_fill_(st["over"], math.inf)
         torch.sqrt(total, out=total)  # in float64, then rounded once to float32
     norm.copy_(total)
-    opt.grad_norm = norm
+    # NOTE on keeping grad_norm: torch's clip_grad_norm_ returns a new tensor each call, so a
+    # loop that keeps them unread (logging without a sync) sees every step's value; so does
+    # opt.grad_norm: a copy per step (a 0-d tensor). Under capture (capturable groups) it is
+    # the buffer the graph writes, overwritten by each replay (no allocation once warm).
+    capturable = any(g.get("capturable") for g in opt.param_groups)
+    opt.grad_norm = norm if capturable else norm.clone()
     if opt._max_grad_norm is None:
         for t in tables:
             t.clip_coef = None
         return
     # torch.nn.utils.clip_grad_norm_: clamp(max_norm / (total_norm + 1e-6), max=1.0), where
     # float / Tensor is reciprocal(Tensor) * float (Tensor.__rdiv__): the same operations.
-    torch.add(norm, 1e-6, out=coef)
-    torch.reciprocal(coef, out=coef)
-    coef.mul_(float(opt._max_grad_norm))
-    coef.clamp_(max=1.0)
+    _coefficient(norm, float(opt._max_grad_norm), out=coef)
+    coef64 = None
+    if any(t.dtype == torch.float64 for t in tables):
+        # float64 params (the torch backend): torch takes their norm and coefficient in
+        # float64; a float32 coefficient would cost them 1e-7 relative per clipped step.
+        coef64 = st.get("coef64")
+        if coef64 is None:
+            coef64 = st["coef64"] = torch.ones((), dtype=torch.float64, device=total.device)
+        _coefficient(total, float(opt._max_grad_norm), out=coef64)
     for t in tables:
-        t.clip_coef = coef if t.device == coef.device else coef.to(t.device, non_blocking=True)
+        c = coef64 if t.dtype == torch.float64 else coef
+        t.clip_coef = c if t.device == c.device else c.to(t.device, non_blocking=True)
+
+
+def _coefficient(norm: Tensor, max_norm: float, out: Tensor) -> None:
+    torch.add(norm, 1e-6, out=out)
+    torch.reciprocal(out, out=out)
+    out.mul_(max_norm)
+    out.clamp_(max=1.0)
 
 
 def _combine_meshes(tables: list, total: Tensor, inf: bool) -> None:

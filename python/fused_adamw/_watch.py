@@ -298,6 +298,13 @@ class Plan:
     scanned: bool = False  # decided by the compiled pass (Watch)
 
 
+def _grads_fit(table, grads: list) -> bool:
+    """``grads`` (the rows' params' grads) are what a fast table's rows assume: contiguous
+    like their params, of their shapes and of the table's dtype."""
+    return (all(map(_is_contiguous, grads)) and list(map(_shape_of, grads)) == table.shapes
+            and list(map(_dtype_of, grads)).count(table.dtype) == len(grads))
+
+
 def detect(table, rebuild: bool, amsgrad_sig: tuple) -> Plan:
     """What changed in ``table`` since its rows were built: a plan "same", "grads",
     "idle", or "rebuild" (the grads and params the rebuild will validate). The compiled pass
@@ -355,18 +362,19 @@ def detect(table, rebuild: bool, amsgrad_sig: tuple) -> Plan:
         # A row per param: every param has its grad (no pass to pick them).
         active_grads = (grads if table.n_rows == len(grads)
                         else list(compress(grads, table.mask)))
-        if same_addresses(active_grads, table.grad_ptrs):
+        # A kept grad re-viewed at its own address (p.grad.t_(), p.grad.data =
+        # p.grad.data.view(...)) has the same id and address: a fast table's rows also
+        # assume its layout, which is checked as for fresh grads.
+        if same_addresses(active_grads, table.grad_ptrs) and (
+                not table.fast_grads or _grads_fit(table, active_grads)):
             return Plan("same" if table.rows else "idle", grads, table.mask, active_grads,
                         table.grad_ptrs)
-        # Same objects, new storage (p.grad.data = t): checked like fresh grads below.
+        # Same objects, new storage or layout (p.grad.data = t): checked like fresh grads.
     mask = list(map(operator.is_not, grads, repeat(None)))
     if not any(mask):
         return Plan("idle", grads, mask)
     active_grads = grads if all(mask) else list(compress(grads, mask))
-    if (not rebuild and mask == table.mask and table.fast_grads
-            and all(map(_is_contiguous, active_grads))
-            and list(map(_shape_of, active_grads)) == table.shapes
-            and list(map(_dtype_of, active_grads)).count(table.dtype) == len(active_grads)):
+    if not rebuild and mask == table.mask and table.fast_grads and _grads_fit(table, active_grads):
         # Fresh grads (the default zero_grad()): contiguous like their params (a sparse
         # grad is not), of their shapes and dtype (a grad swapped by p.grad.data = t may
         # be neither: the rebuild below refuses it, naming the param), new addresses.

@@ -160,7 +160,8 @@ _ARGS_DOC = r"""
             the fused step: one read of the grads for the norm, none to scale them, no host
             sync. ``p.grad`` is left unclipped (unscaled under ``scaler.step``). After the
             step, ``optimizer.grad_norm`` is the total norm before clipping (a float32 0-d
-            tensor on the params' device, what ``clip_grad_norm_`` returns). FSDP2 (DTensor)
+            tensor on the params' device, what ``clip_grad_norm_`` returns; a new one each
+            step, but with capturable groups one buffer that each step overwrites). FSDP2 (DTensor)
             params count as full tensors (one small collective per step). Optimizer-wide; not
             with differentiable=True groups. Default: None (no clipping, no cost).
         grad_norm_type: the norm ``max_grad_norm`` clips by: 2.0 or ``float("inf")``.
