@@ -204,15 +204,16 @@ int driver_version() { return 0; }
 }  // namespace
 
 // ------------------------------------------------------------------------------------------
-// tensor addresses for the table's change detection (python/fused_adamw/_table.py, prepare)
+// tensor addresses for the table's change detection (python/fused_adamw/_watch.py)
 // ------------------------------------------------------------------------------------------
-// Every step compares the addresses of every param, grad and state tensor with what the table
-// holds: a Python call per tensor (Tensor.data_ptr, 50-90 ns) was most of the host time. torch
-// exports a C entry point that reads a Tensor's data pointer from its Python object (the one
-// Inductor's compiled wrappers call, torch._C._dynamo.guards
-// ._torchinductor_pyobject_tensor_data_ptr); Python hands its address in as an int, so _C
-// still links no torch and builds without it. Python checks it against data_ptr() before use
-// and keeps its own pass where torch lacks it.
+// Every step compares every param, grad and state tensor with what the table holds: a Python
+// call per tensor attribute (Tensor.data_ptr, 50-90 ns) was most of the host time. Two
+// compiled readers, each handed torch's C functions as ints by Python, so _C still links no
+// torch and builds without it (Python probes each against what it reads itself and keeps its
+// own pass where torch lacks them):
+// * tensor_addresses / addresses_equal: addresses through the C entry point Inductor's
+//   compiled wrappers call (torch._C._dynamo.guards._torchinductor_pyobject_tensor_data_ptr);
+// * scan_table (below): the steady step's whole comparison, through torch's stable C shim.
 
 namespace addresses {
 
@@ -287,148 +288,258 @@ bool addresses_equal(std::uintptr_t fn, py::handle tensor_type, py::handle tenso
 }
 
 // The steady step's one pass over a table whose rows cover every param (csrc's half of
-// python/fused_adamw/_watch.py): each param's and grad's objects are touched once, chunk by
-// chunk, where separate Python passes re-read them from memory at 100,000 params.
-//
-// Per chunk of `chunk` params: param_checks[c](*the chunk's params) (a torch TensorGuards'
-// check: type, dtype, device, sizes, strides as recorded) must return True; then per param
-// its grad (get_grad: TensorBase's getter of .grad), its address and its grad's. record:
-// uint64 [3n] (param address, grad id, grad address per param, as the rows were built);
-// state_ptrs: uint64 [len(state_tensors)]; out: writable uint64 [2n], this step's grad ids
-// and addresses. Returns None when Python must decide (a param of another type, moved or
-// re-viewed; a grad None, of another type or not readable; a state tensor moved; an error),
-// or (grads, same): same: every grad is the recorded object at the recorded address; else
-// every grad is a tensor that passed grad_checks[c] for its chunk (the rows' geometry and
-// dtype), its id and address in out.
+// python/fused_adamw/_watch.py). What it compares, per tensor: its address, dtype, device,
+// sizes and strides (strided layout only), read through torch's stable C functions (the
+// AOTInductor shim, torch/csrc/inductor/aoti_torch/c/shim.h: aoti_torch_get_data_ptr and
+// kin, the entry points AOTInductor's compiled models call across torch versions). Python
+// looks them up in torch's library and hands their addresses in as ints, with the offset of
+// the at::Tensor inside a Tensor's Python object (THPVariable::cdata in torch's
+// torch/csrc/autograd/python_variable.h), which it finds by probing: _C still links no
+// torch and builds without it. No Python call per tensor.
 
-struct Buffer {  // a buffer-protocol view of uint64s, released at scope exit
+struct Buffer {  // a buffer-protocol view of n items of T, released at scope exit
   Py_buffer view{};
-  Buffer(py::handle obj, Py_ssize_t n, bool writable, const char* name) {
+  Buffer(py::handle obj, Py_ssize_t n, Py_ssize_t item, bool writable, const char* name) {
     if (PyObject_GetBuffer(obj.ptr(), &view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) != 0) {
       throw py::error_already_set();
     }
-    if (view.len != n * static_cast<Py_ssize_t>(sizeof(std::uint64_t))) {
+    if (n >= 0 && view.len != n * item) {
       PyBuffer_Release(&view);
       throw py::value_error(std::string("scan_table: ") + name + " has the wrong size");
     }
   }
   ~Buffer() { PyBuffer_Release(&view); }
-  std::uint64_t* data() const { return static_cast<std::uint64_t*>(view.buf); }
+  template <class T>
+  T* data() const { return static_cast<T*>(view.buf); }
+  Py_ssize_t len() const { return view.len; }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
 };
 
+using Handle = void*;  // AtenTensorHandle: an at::Tensor*
+struct Shim {
+  Py_ssize_t cdata;  // where a Tensor's Python object holds its at::Tensor
+  int32_t strided;   // the strided layout's code
+  PyTypeObject* tensor_type;  // torch._C.TensorBase
+  int32_t (*layout)(Handle, int32_t*);
+  int32_t (*data_ptr)(Handle, void**);
+  int32_t (*dtype)(Handle, int32_t*);
+  int32_t (*device_type)(Handle, int32_t*);
+  int32_t (*device_index)(Handle, int32_t*);
+  int32_t (*dim)(Handle, int64_t*);
+  int32_t (*sizes)(Handle, int64_t**);
+  int32_t (*strides)(Handle, int64_t**);
+};
+
+// shim: (cdata offset, strided layout code, torch._C.TensorBase, then the addresses of
+// aoti_torch_get_layout, _data_ptr, _dtype, _device_type, _device_index, _dim, _sizes and
+// _strides)
+Shim shim_of(py::tuple t) {
+  if (t.size() != 11 || !PyType_Check(t[2].ptr())) {
+    throw py::value_error("scan_table: shim must be (offset, code, type, 8 function addresses)");
+  }
+  Shim s{};
+  s.cdata = t[0].cast<Py_ssize_t>();
+  s.strided = t[1].cast<int32_t>();
+  s.tensor_type = reinterpret_cast<PyTypeObject*>(t[2].ptr());
+  std::uintptr_t f[8];
+  for (int i = 0; i < 8; ++i) {
+    f[i] = t[i + 3].cast<std::uintptr_t>();
+    if (f[i] == 0) throw py::value_error("scan_table: a null shim function");
+  }
+  if (s.cdata < static_cast<Py_ssize_t>(sizeof(PyObject))) {
+    throw py::value_error("scan_table: the cdata offset is inside the object header");
+  }
+  s.layout = reinterpret_cast<int32_t (*)(Handle, int32_t*)>(f[0]);
+  s.data_ptr = reinterpret_cast<int32_t (*)(Handle, void**)>(f[1]);
+  s.dtype = reinterpret_cast<int32_t (*)(Handle, int32_t*)>(f[2]);
+  s.device_type = reinterpret_cast<int32_t (*)(Handle, int32_t*)>(f[3]);
+  s.device_index = reinterpret_cast<int32_t (*)(Handle, int32_t*)>(f[4]);
+  s.dim = reinterpret_cast<int32_t (*)(Handle, int64_t*)>(f[5]);
+  s.sizes = reinterpret_cast<int32_t (*)(Handle, int64_t**)>(f[6]);
+  s.strides = reinterpret_cast<int32_t (*)(Handle, int64_t**)>(f[7]);
+  return s;
+}
+
+// A tensor as the kernels see it. Recorded as int64s: address, key (dtype, device type and
+// index), dim, then dim sizes and dim strides.
+struct Geo {
+  void* data = nullptr;
+  int64_t key = 0, dim = 0;
+  int64_t* sizes = nullptr;
+  int64_t* strides = nullptr;
+};
+
+// obj (a Tensor, its type checked by the caller) read through the shim; false: not strided,
+// or a read failed (no storage: the Python passes meet it and say what is wrong). full false
+// (state tensors): no layout or device, which cannot change while the address stays (another
+// layout has no storage; another device another address space): 5 calls instead of 8, on
+// three tensors a param.
+constexpr int64_t kDtypeBits = 0xffff;  // the key's dtype part
+bool read(const Shim& s, PyObject* obj, Geo& g, bool full = true) {
+  Handle h = reinterpret_cast<char*>(obj) + s.cdata;
+  int32_t layout = 0, dtype = 0, dev_type = 0, dev_index = 0;
+  if (full && (s.layout(h, &layout) != 0 || layout != s.strided)) return false;
+  if (s.data_ptr(h, &g.data) != 0 || s.dtype(h, &dtype) != 0 || s.dim(h, &g.dim) != 0 ||
+      s.sizes(h, &g.sizes) != 0 || s.strides(h, &g.strides) != 0) {
+    return false;
+  }
+  if (full && (s.device_type(h, &dev_type) != 0 || s.device_index(h, &dev_index) != 0)) {
+    return false;
+  }
+  g.key = (static_cast<int64_t>(dtype) & kDtypeBits) |
+          ((static_cast<int64_t>(dev_type) & 0xffff) << 16) |
+          ((static_cast<int64_t>(dev_index) & 0xffff) << 32);
+  return true;
+}
+
+// g is rec[0:] (an address, key, dim, sizes, strides record); with_address false: all but
+// the address (a grad read against its param's record); key_bits: the part of the key read
+bool matches(const Geo& g, const int64_t* rec, bool with_address, int64_t key_bits = -1) {
+  if ((with_address && reinterpret_cast<int64_t>(g.data) != rec[0]) ||
+      g.key != (rec[1] & key_bits) || g.dim != rec[2]) {
+    return false;
+  }
+  for (int64_t d = 0; d < g.dim; ++d) {
+    // A dim of size 1 is never stepped over: its stride is free (as for is_contiguous, and
+    // autograd's layout contract, which stashes grads with any stride there).
+    if (g.sizes[d] != rec[3 + d] || (g.sizes[d] != 1 && g.strides[d] != rec[3 + g.dim + d])) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// The records of tensors (a list): (geo, at), int64 buffers as bytes: tensor i's record is
+// geo[at[i]:at[i + 1]]; None when one cannot be read (not a strided Tensor with storage).
+py::object record_geometry(py::tuple shim, py::handle tensors) {
+  Shim s = shim_of(shim);
+  PyObject* ts = checked_list(tensors, "tensors");
+  Py_ssize_t n = PyList_GET_SIZE(ts);
+  std::vector<int64_t> geo, at{0};
+  geo.reserve(5 * n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* t = PyList_GET_ITEM(ts, i);
+    Geo g;
+    if (!PyObject_TypeCheck(t, s.tensor_type) || !read(s, t, g)) {
+      return py::none();
+    }
+    geo.push_back(reinterpret_cast<int64_t>(g.data));
+    geo.push_back(g.key);
+    geo.push_back(g.dim);
+    geo.insert(geo.end(), g.sizes, g.sizes + g.dim);
+    geo.insert(geo.end(), g.strides, g.strides + g.dim);
+    at.push_back(static_cast<int64_t>(geo.size()));
+  }
+  return py::make_tuple(
+      py::bytes(reinterpret_cast<const char*>(geo.data()), geo.size() * sizeof(int64_t)),
+      py::bytes(reinterpret_cast<const char*>(at.data()), at.size() * sizeof(int64_t)));
+}
 PyObject* get_attr(PyObject* descr, PyObject* obj) {  // a getset descriptor's getter
   PyGetSetDef* g = reinterpret_cast<PyGetSetDescrObject*>(descr)->d_getset;
   return g->get(obj, g->closure);
 }
 
-struct Ref {  // an owned reference, released at scope exit
-  PyObject* p;
-  explicit Ref(PyObject* o) : p(o) {
-    if (p == nullptr) throw py::error_already_set();
-  }
-  ~Ref() { Py_XDECREF(p); }
-  Ref(const Ref&) = delete;
-  Ref& operator=(const Ref&) = delete;
-};
-
-// check(*items[lo:hi]) is True
-bool check_chunk(PyObject* check, PyObject* items, Py_ssize_t lo, Py_ssize_t hi) {
-  Ref args(PyTuple_New(hi - lo));
-  for (Py_ssize_t i = lo; i < hi; ++i) {
-    PyObject* o = PyList_GET_ITEM(items, i);
-    Py_INCREF(o);
-    PyTuple_SET_ITEM(args.p, i - lo, o);
-  }
-  Ref result(PyObject_Call(check, args.p, nullptr));
-  return result.p == Py_True;
-}
-
-py::object scan(std::uintptr_t fn, py::handle tensor_type, py::handle get_grad, py::tuple types,
-                py::handle params, py::handle param_checks, py::handle grad_checks,
-                py::handle record, py::handle state_tensors, py::handle state_ptrs,
+// Per chunk of `chunk` params: each param (of one of `types`) with its grad (get_grad:
+// TensorBase's getter of .grad) and both read as record_geometry's params' records
+// (param_geo, param_at) say: the param all of it, the grad all but its address (a fast
+// table's grad is its param's shape, strides, dtype and device). record: uint64 [2n], the
+// grad ids and addresses the rows hold; out: writable uint64 [2n], this step's. Then every
+// state tensor against its record (state_geo, state_at). Returns None when Python must
+// decide (a param or grad of another type, moved, re-viewed or retyped; a grad None; a state
+// tensor moved or re-viewed; a read that failed), or (grads, same): same: every grad is the
+// recorded object at the recorded address; else the fresh grads' ids and addresses are in out.
+py::object scan(py::tuple shim, py::handle get_grad, py::tuple types, py::handle params,
+                py::handle param_geo, py::handle param_at, py::handle record,
+                py::handle state_tensors, py::handle state_geo, py::handle state_at,
                 py::handle out, Py_ssize_t chunk) {
-  Reader r = reader(fn, tensor_type);
+  Shim s = shim_of(shim);
   if (!PyObject_TypeCheck(get_grad.ptr(), &PyGetSetDescr_Type) ||
       reinterpret_cast<PyGetSetDescrObject*>(get_grad.ptr())->d_getset->get == nullptr) {
     throw py::type_error("scan_table: get_grad must be a getset descriptor");
   }
+  if (chunk <= 0) throw py::value_error("scan_table: chunk must be > 0");
   PyObject* ps = checked_list(params, "params");
-  PyObject* pcs = checked_list(param_checks, "param_checks");
-  PyObject* gcs = checked_list(grad_checks, "grad_checks");
   PyObject* sts = checked_list(state_tensors, "state_tensors");
   Py_ssize_t n = PyList_GET_SIZE(ps), n_state = PyList_GET_SIZE(sts);
-  if (chunk <= 0) throw py::value_error("scan_table: chunk must be > 0");
-  Py_ssize_t n_chunks = (n + chunk - 1) / chunk;
-  if (PyList_GET_SIZE(pcs) != n_chunks || PyList_GET_SIZE(gcs) != n_chunks) return py::none();
-  Buffer rec(record, 3 * n, false, "record");
-  Buffer sp(state_ptrs, n_state, false, "state_ptrs");
-  Buffer o(out, 2 * n, true, "out");
-  const std::uint64_t* want = rec.data();
-  std::uint64_t* got = o.data();
+  Buffer pat(param_at, n + 1, 8, false, "param_at");
+  Buffer sat(state_at, n_state + 1, 8, false, "state_at");
+  const int64_t* pa = pat.data<int64_t>();
+  const int64_t* sa = sat.data<int64_t>();
+  Buffer pgeo(param_geo, pa[n], 8, false, "param_geo");
+  Buffer sgeo(state_geo, sa[n_state], 8, false, "state_geo");
+  Buffer rec(record, 2 * n, 8, false, "record");
+  Buffer o(out, 2 * n, 8, true, "out");
+  const int64_t* pg = pgeo.data<int64_t>();
+  const int64_t* sg = sgeo.data<int64_t>();
+  const std::uint64_t* want = rec.data<std::uint64_t>();
+  std::uint64_t* got = o.data<std::uint64_t>();
   auto accepted = [&](PyObject* obj) {
     for (auto t : types) {
       if (Py_TYPE(obj) == reinterpret_cast<PyTypeObject*>(t.ptr())) return true;
     }
     return false;
   };
+  PyGetSetDef* getter = reinterpret_cast<PyGetSetDescrObject*>(get_grad.ptr())->d_getset;
   py::list grads(n);
+  // The list holds only tensors and never joins a cycle: untracked, the collector need not
+  // walk its n grads at every young collection while a step holds it.
+  PyObject_GC_UnTrack(grads.ptr());
   bool same = true;
-  for (Py_ssize_t c = 0; c < n_chunks; ++c) {
-    Py_ssize_t lo = c * chunk, hi = std::min(n, lo + chunk);
-    // One kind of read per loop: the reads of neighbouring params then overlap in the core
-    // (a loop mixing a getter and two pointer chases waits on each cache miss in turn).
+  Geo g;
+  for (Py_ssize_t lo = 0; lo < n; lo += chunk) {
+    Py_ssize_t hi = std::min(n, lo + chunk);
+    // One kind of read per loop: the reads of neighbouring tensors then overlap in the core
+    // (a loop mixing a getter and pointer chases waits on each cache miss in turn).
     for (Py_ssize_t i = lo; i < hi; ++i) {
       PyObject* p = PyList_GET_ITEM(ps, i);
       if (!accepted(p)) return py::none();
-      PyObject* g = get_attr(get_grad.ptr(), p);
-      if (g == nullptr) throw py::error_already_set();
-      PyList_SET_ITEM(grads.ptr(), i, g);  // the list owns it
+      PyObject* grad = getter->get(p, getter->closure);
+      if (grad == nullptr) throw py::error_already_set();
+      PyList_SET_ITEM(grads.ptr(), i, grad);  // the list owns it
     }
     for (Py_ssize_t i = lo; i < hi; ++i) {  // params: types checked above
-      if (reinterpret_cast<std::uint64_t>(read(r, PyList_GET_ITEM(ps, i), i)) != want[3 * i]) {
+      if (!read(s, PyList_GET_ITEM(ps, i), g) || !matches(g, pg + pa[i], true)) {
         return py::none();
       }
     }
     for (Py_ssize_t i = lo; i < hi; ++i) {
-      PyObject* g = PyList_GET_ITEM(grads.ptr(), i);
-      if (g == Py_None || !accepted(g)) return py::none();
+      PyObject* grad = PyList_GET_ITEM(grads.ptr(), i);
+      if (grad == Py_None || !accepted(grad)) return py::none();
     }
     bool chunk_same = true;
     for (Py_ssize_t i = lo; i < hi; ++i) {  // grads: types checked above
-      PyObject* g = PyList_GET_ITEM(grads.ptr(), i);
-      std::uint64_t id = reinterpret_cast<std::uint64_t>(g);
-      std::uint64_t at = reinterpret_cast<std::uint64_t>(read(r, g, i));
+      PyObject* grad = PyList_GET_ITEM(grads.ptr(), i);
+      // The grad's layout, kept grads included: one re-viewed at its own address
+      // (p.grad.t_(), p.grad.data = p.grad.data.view(...)) keeps its id and address.
+      if (!read(s, grad, g) || !matches(g, pg + pa[i], false)) return py::none();
+      std::uint64_t id = reinterpret_cast<std::uint64_t>(grad);
+      std::uint64_t at = reinterpret_cast<std::uint64_t>(g.data);
       got[2 * i] = id;
       got[2 * i + 1] = at;
-      chunk_same = chunk_same && id == want[3 * i + 1] && at == want[3 * i + 2];
+      chunk_same = chunk_same && id == want[2 * i] && at == want[2 * i + 1];
     }
-    if (!check_chunk(PyList_GET_ITEM(pcs, c), ps, lo, hi)) return py::none();
-    // The grads' layout, kept grads included: one re-viewed at its own address (p.grad.t_(),
-    // p.grad.data = p.grad.data.view(...)) keeps its id and address.
-    PyObject* gc = PyList_GET_ITEM(gcs, c);
-    if (gc == Py_None || !check_chunk(gc, grads.ptr(), lo, hi)) return py::none();
     same = same && chunk_same;
   }
-  const std::uint64_t* sw = sp.data();
   for (Py_ssize_t i = 0; i < n_state; ++i) {
-    if (reinterpret_cast<std::uint64_t>(address_of(r, PyList_GET_ITEM(sts, i), i)) != sw[i]) {
+    PyObject* t = PyList_GET_ITEM(sts, i);
+    if (!PyObject_TypeCheck(t, s.tensor_type) || !read(s, t, g, false) ||
+        !matches(g, sg + sa[i], true, kDtypeBits)) {
       return py::none();
     }
   }
   return py::make_tuple(grads, same);
 }
 
-// Anything the pass cannot read (a check or getter that raises, a tensor without storage as
-// a sparse grad): None, and Python's passes meet it and say what is wrong.
-py::object scan_table(std::uintptr_t fn, py::handle tensor_type, py::handle get_grad,
-                      py::tuple types, py::handle params, py::handle param_checks,
-                      py::handle grad_checks, py::handle record, py::handle state_tensors,
-                      py::handle state_ptrs, py::handle out, Py_ssize_t chunk) {
+// Anything the pass cannot read (a getter that raises, a buffer of the wrong size): None, and
+// Python's passes meet it and say what is wrong.
+py::object scan_table(py::tuple shim, py::handle get_grad, py::tuple types, py::handle params,
+                      py::handle param_geo, py::handle param_at, py::handle record,
+                      py::handle state_tensors, py::handle state_geo, py::handle state_at,
+                      py::handle out, Py_ssize_t chunk) {
   try {
-    return scan(fn, tensor_type, get_grad, types, params, param_checks, grad_checks, record,
-                state_tensors, state_ptrs, out, chunk);
+    return scan(shim, get_grad, types, params, param_geo, param_at, record, state_tensors,
+                state_geo, state_at, out, chunk);
   } catch (const std::exception&) {  // py::error_already_set too: the error is dropped
     PyErr_Clear();
     return py::none();
@@ -458,12 +569,19 @@ void define(py::module_& m) {
         "tensor_addresses(fn, tensor_type, tensors) == expected (a list of ints), stopping at "
         "the first difference.",
         py::arg("fn"), py::arg("tensor_type"), py::arg("tensors"), py::arg("expected"));
+  m.def("record_geometry", &record_geometry,
+        "The records scan_table compares tensors (a list) with: (geo, at), int64 buffers as "
+        "bytes (tensor i: address, key, dim, sizes, strides at geo[at[i]:at[i + 1]]), or None "
+        "when one is not a strided Tensor the shim reads (see the comment above scan in "
+        "csrc/bindings.cpp for shim).",
+        py::arg("shim"), py::arg("tensors"));
   m.def("scan_table", &scan_table,
         "The steady step's one pass over a table's params, grads and state tensors (see the "
         "comment above scan in csrc/bindings.cpp): None, or (grads, same).",
-        py::arg("fn"), py::arg("tensor_type"), py::arg("get_grad"), py::arg("types"),
-        py::arg("params"), py::arg("param_checks"), py::arg("grad_checks"), py::arg("record"),
-        py::arg("state_tensors"), py::arg("state_ptrs"), py::arg("out"), py::arg("chunk"));
+        py::arg("shim"), py::arg("get_grad"), py::arg("types"), py::arg("params"),
+        py::arg("param_geo"), py::arg("param_at"), py::arg("record"),
+        py::arg("state_tensors"), py::arg("state_geo"), py::arg("state_at"), py::arg("out"),
+        py::arg("chunk"));
   m.def("same_items", &same_items, "Lists a and b hold the same objects in the same order.",
         py::arg("a"), py::arg("b"));
 }

@@ -1,9 +1,9 @@
 """The change detection that a steady step runs (issue #21, "Host time at the goal").
 
 A step where nothing changed compares every param, grad and state tensor with what the rows
-were built from in one compiled call (``_watch.Watch``: torch's C entry point for a Tensor's
-data pointer and its TensorGuards, driven by ``_C.scan_table``), or in Python passes where
-torch lacks them (with compiled address reads where only those exist). Each test runs with
+were built from in one compiled call (``_watch.Watch``: ``_C.scan_table`` reading each
+tensor's address, dtype, device, sizes and strides through torch's stable C shim), or in
+Python passes where torch lacks it (with compiled address reads where only those exist). Each test runs with
 each of the three: what the cheaper pass reads must still catch every swap the README promises
 (of a param, a grad or a state tensor). No timing here: bench/bench_step.py's host case times
 it.
@@ -37,8 +37,8 @@ def reader(request, monkeypatch):
         if request.param == "scan":
             scan = _watch.compiled_scan()
             if scan is None:
-                pytest.skip("no compiled scan here (torch lacks TensorGuards or its probe "
-                            "failed)")
+                pytest.skip("no compiled scan here (torch lacks the AOTInductor shim or "
+                            "its probe failed)")
     monkeypatch.setattr(_watch, "_READERS", readers)
     monkeypatch.setattr(_watch, "_SCAN", scan)
     return request.param
@@ -187,19 +187,24 @@ def test_a_steady_step_runs_no_python_pass(monkeypatch):
                                      _table.ROW_COLS].tolist() == ref
 
 
-def test_guards_that_refuse_what_python_accepts_fall_back_then_give_up():
-    """The guards compare more than the rows need (requires_grad): a param frozen and thawed
-    every step is decided by the Python passes, correctly, and after a few such steps the table
-    stops re-arming the compiled pass."""
+class _Grad(torch.Tensor):
+    """A Tensor subclass with nothing overridden: a grad the rows take as it is."""
+
+
+def test_a_pass_that_refuses_what_python_accepts_falls_back_then_gives_up():
+    """The compiled pass takes only plain Tensors and Parameters (it calls TensorBase's grad
+    getter and reads the objects' layout): grads of a Tensor subclass are decided by the
+    Python passes, correctly, and after a few such steps the table stops re-arming the
+    compiled pass."""
     if _watch.compiled_scan() is None:
         pytest.skip("no compiled scan here (no _C build, or torch lacks its entry points)")
     ps, twin, gen = _pair()
     opt = FusedAdamW(ps, lr=1e-2, backend="cpu")
     ref = torch.optim.AdamW(twin, lr=1e-2, foreach=False)
-    _grads(ps, twin, gen)
-    for k in range(3 + 2 * _watch.Watch.MAX_MISSES):
-        for p in (ps[0], twin[0]):
-            p.requires_grad_(k % 2 == 0)  # a param with a grad steps either way (as torch)
+    for _ in range(3 + 2 * _watch.Watch.MAX_MISSES):
+        _grads(ps, twin, gen)
+        for p in ps:
+            p.grad = p.grad.as_subclass(_Grad)
         opt.step()
         ref.step()
     for p, q in zip(ps, twin):
@@ -208,12 +213,88 @@ def test_guards_that_refuse_what_python_accepts_fall_back_then_give_up():
     assert watch.misses == _watch.Watch.MAX_MISSES and not watch.armed
 
 
+def test_grads_with_other_strides_on_size_1_dims_stay_on_the_compiled_pass():
+    """Autograd stashes grads whose strides differ from the param's on size-1 dims (its layout
+    contract leaves them free, as is_contiguous does): such grads fit the rows, and the
+    compiled pass takes them too (else a ViT's (1, N, C) embeddings would put its table on the
+    Python passes for good)."""
+    if _watch.compiled_scan() is None:
+        pytest.skip("no compiled scan here (no _C build, or torch lacks its entry points)")
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(1, 3, 4, generator=gen)) for _ in range(3)]
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = FusedAdamW(ps, lr=1e-2, backend="cpu")
+    ref = torch.optim.AdamW(twin, lr=1e-2, foreach=False)
+    table = None
+    for k in range(6):
+        for p, q in zip(ps, twin):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad = torch.empty_strided(p.shape, (1 + k, 4, 1)).copy_(g)  # stride 0's free
+            q.grad = g.clone()
+        opt.step()
+        ref.step()
+        table = next(iter(opt._tables.values()))
+        if k >= 2:
+            assert table.watch.armed and table.watch.misses == 0, k
+    assert table.rebuilds == 1
+    for p, q in zip(ps, twin):
+        assert torch.allclose(p, q, rtol=0, atol=ATOL), (p - q).abs().max()
+
+
 def test_without_torchs_entry_points_the_python_passes_run(monkeypatch):
-    """A torch without the data pointer entry point or without TensorGuards: no compiled
-    pass (the Python passes run: the "python" and "addresses" cells above)."""
+    """A torch without the shim or without the data pointer entry point: no compiled pass (the
+    Python passes run: the "python" and "addresses" cells above)."""
     from torch._C._dynamo import guards
 
-    monkeypatch.delattr(guards, "TensorGuards", raising=False)
+    monkeypatch.setattr(_watch, "_torch_library", lambda: None)
+    assert _watch._compiled_scan() is None
+    monkeypatch.undo()
+    monkeypatch.setattr(_watch, "_cdata_offset", lambda probes: None)
     assert _watch._compiled_scan() is None
     monkeypatch.delattr(guards, "_torchinductor_pyobject_tensor_data_ptr", raising=False)
-    assert _watch._compiled_readers() is None and _watch._compiled_scan() is None
+    assert _watch._compiled_readers() is None
+
+
+def test_the_compiled_pass_exists_on_the_torch_we_test():
+    """On the torch of CI and of the GPU suite's image (2.11 and later) the shim, the probe and
+    the scan are all there: a change to torch or to _C that broke one of them would otherwise
+    only make steps slower (every test above passes through the Python passes too)."""
+    from fused_adamw import _ext
+
+    if _ext.C is None:
+        pytest.skip("no _C build here (the torch backend's install)")
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 11):
+        pytest.skip(f"torch {torch.__version__}: the shim's probe is only required from 2.11")
+    shim = _watch._shim()
+    assert shim is not None and shim[0] == _watch._cdata_offset([torch.zeros(2)])
+    assert _watch._records_agree(_ext.C.record_geometry, shim)
+    assert _watch._compiled_scan() is not None
+
+
+@pytest.mark.parametrize("grads", ["fresh", "persistent"])
+def test_a_state_tensor_re_viewed_at_its_address_is_noticed(reader, grads):
+    """``state[p]["exp_avg"].data = state[p]["exp_avg"].data.t()``: same object, same address,
+    another layout. torch's for-loop steps the moment as it now is (a transposed view); so
+    must we (a step that missed it would walk it in the old order)."""
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(4, 4, generator=gen)) for _ in range(3)]
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = FusedAdamW(ps, lr=1e-2, backend="cpu")
+    ref = torch.optim.AdamW(twin, lr=1e-2, foreach=False)
+    _grads(ps, twin, gen)
+    for _ in range(2):
+        opt.step()
+        ref.step()
+    for o, q in ((opt, ps[1]), (ref, twin[1])):
+        t = o.state[q]["exp_avg"]
+        t.data = t.data.t()
+    for _ in range(2):
+        if grads == "fresh":
+            _grads(ps, twin, gen)
+        opt.step()
+        ref.step()
+    for p, q in zip(ps, twin):
+        assert torch.allclose(p, q, rtol=0, atol=ATOL), (p - q).abs().max()
+    mine, theirs = opt.state[ps[1]]["exp_avg"], ref.state[twin[1]]["exp_avg"]
+    assert mine.stride() == theirs.stride() == (1, 4)
+    assert torch.allclose(mine, theirs, rtol=0, atol=ATOL)

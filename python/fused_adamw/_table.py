@@ -121,6 +121,7 @@ def pack_table(rows: list[tuple], itemsize: int) -> tuple[torch.Tensor, int]:
 _numel = torch.Tensor.numel
 _stride = torch.Tensor.stride
 _dtype_of = operator.attrgetter("dtype")
+_shape_of = operator.attrgetter("shape")
 
 
 class Repartition(Exception):
@@ -345,6 +346,7 @@ class Table:
         self.shapes: list = []  # the rows' shapes (what fresh grads must have)
         self.state_tensors: list[torch.Tensor] = []  # every state tensor the rows point to
         self.state_ptrs: list[int] = []
+        self.state_geometry: tuple = ([], [])  # the state tensors' shapes and strides
         self.amsgrad_sig: tuple | None = None
         self.fast_grads = False  # fresh grads may be swapped in without a rebuild
         self.watch = Watch()  # the compiled pass's record (_watch.py)
@@ -399,7 +401,7 @@ class Table:
             if not self.rows and self.packed is not None:
                 return  # idle before as now: nothing to rebuild (and nothing allocated)
             self.grad_ptrs, self.shapes = [], []
-            self.state_tensors, self.state_ptrs = [], []
+            self.state_tensors, self.state_ptrs, self.state_geometry = [], [], ([], [])
             self.rows, self.kernel_grads = [], []
             self._rebuild_packed()
             return
@@ -483,6 +485,8 @@ class Table:
             state_tensors.extend(local(st[k]) for k in keys)
         self.state_tensors = state_tensors
         self.state_ptrs = address_readers()[0](state_tensors)
+        self.state_geometry = (list(map(_shape_of, state_tensors)),
+                               list(map(_stride, state_tensors)))
         self.shapes = [r.param.shape for r in rows]
         self.data_ptrs, self.locals = plan.data_ptrs, plan.locals
         self.geometry = (list(map(_numel, plan.locals)), list(map(_dtype_of, plan.locals)),

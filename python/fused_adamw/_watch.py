@@ -12,17 +12,19 @@ only where it exists and, on a probe, reads what Python reads; otherwise the Pyt
 
 * ``address_readers``: every address in one call, through torch's C entry point for a Tensor's
   data pointer (``torch._C._dynamo.guards._torchinductor_pyobject_tensor_data_ptr``, the one
-  Inductor's compiled wrappers call; 8-15 ns a tensor). Handed to ``_C`` as an int: ``_C``
-  links no torch and builds without its headers.
+  Inductor's compiled wrappers call). Handed to ``_C`` as an int: ``_C`` links no torch and
+  builds without its headers.
 * :class:`Watch`: the steady step's whole comparison for a table whose rows cover every param
-  (``_C.scan_table``): per param its grad, its address and its grad's, the geometry of both
-  through torch's ``TensorGuards`` (Dynamo's C++ check of a tensor's type, dtype, device,
-  sizes and strides, one call per chunk of params, no Python call per tensor), and every state
-  tensor's address. Its answer is "nothing changed", "only the grads are new (and fit the
-  rows)" or "ask Python", which then names what is wrong, or rebuilds.
+  (``_C.scan_table``): per param its grad, then the address, dtype, device, sizes and strides
+  of the param, its grad and every state tensor, read through torch's stable C functions
+  (``aoti_torch_get_*``, the AOTInductor shim that compiled models call across torch
+  versions; looked up in torch's library with ctypes) from the ``at::Tensor`` each Tensor's
+  Python object holds (found by a probe, :func:`_cdata_offset`). No Python call per tensor.
+  Its answer is "nothing changed", "only the grads are new (and fit the rows)" or "ask
+  Python", which then names what is wrong, or rebuilds.
 
-Both are torch's private API: a torch without them (or whose probe disagrees) steps through the
-Python passes, slower and the same.
+Both rest on torch's internals: a torch without them (or whose probe disagrees) steps through
+the Python passes, slower and the same.
 """
 
 from __future__ import annotations
@@ -130,36 +132,112 @@ def _compiled_readers() -> tuple | None:
 # the steady step's compiled pass
 # ------------------------------------------------------------------------------------------
 
-CHUNK = 256  # params per TensorGuards check: their objects stay in cache for the scan after
+CHUNK = 256  # params per loop of the compiled pass: their objects stay in cache between loops
 _SCAN: Any = False  # not looked up yet
+# torch's stable C functions the compiled pass reads tensors through (aoti_torch_get_*)
+SHIM_FUNCTIONS = ("layout", "data_ptr", "dtype", "device_type", "device_index", "dim", "sizes",
+                  "strides")
 
 
 def compiled_scan():
-    """``(scan, guard)``: ``_C.scan_table`` bound to torch's entry points and ``guard(tensors)``,
-    a check that ``check(*tensors)`` is True while each tensor keeps its type, dtype, device,
-    requires_grad, sizes and strides; None where either is missing or fails its probe."""
+    """``(scan, record)``: ``_C.scan_table`` and ``_C.record_geometry`` bound to torch's
+    stable C functions and to where a Tensor's Python object holds its ``at::Tensor``
+    (:func:`_shim`); None where either is missing or fails its probe."""
     global _SCAN
     if _SCAN is False:
         _SCAN = _compiled_scan()
     return _SCAN
 
 
-def _tensor_guard(tensors: list):
-    from torch._C._dynamo.guards import TensorGuards
+def _torch_library():
+    """torch's CPU library (where the AOTInductor shim lives), opened through ctypes (it is
+    loaded already: this only finds it), or None."""
+    import ctypes
+    import os
 
-    return TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
-                        dynamic_dims_strides=[list(t.stride()) for t in tensors],
-                        tensor_check_names=[str(i) for i in range(len(tensors))]).check
+    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
+        path = os.path.join(lib_dir, name)
+        if os.path.exists(path):
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                return None
+    return None
+
+
+def _cdata_offset(probes: list) -> int | None:
+    """Where a Tensor's Python object holds its ``at::Tensor`` (``THPVariable::cdata``: right
+    after the object header in torch 2.x, after a flag word in some): the one word offset at
+    which every probe holds its ``TensorImpl`` address (``Tensor._cdata``), or None."""
+    import ctypes
+    import platform
+
+    base = getattr(torch._C, "TensorBase", None) or getattr(torch._C, "_TensorBase", None)
+    if platform.python_implementation() != "CPython" or base is None:
+        return None  # id() is the object's address only in CPython
+    word = ctypes.sizeof(ctypes.c_void_p)
+    found = [k for k in range(2 * word, base.__basicsize__ - word + 1, word)
+             if all(ctypes.c_void_p.from_address(id(t) + k).value == t._cdata for t in probes)]
+    return found[0] if len(found) == 1 else None
+
+
+def _shim() -> tuple | None:
+    """What ``_C``'s compiled pass reads tensors with: (cdata offset, the strided layout's
+    code, ``torch._C.TensorBase``, the addresses of ``aoti_torch_get_<f>`` for f in
+    SHIM_FUNCTIONS), or None where torch lacks any of them."""
+    import ctypes
+
+    lib = _torch_library()
+    base = getattr(torch._C, "TensorBase", None) or getattr(torch._C, "_TensorBase", None)
+    if lib is None or base is None:
+        return None
+    try:
+        fns = tuple(ctypes.cast(getattr(lib, "aoti_torch_get_" + f), ctypes.c_void_p).value
+                    for f in SHIM_FUNCTIONS)
+        strided = lib.aoti_torch_layout_strided
+        strided.restype = ctypes.c_int32
+        strided_code = int(strided())
+    except (AttributeError, OSError):
+        return None
+    probes = [torch.zeros(3), torch.nn.Parameter(torch.ones(2)), torch.zeros(8)[2::2],
+              torch.zeros((), dtype=torch.bfloat16), torch.zeros(2, 3).t()]
+    offset = _cdata_offset(probes)
+    if offset is None or not all(fns):
+        return None
+    return (offset, strided_code, base) + fns
+
+
+def _records_agree(record, shim) -> bool:
+    """record_geometry reads what Python reads (addresses, dims, sizes, strides; one key per
+    dtype and device)."""
+    flat = torch.zeros(40)
+    ts = [flat, flat[7:], flat.view(5, 8).t(), flat[1::3], torch.nn.Parameter(torch.ones(3)),
+          torch.empty(0), torch.zeros((), dtype=torch.bfloat16), torch.randn(2, 3)[:, 1],
+          torch.zeros(2, 1, 3, dtype=torch.float16), torch.zeros(6, dtype=torch.float64)]
+    found = record(shim, ts)
+    if found is None:
+        return False
+    geo, at = (np.frombuffer(b, dtype=np.int64) for b in found)
+    keys = {}
+    for i, t in enumerate(ts):
+        r = geo[at[i]:at[i + 1]].tolist()
+        d = t.dim()
+        if r[0] != t.data_ptr() or r[2] != d or r[3:3 + d] != list(t.shape) \
+                or r[3 + d:] != list(t.stride()):
+            return False
+        keys.setdefault(r[1], set()).add(t.dtype)
+    return len(keys) == 4 and all(len(v) == 1 for v in keys.values())
 
 
 def _compiled_scan():
     from . import _ext
 
-    entry = _entry_point()
-    if entry is None or _compiled_readers() is None or not hasattr(_ext.C, "scan_table"):
+    C = _ext.C
+    if C is None or not hasattr(C, "scan_table") or not hasattr(C, "record_geometry"):
         return None
-    fn, base = entry
-    get_grad = base.__dict__.get("grad")
+    base = getattr(torch._C, "TensorBase", None) or getattr(torch._C, "_TensorBase", None)
+    get_grad = base.__dict__.get("grad") if base is not None else None
     types = (torch.Tensor, torch.nn.Parameter)
     # The C pass calls TensorBase's grad getter: only for types that do not override it.
     import inspect
@@ -167,11 +245,22 @@ def _compiled_scan():
     if get_grad is None or any(inspect.getattr_static(t, "grad", None) is not get_grad
                                for t in types):
         return None
-    scan_table = _ext.C.scan_table
+    shim = _shim()
+    if shim is None:
+        return None
+    scan_table, record_geometry = C.scan_table, C.record_geometry
+    try:
+        if not _records_agree(record_geometry, shim):
+            return None
+    except Exception:  # noqa: BLE001 - any failure: the Python passes
+        return None
 
-    def scan(params, param_checks, grad_checks, record, state_tensors, state_ptrs, out):
-        return scan_table(fn, base, get_grad, types, params, param_checks, grad_checks, record,
-                          state_tensors, state_ptrs, out, CHUNK)
+    def scan(params, param_geo, param_at, record, state_tensors, state_geo, state_at, out):
+        return scan_table(shim, get_grad, types, params, param_geo, param_at, record,
+                          state_tensors, state_geo, state_at, out, CHUNK)
+
+    def record(tensors: list):
+        return record_geometry(shim, tensors)
 
     # A probe: what it says must be what the Python passes say.
     try:
@@ -182,7 +271,7 @@ def _compiled_scan():
             grads = [p.grad for p in ps]
             state = [torch.zeros(()), torch.zeros(4)]
             watch = Watch()
-            watch.arm((scan, _tensor_guard), ps, grads, state)
+            watch.arm((scan, record), ps, grads, state)
             same = watch.scan(ps)
             ps[1].grad = torch.ones(4)
             fresh = watch.scan(ps)
@@ -192,8 +281,17 @@ def _compiled_scan():
             bad_grad = watch.scan(ps)
             ps[1].grad = grads[1]
             ps[0].data = ps[0].data.t()  # a re-view at the same address
-            moved = watch.scan(ps)
+            reviewed = watch.scan(ps)
             ps[0].data = ps[0].data.t()
+            kept = ps[1].data
+            ps[1].data = torch.zeros(4)  # moved
+            moved = watch.scan(ps)
+            ps[1].data = kept
+            grads[0].t_()  # a kept grad re-viewed at its own address
+            grad_reviewed = watch.scan(ps)
+            grads[0].t_()
+            state[1].data = state[1].data.view(2, 2)  # a state tensor re-viewed in place
+            state_reviewed = watch.scan(ps)
             state[1].data = torch.zeros(4)
             state_moved = watch.scan(ps)
     except Exception:  # noqa: BLE001 - any failure: the Python passes
@@ -201,60 +299,57 @@ def _compiled_scan():
     ok = (same is not None and same[0] == grads and same[1] is True
           and fresh is not None and fresh[1] is False
           and fresh_ok
-          and bad_grad is None and moved is None and state_moved is None)
-    return (scan, _tensor_guard) if ok else None
+          and bad_grad is None and reviewed is None and moved is None and grad_reviewed is None
+          and state_reviewed is None and state_moved is None)
+    return (scan, record) if ok else None
 
 
 class Watch:
     """A table's record for the compiled pass: built (``arm``) from the params, grads and state
     tensors the rows were built from, refreshed when fresh grads are patched in (``took``)."""
 
-    MAX_MISSES = 3  # re-arms after the guards refused what Python found unchanged
+    MAX_MISSES = 3  # re-arms after the pass refused what Python found unchanged
 
     def __init__(self) -> None:
         self.armed = False
-        self.misses = 0  # how often Python found nothing changed where the guards said no
-        self.record = self.out = self.state_ptrs = None
-        self.param_checks: list = []
-        self.grad_checks: list = []
+        self.misses = 0  # how often Python found nothing changed where the pass said no
+        self.record = self.out = None
+        self.param_geo = self.state_geo = None  # _C.record_geometry's (geo, at)
         self.state_tensors: list = []
         self.fns: tuple | None = None
 
     def arm(self, fns: tuple, params: list, grads: list, state_tensors: list) -> None:
-        scan, guard = self.fns = fns
+        """Records what the pass compares; stays disarmed where a tensor cannot be read."""
+        self.fns = fns
+        record_geometry = fns[1]
+        self.param_geo = record_geometry(params)
+        self.state_geo = record_geometry(state_tensors)
+        if self.param_geo is None or self.state_geo is None:
+            self.disarm()
+            return
         n = len(params)
-        readers = address_readers()
-        addresses = readers[0]
-        record = np.empty((n, 3), dtype=np.uint64)
-        record[:, 0] = addresses(params)
-        record[:, 1] = list(map(id, grads))
-        record[:, 2] = addresses(grads)
+        record = np.empty((n, 2), dtype=np.uint64)
+        record[:, 0] = list(map(id, grads))
+        record[:, 1] = address_readers()[0](grads)
         self.record = record.reshape(-1)
         self.out = np.empty(2 * n, dtype=np.uint64)
         self.state_tensors = state_tensors
-        self.state_ptrs = np.array(addresses(state_tensors), dtype=np.uint64)
-        chunks = range(0, n, CHUNK)
-        self.param_checks = [guard(params[i:i + CHUNK]) for i in chunks]
-        self.grad_checks = [guard(grads[i:i + CHUNK]) for i in chunks]
         self.armed = True
 
     def disarm(self) -> None:
         self.armed = False
-        self.record = self.out = self.state_ptrs = None
-        self.param_checks, self.grad_checks, self.state_tensors = [], [], []
+        self.record = self.out = self.param_geo = self.state_geo = None
+        self.state_tensors = []
 
     def scan(self, params: list):
         """None (ask Python), or ``(grads, same)``; with ``same`` False, ``out`` holds the
         fresh grads' ids and addresses (see csrc/bindings.cpp, ``scan``)."""
-        return self.fns[0](params, self.param_checks, self.grad_checks, self.record,
-                           self.state_tensors, self.state_ptrs, self.out)
+        return self.fns[0](params, *self.param_geo, self.record, self.state_tensors,
+                           *self.state_geo, self.out)
 
     def took(self) -> None:
         """The fresh grads of the last scan are now the rows' grads."""
-        record = self.record.reshape(-1, 3)
-        out = self.out.reshape(-1, 2)
-        record[:, 1] = out[:, 0]
-        record[:, 2] = out[:, 1]
+        self.record[:] = self.out
 
     def grad_ptrs(self) -> np.ndarray:
         """The last scan's grad addresses (a view of ``out``)."""
@@ -327,8 +422,8 @@ def detect(table, rebuild: bool, amsgrad_sig: tuple) -> Plan:
     addresses, same_addresses = address_readers()[:2]
     geometry = table.geometry
     if table.grads_in_watch:  # the last fresh grads were recorded by the compiled pass
-        table.grad_ids = watch.record[1::3].tolist()
-        table.grad_ptrs = watch.record[2::3].tolist()
+        table.grad_ids = watch.record[0::2].tolist()
+        table.grad_ptrs = watch.record[1::2].tolist()
         table.grads_in_watch = False
     if table.has_dtensor:
         locals_ = list(map(local, params))
@@ -348,8 +443,11 @@ def detect(table, rebuild: bool, amsgrad_sig: tuple) -> Plan:
             or (table.fast_grads and not all(map(_is_contiguous, locals_)))
             or (not table.fast_grads and list(map(_stride, locals_)) != geometry[2])
             or (table.has_dtensor and not all(map(operator.is_, locals_, table.locals)))
-            # A state tensor whose storage was swapped (state["exp_avg"].data = t).
-            or not same_addresses(table.state_tensors, table.state_ptrs)):
+            # A state tensor whose storage was swapped (state["exp_avg"].data = t) or that
+            # was re-viewed at its own address (.data = .data.t()).
+            or not same_addresses(table.state_tensors, table.state_ptrs)
+            or list(map(_shape_of, table.state_tensors)) != table.state_geometry[0]
+            or list(map(_stride, table.state_tensors)) != table.state_geometry[1]):
         rebuild = True
     rebuild = rebuild or amsgrad_sig != table.amsgrad_sig
     # NOTE on ids: the table keeps the ids and addresses of last step's grads, not the
