@@ -399,6 +399,31 @@ def test_a_graph_replays_what_it_captured_after_eager_rebuilds():
         assert torch.equal(p, q), (p - q).abs().max()
 
 
+def test_a_cuda_scratch_replaced_is_kept_until_the_streams_that_wrote_it_are_done(monkeypatch):
+    """The CUDA backend's norm scratch (track_norms) and clip scratch are written by every
+    launch on its stream; one that grows with the table is freed, and its memory must not be
+    handed out before the work of the other streams that wrote it (record_stream)."""
+    import types
+
+    from fused_adamw.backends import cuda as cuda_backend
+
+    streams = StreamLog(monkeypatch)
+    meta = torch.device("meta")
+    for name in ("norm_scratch", "clip_scratch"):
+        table = types.SimpleNamespace()  # the helper reads and sets attributes only
+        streams.use("a")
+        first = cuda_backend._scratch(table, name, 10, meta)
+        streams.use("b")
+        assert cuda_backend._scratch(table, name, 10, meta) is first
+        old = streams.ref(first)
+        streams.use("c")
+        bigger = cuda_backend._scratch(table, name, 20, meta)
+        assert bigger is not first and bigger.numel() >= 20
+        recorded = {e[2].name for e in streams.log if e[0] == "record" and e[1] == old}
+        assert recorded == {"a", "b"}, name
+        assert getattr(table, name + "_users") == [streams.stream("c")]
+
+
 # ------------------------------------------------------------------------------------------
 # a step tensor shared by two params
 # ------------------------------------------------------------------------------------------

@@ -16,6 +16,22 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ONES: dict = {}  # device -> a float32 1.0 there (clipped steps without a GradScaler)
 
 
+def _scratch(table: _table.Table, name: str, need: int, device: torch.device) -> torch.Tensor:
+    """``table.<name>``: float32 scratch of at least ``need`` elements on ``device`` that this
+    launch writes on the current stream. Replaced when too small; the old buffer's memory is
+    then reused only after the work of every stream that wrote it (the caching allocator
+    knows only the stream it was allocated on: the NOTE on streams in _table.py)."""
+    users = table.__dict__.setdefault(name + "_users", [])
+    buf = getattr(table, name, None)
+    if buf is None or buf.numel() < need or buf.device != device:
+        _table.retire(buf, users)
+        buf = torch.empty(max(need, 1), dtype=torch.float32, device=device)
+        setattr(table, name, buf)
+        users.clear()
+    _table.used_on(users, _table.current_stream(device))
+    return buf
+
+
 class CudaBackend:
     name = "cuda"
     clips = True  # grad_norm_rows and table.clip_coef (fused_adamw._clip)
@@ -71,10 +87,7 @@ class CudaBackend:
         norms = getattr(table, "row_norms", None)
         if norms is not None:  # track_norms: the kernel's per-thread partials, then rows
             need = table.n_tiles * 3 * 257  # 3 x (kNormLanes lanes + 1 partial) per tile
-            scratch = getattr(table, "norm_scratch", None)
-            if scratch is None or scratch.numel() < need or scratch.device != norms.device:
-                scratch = table.norm_scratch = torch.empty(max(need, 1), dtype=torch.float32,
-                                                           device=norms.device)
+            scratch = _scratch(table, "norm_scratch", need, norms.device)
             amp["row_norms"] = norms.data_ptr()
             amp["norm_scratch"] = scratch.data_ptr()
         if torch.cuda.current_device() != index:
@@ -93,10 +106,7 @@ class CudaBackend:
         device = table.device
         index = device.index if device.index is not None else torch.cuda.current_device()
         need = table.n_tiles * 257  # kNormLanes lanes + 1 partial per tile
-        scratch = getattr(table, "clip_scratch", None)
-        if scratch is None or scratch.numel() < need or scratch.device != device:
-            scratch = table.clip_scratch = torch.empty(max(need, 1), dtype=torch.float32,
-                                                       device=device)
+        scratch = _scratch(table, "clip_scratch", need, device)
         args = _ext.table_args(table)
         scale = table.grad_scale
         with torch.cuda.device(index):
