@@ -73,6 +73,28 @@ def _pair(n=3, shape=(4, 5)):
     return ps, twin, gen
 
 
+def _started(ps, twin, gen, steps=2):
+    """FusedAdamW and torch's for-loop AdamW on twin params, ``steps`` steps on one set of
+    grads (kept: zero_grad(set_to_none=False)'s case)."""
+    opt = FusedAdamW(ps, lr=1e-2, backend="cpu")
+    ref = torch.optim.AdamW(twin, lr=1e-2, foreach=False)
+    _grads(ps, twin, gen)
+    for _ in range(steps):
+        opt.step()
+        ref.step()
+    return opt, ref
+
+
+def _step_both_and_compare(opt, ref, ps, twin, gen, grads: str, steps: int = 1) -> None:
+    for _ in range(steps):
+        if grads == "fresh":
+            _grads(ps, twin, gen)
+        opt.step()
+        ref.step()
+    for p, q in zip(ps, twin):
+        assert torch.allclose(p, q, rtol=0, atol=ATOL), (p - q).abs().max()
+
+
 def _grads(ps, twin, gen):
     for p, q in zip(ps, twin):
         p.grad = torch.randn(p.shape, generator=gen)
@@ -105,12 +127,7 @@ def test_a_state_tensor_rebound_in_place_is_stepped_where_it_now_lives(reader, k
         t.set_(moved)
         ref_t.set_(ref_moved)
     assert opt.state[ps[1]][key].data_ptr() == moved.data_ptr()
-    if grads == "fresh":
-        _grads(ps, twin, gen)
-    opt.step()
-    ref.step()
-    for p, q in zip(ps, twin):
-        assert torch.allclose(p, q, rtol=0, atol=ATOL), (p - q).abs().max()
+    _step_both_and_compare(opt, ref, ps, twin, gen, grads)
     mine = opt.state[ps[1]][key]
     assert mine is t and mine.data_ptr() == moved.data_ptr()
     assert torch.allclose(mine, ref.state[twin[1]][key].to(mine.dtype), rtol=0, atol=ATOL)
@@ -122,12 +139,7 @@ def test_a_param_or_grad_moved_with_persistent_grads_is_stepped_where_it_now_liv
     """``p.data = t`` or ``p.grad.data = t`` at a new address, the grad objects kept
     (zero_grad(set_to_none=False)): the steady pass sees the new address."""
     ps, twin, gen = _pair()
-    opt = FusedAdamW(ps, lr=1e-2, backend="cpu")
-    ref = torch.optim.AdamW(twin, lr=1e-2, foreach=False)
-    _grads(ps, twin, gen)
-    for _ in range(2):
-        opt.step()
-        ref.step()
+    opt, ref = _started(ps, twin, gen)
     grad = ps[2].grad
     old = (ps[2].detach(), grad.detach())  # the old storage stays: a missed swap writes there
     if what == "param":
@@ -276,25 +288,12 @@ def test_a_state_tensor_re_viewed_at_its_address_is_noticed(reader, grads):
     """``state[p]["exp_avg"].data = state[p]["exp_avg"].data.t()``: same object, same address,
     another layout. torch's for-loop steps the moment as it now is (a transposed view); so
     must we (a step that missed it would walk it in the old order)."""
-    gen = torch.Generator().manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(4, 4, generator=gen)) for _ in range(3)]
-    twin = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    opt = FusedAdamW(ps, lr=1e-2, backend="cpu")
-    ref = torch.optim.AdamW(twin, lr=1e-2, foreach=False)
-    _grads(ps, twin, gen)
-    for _ in range(2):
-        opt.step()
-        ref.step()
+    ps, twin, gen = _pair(shape=(4, 4))
+    opt, ref = _started(ps, twin, gen)
     for o, q in ((opt, ps[1]), (ref, twin[1])):
         t = o.state[q]["exp_avg"]
         t.data = t.data.t()
-    for _ in range(2):
-        if grads == "fresh":
-            _grads(ps, twin, gen)
-        opt.step()
-        ref.step()
-    for p, q in zip(ps, twin):
-        assert torch.allclose(p, q, rtol=0, atol=ATOL), (p - q).abs().max()
+    _step_both_and_compare(opt, ref, ps, twin, gen, grads, steps=2)
     mine, theirs = opt.state[ps[1]]["exp_avg"], ref.state[twin[1]]["exp_avg"]
     assert mine.stride() == theirs.stride() == (1, 4)
     assert torch.allclose(mine, theirs, rtol=0, atol=ATOL)
