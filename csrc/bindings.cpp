@@ -435,25 +435,36 @@ py::object record_geometry(py::tuple shim, py::handle tensors) {
       py::bytes(reinterpret_cast<const char*>(geo.data()), geo.size() * sizeof(int64_t)),
       py::bytes(reinterpret_cast<const char*>(at.data()), at.size() * sizeof(int64_t)));
 }
-PyObject* get_attr(PyObject* descr, PyObject* obj) {  // a getset descriptor's getter
-  PyGetSetDef* g = reinterpret_cast<PyGetSetDescrObject*>(descr)->d_getset;
-  return g->get(obj, g->closure);
+// A method descriptor's C function, called as obj.method() (METH_NOARGS only).
+PyMethodDef* noargs_method(py::handle descr, const char* name) {
+  if (!PyObject_TypeCheck(descr.ptr(), &PyMethodDescr_Type)) {
+    throw py::type_error(std::string("scan_table: ") + name + " must be a method descriptor");
+  }
+  PyMethodDef* m = reinterpret_cast<PyMethodDescrObject*>(descr.ptr())->d_method;
+  if ((m->ml_flags & (METH_VARARGS | METH_KEYWORDS | METH_FASTCALL | METH_O)) != 0 ||
+      (m->ml_flags & METH_NOARGS) == 0) {
+    throw py::type_error(std::string("scan_table: ") + name + " must take no arguments");
+  }
+  return m;
 }
 
 // Per chunk of `chunk` params: each param (of one of `types`) with its grad (get_grad:
 // TensorBase's getter of .grad) and both read as record_geometry's params' records
 // (param_geo, param_at) say: the param all of it, the grad all but its address (a fast
-// table's grad is its param's shape, strides, dtype and device). record: uint64 [2n], the
+// table's grad is its param's shape, strides, dtype and device). A grad that is not the
+// recorded one must also not carry torch's lazy negation bit (is_neg: TensorBase.is_neg, which
+// the shim does not read; z.conj().imag is such a view): the kernels read memory as it is. record: uint64 [2n], the
 // grad ids and addresses the rows hold; out: writable uint64 [2n], this step's. Then every
 // state tensor against its record (state_geo, state_at). Returns None when Python must
 // decide (a param or grad of another type, moved, re-viewed or retyped; a grad None; a state
 // tensor moved or re-viewed; a read that failed), or (grads, same): same: every grad is the
 // recorded object at the recorded address; else the fresh grads' ids and addresses are in out.
-py::object scan(py::tuple shim, py::handle get_grad, py::tuple types, py::handle params,
-                py::handle param_geo, py::handle param_at, py::handle record,
-                py::handle state_tensors, py::handle state_geo, py::handle state_at,
-                py::handle out, Py_ssize_t chunk) {
+py::object scan(py::tuple shim, py::handle get_grad, py::handle is_neg, py::tuple types,
+                py::handle params, py::handle param_geo, py::handle param_at,
+                py::handle record, py::handle state_tensors, py::handle state_geo,
+                py::handle state_at, py::handle out, Py_ssize_t chunk) {
   Shim s = shim_of(shim);
+  PyMethodDef* neg = noargs_method(is_neg, "is_neg");
   if (!PyObject_TypeCheck(get_grad.ptr(), &PyGetSetDescr_Type) ||
       reinterpret_cast<PyGetSetDescrObject*>(get_grad.ptr())->d_getset->get == nullptr) {
     throw py::type_error("scan_table: get_grad must be a getset descriptor");
@@ -517,7 +528,14 @@ py::object scan(py::tuple shim, py::handle get_grad, py::tuple types, py::handle
       std::uint64_t at = reinterpret_cast<std::uint64_t>(g.data);
       got[2 * i] = id;
       got[2 * i + 1] = at;
-      chunk_same = chunk_same && id == want[2 * i] && at == want[2 * i + 1];
+      if (id != want[2 * i] || at != want[2 * i + 1]) {
+        chunk_same = false;
+        PyObject* bit = neg->ml_meth(grad, nullptr);
+        if (bit == nullptr) throw py::error_already_set();
+        const bool negated = bit != Py_False;
+        Py_DECREF(bit);
+        if (negated) return py::none();
+      }
     }
     same = same && chunk_same;
   }
@@ -533,13 +551,13 @@ py::object scan(py::tuple shim, py::handle get_grad, py::tuple types, py::handle
 
 // Anything the pass cannot read (a getter that raises, a buffer of the wrong size): None, and
 // Python's passes meet it and say what is wrong.
-py::object scan_table(py::tuple shim, py::handle get_grad, py::tuple types, py::handle params,
-                      py::handle param_geo, py::handle param_at, py::handle record,
-                      py::handle state_tensors, py::handle state_geo, py::handle state_at,
-                      py::handle out, Py_ssize_t chunk) {
+py::object scan_table(py::tuple shim, py::handle get_grad, py::handle is_neg, py::tuple types,
+                      py::handle params, py::handle param_geo, py::handle param_at,
+                      py::handle record, py::handle state_tensors, py::handle state_geo,
+                      py::handle state_at, py::handle out, Py_ssize_t chunk) {
   try {
-    return scan(shim, get_grad, types, params, param_geo, param_at, record, state_tensors,
-                state_geo, state_at, out, chunk);
+    return scan(shim, get_grad, is_neg, types, params, param_geo, param_at, record,
+                state_tensors, state_geo, state_at, out, chunk);
   } catch (const std::exception&) {  // py::error_already_set too: the error is dropped
     PyErr_Clear();
     return py::none();
@@ -578,7 +596,8 @@ void define(py::module_& m) {
   m.def("scan_table", &scan_table,
         "The steady step's one pass over a table's params, grads and state tensors (see the "
         "comment above scan in csrc/bindings.cpp): None, or (grads, same).",
-        py::arg("shim"), py::arg("get_grad"), py::arg("types"), py::arg("params"),
+        py::arg("shim"), py::arg("get_grad"), py::arg("is_neg"), py::arg("types"),
+        py::arg("params"),
         py::arg("param_geo"), py::arg("param_at"), py::arg("record"),
         py::arg("state_tensors"), py::arg("state_geo"), py::arg("state_at"), py::arg("out"),
         py::arg("chunk"));

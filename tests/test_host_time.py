@@ -297,3 +297,81 @@ def test_a_state_tensor_re_viewed_at_its_address_is_noticed(reader, grads):
     mine, theirs = opt.state[ps[1]]["exp_avg"], ref.state[twin[1]]["exp_avg"]
     assert mine.stride() == theirs.stride() == (1, 4)
     assert torch.allclose(mine, theirs, rtol=0, atol=ATOL)
+
+
+def test_the_probes_draw_nothing_from_torchs_generator():
+    """The first step builds the compiled readers and probes them: nothing drawn from torch's
+    global generator, so a run seeded with torch.manual_seed gets torch's dropout, shuffling
+    and stochastic rounding seeds whether it uses FusedAdamW or torch's AdamW."""
+    torch.manual_seed(0)
+    want = torch.randn(4)
+    torch.manual_seed(0)
+    _watch._compiled_readers()
+    _watch._shim()
+    _watch._compiled_scan()
+    assert torch.equal(torch.randn(4), want)
+
+
+def _refused_like_torch(ps, twin, act, match):
+    """``act(opt, params)`` applied to both sides, then a step: torch's for-loop raises, so
+    must we, naming what is wrong, before anything changes."""
+    gen = torch.Generator().manual_seed(5)
+    opt, ref = _started(ps, twin, gen, steps=3)
+    act(opt, ps)
+    act(ref, twin)
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(RuntimeError):
+        ref.step()
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(ps, before))
+
+
+def _exp_avg_as_int32(o, params):
+    st = o.state[params[1]]["exp_avg"]
+    st.data = st.data.view(torch.int32)
+
+
+def _param_reshaped(o, params):
+    params[1].data = params[1].data.view(5, 4)
+
+
+@pytest.mark.parametrize("act,match", [(_exp_avg_as_int32, "int32"),
+                                       (_param_reshaped, r"\(5, 4\)")])
+def test_a_re_view_at_the_same_address_that_torch_refuses_is_refused(reader, act, match):
+    """A state tensor re-viewed as another dtype of its size (``.view(torch.int32)``), a param
+    re-viewed as another shape of its numel (``p.data = p.data.view(5, 4)`` of a (4, 5) param):
+    same address, same numel, nothing for the kernel to trip on, but torch raises at the next
+    step (its moments no longer fit), and so must we rather than step on as before."""
+    ps, twin, _ = _pair()
+    _refused_like_torch(ps, twin, act, match)
+
+
+@pytest.mark.parametrize("grads", ["fresh", "persistent"])
+def test_grads_with_the_lazy_negation_bit_are_read_negated(reader, grads):
+    """``z.conj().imag`` is a real view of a complex tensor that carries torch's lazy negation
+    bit: its memory holds -g. torch's ops resolve the bit; the kernels read memory, so such a
+    grad is staged (the copy resolves it) and never taken as it is, on any pass."""
+    gen = torch.Generator().manual_seed(2)
+    # One element each: the imaginary view of one complex number is contiguous (a longer one
+    # strides over the real parts and is staged for that alone).
+    ps = [torch.nn.Parameter(torch.randn(1, generator=gen)) for _ in range(3)]
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = FusedAdamW(ps, lr=1e-2, backend="cpu")
+    ref = torch.optim.AdamW(twin, lr=1e-2, foreach=False)
+
+    def negated_grads():
+        for p, q in zip(ps, twin):
+            z = torch.complex(torch.zeros(p.shape), -torch.randn(p.shape, generator=gen))
+            p.grad = z.conj().imag  # reads as -imag(z): a neg-bit view
+            assert p.grad.is_neg() and p.grad.is_contiguous()
+            q.grad = p.grad.clone()  # resolved: what torch's ops see
+
+    _grads(ps, twin, gen)  # plain grads first: the compiled pass is armed where it exists
+    _step_both_and_compare(opt, ref, ps, twin, gen, "persistent", steps=2)
+    negated_grads()
+    _step_both_and_compare(opt, ref, ps, twin, gen, "persistent")
+    for _ in range(3):
+        if grads == "fresh":
+            negated_grads()
+        _step_both_and_compare(opt, ref, ps, twin, gen, "persistent")

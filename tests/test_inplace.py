@@ -17,6 +17,8 @@ import re
 import pytest
 import torch
 
+from fused_adamw import FusedAdamW
+
 from _oracle import atol_for, draw, new_opt, torch_adamw, torch_lacks, twin
 from _trajectory import describe, max_err, real
 from conftest import backend_cells
@@ -563,6 +565,36 @@ def test_assigned_state_tensor_is_updated_where_it_lives(layout):
     assert not torch.equal(made[opt][0], torch.full((6, 5), 0.05)), "t was not updated"
     assert_close([made[opt][0]], [made[ref][0]], "exp_avg")
     assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("key,kw", [("master_param", dict(master_weights="fp32")),
+                                    ("exp_avg", dict(state_dtype=torch.float32))])
+def test_a_wider_state_tensor_assigned_transposed_is_staged_in_its_own_dtype(key, kw):
+    """The fp32 master weights or moments of a bf16 param, replaced by a transposed tensor of
+    the same shape and dtype (an offload that brings state back in another layout): staged
+    through a scratch of the state's dtype, not the param's (a bf16 scratch was half the
+    bytes the fp32 update writes, and rounded the state). Bit for bit the run that kept the
+    original tensor: a staged copy moves values exactly."""
+    gen = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(torch.randn(64, 3, generator=gen).bfloat16()) for _ in range(2)]
+    kept = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = FusedAdamW(ps, lr=1e-2, backend="cpu", **kw)
+    ref = FusedAdamW(kept, lr=1e-2, backend="cpu", **kw)
+    for i in range(6):
+        for p, q in zip(ps, kept):
+            p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+            q.grad = p.grad.clone()
+        if i == 3:
+            t = opt.state[ps[1]][key]
+            assert t.dtype == torch.float32
+            moved = torch.empty(3, 64, dtype=t.dtype).t().copy_(t)
+            t.data = moved
+        opt.step()
+        ref.step()
+    assert opt.state[ps[1]][key].stride() == (1, 64)
+    for a, b in zip(ps, kept):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a][key], ref.state[b][key])
 
 
 def test_state_tensors_are_the_same_objects_across_steps():

@@ -198,7 +198,9 @@ def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if any(sa != sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1):
         return False
-    return is_dense(b)
+    # A view with torch's lazy negation or conjugation bit (z.conj().imag) is staged: the
+    # copy resolves it, the kernels read memory as it is.
+    return is_dense(b) and not b.is_neg() and not b.is_conj()
 
 
 def span(t: torch.Tensor) -> tuple[int, int]:
@@ -338,7 +340,7 @@ class Table:
         self.backend: Any = None
         # What the rows were built from (compared with the live tensors every step).
         self.data_ptrs: list[int] | None = None
-        self.geometry: tuple | None = None  # the params' numels, dtypes and strides (prepare)
+        self.geometry: tuple | None = None  # the params' numels, dtypes, strides, shapes
         self.locals: list | None = None
         self.grad_ids: list[int] | None = None
         self.mask: list[bool] | None = None
@@ -346,7 +348,7 @@ class Table:
         self.shapes: list = []  # the rows' shapes (what fresh grads must have)
         self.state_tensors: list[torch.Tensor] = []  # every state tensor the rows point to
         self.state_ptrs: list[int] = []
-        self.state_geometry: tuple = ([], [])  # the state tensors' shapes and strides
+        self.state_geometry: tuple = ([], [], [])  # the state tensors' shapes, strides, dtypes
         self.amsgrad_sig: tuple | None = None
         self.fast_grads = False  # fresh grads may be swapped in without a rebuild
         self.watch = Watch()  # the compiled pass's record (_watch.py)
@@ -401,7 +403,7 @@ class Table:
             if not self.rows and self.packed is not None:
                 return  # idle before as now: nothing to rebuild (and nothing allocated)
             self.grad_ptrs, self.shapes = [], []
-            self.state_tensors, self.state_ptrs, self.state_geometry = [], [], ([], [])
+            self.state_tensors, self.state_ptrs, self.state_geometry = [], [], ([], [], [])
             self.rows, self.kernel_grads = [], []
             self._rebuild_packed()
             return
@@ -436,7 +438,7 @@ class Table:
         fast = True
         for rp in plan.rows:
             lp = rp.local
-            dense = is_dense(lp)
+            dense = is_dense(lp) and not lp.is_neg()  # else staged, as same_layout says
             like = lp if dense else torch.empty_like(lp)
             phase = lp.data_ptr() % ALIGN_BYTES if dense else 0
             st = _state.new_state(state, rp.param, rp.state, rp.amsgrad, self.dtype,
@@ -486,11 +488,12 @@ class Table:
         self.state_tensors = state_tensors
         self.state_ptrs = address_readers()[0](state_tensors)
         self.state_geometry = (list(map(_shape_of, state_tensors)),
-                               list(map(_stride, state_tensors)))
+                               list(map(_stride, state_tensors)),
+                               list(map(_dtype_of, state_tensors)))
         self.shapes = [r.param.shape for r in rows]
         self.data_ptrs, self.locals = plan.data_ptrs, plan.locals
         self.geometry = (list(map(_numel, plan.locals)), list(map(_dtype_of, plan.locals)),
-                         list(map(_stride, plan.locals)))
+                         list(map(_stride, plan.locals)), list(map(_shape_of, plan.locals)))
         self.grad_ids, self.mask = list(map(id, plan.grads)), plan.mask
         self.grad_ptrs = address_readers()[0](plan.active_grads)
         self.amsgrad_sig = tuple(bool(g["amsgrad"]) for g in groups)
@@ -509,7 +512,10 @@ class Table:
         return t if same_layout(walk, t) else None
 
     def _stage(self, like: torch.Tensor, source: torch.Tensor, out: bool) -> torch.Tensor:
-        scratch = torch.empty_like(like) if like.shape == source.shape else None
+        # In the source's dtype: a state tensor may be wider than the param (fp32 moments or
+        # master weights of a bf16 param).
+        scratch = (torch.empty_like(like, dtype=source.dtype) if like.shape == source.shape
+                   else None)
         if scratch is None:
             raise RuntimeError(f"cannot stage a tensor of shape {tuple(source.shape)} beside "
                                f"{tuple(like.shape)}")

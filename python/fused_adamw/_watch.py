@@ -39,6 +39,7 @@ import torch
 
 _data_ptr = torch.Tensor.data_ptr
 _is_contiguous = torch.Tensor.is_contiguous
+_is_neg = torch.Tensor.is_neg
 _grad_of = operator.attrgetter("grad")
 _is_sparse = operator.attrgetter("is_sparse")
 _numel = torch.Tensor.numel
@@ -169,7 +170,9 @@ def _torch_library():
 def _cdata_offset(probes: list) -> int | None:
     """Where a Tensor's Python object holds its ``at::Tensor`` (``THPVariable::cdata``: right
     after the object header in torch 2.x, after a flag word in some): the one word offset at
-    which every probe holds its ``TensorImpl`` address (``Tensor._cdata``), or None."""
+    which every probe holds its ``TensorImpl`` address (``Tensor._cdata``), or None. Every
+    read of the compiled pass goes through it (the checks after it read through it too):
+    only a word that holds the impl's address for every probe, and no other word, is taken."""
     import ctypes
     import platform
 
@@ -213,7 +216,8 @@ def _records_agree(record, shim) -> bool:
     dtype and device)."""
     flat = torch.zeros(40)
     ts = [flat, flat[7:], flat.view(5, 8).t(), flat[1::3], torch.nn.Parameter(torch.ones(3)),
-          torch.empty(0), torch.zeros((), dtype=torch.bfloat16), torch.randn(2, 3)[:, 1],
+          torch.empty(0), torch.zeros((), dtype=torch.bfloat16),
+          torch.arange(6.0).view(2, 3)[:, 1],
           torch.zeros(2, 1, 3, dtype=torch.float16), torch.zeros(6, dtype=torch.float64)]
     found = record(shim, ts)
     if found is None:
@@ -249,6 +253,7 @@ def _compiled_scan():
     if shim is None:
         return None
     scan_table, record_geometry = C.scan_table, C.record_geometry
+    is_neg = base.__dict__.get("is_neg")
     try:
         if not _records_agree(record_geometry, shim):
             return None
@@ -256,7 +261,7 @@ def _compiled_scan():
         return None
 
     def scan(params, param_geo, param_at, record, state_tensors, state_geo, state_at, out):
-        return scan_table(shim, get_grad, types, params, param_geo, param_at, record,
+        return scan_table(shim, get_grad, is_neg, types, params, param_geo, param_at, record,
                           state_tensors, state_geo, state_at, out, CHUNK)
 
     def record(tensors: list):
@@ -279,6 +284,8 @@ def _compiled_scan():
                                                              ps[1].grad.data_ptr()]
             ps[1].grad = torch.ones(8)[::2]  # strided
             bad_grad = watch.scan(ps)
+            ps[1].grad = torch._neg_view(torch.ones(4))  # contiguous, the negation bit
+            negated = watch.scan(ps)
             ps[1].grad = grads[1]
             ps[0].data = ps[0].data.t()  # a re-view at the same address
             reviewed = watch.scan(ps)
@@ -299,7 +306,7 @@ def _compiled_scan():
     ok = (same is not None and same[0] == grads and same[1] is True
           and fresh is not None and fresh[1] is False
           and fresh_ok
-          and bad_grad is None and reviewed is None and moved is None and grad_reviewed is None
+          and bad_grad is None and negated is None and reviewed is None and moved is None and grad_reviewed is None
           and state_reviewed is None and state_moved is None)
     return (scan, record) if ok else None
 
@@ -395,9 +402,11 @@ class Plan:
 
 def _grads_fit(table, grads: list) -> bool:
     """``grads`` (the rows' params' grads) are what a fast table's rows assume: contiguous
-    like their params, of their shapes and of the table's dtype."""
+    like their params, of their shapes and of the table's dtype, without torch's lazy
+    negation bit."""
     return (all(map(_is_contiguous, grads)) and list(map(_shape_of, grads)) == table.shapes
-            and list(map(_dtype_of, grads)).count(table.dtype) == len(grads))
+            and list(map(_dtype_of, grads)).count(table.dtype) == len(grads)
+            and not any(map(_is_neg, grads)))  # the kernels read memory as it is
 
 
 def detect(table, rebuild: bool, amsgrad_sig: tuple) -> Plan:
@@ -436,18 +445,22 @@ def detect(table, rebuild: bool, amsgrad_sig: tuple) -> Plan:
     # misses a `p.data = t` of another size or dtype that the caching allocator placed
     # where the old storage was, and a re-view at the same address (p.data = p.data[:k],
     # p.data = p.data.t()). Strides: a fast table's params are contiguous, and then numel
-    # and contiguity fix the walk (one cheap pass); other tables compare the strides.
+    # and contiguity fix the walk (one cheap pass); other tables compare the strides. The
+    # shape too (p.data = p.data.view(3, 4) of a (4, 3) param walks the same memory, but its
+    # state no longer fits it: torch raises, so does the rebuild).
     if (table.data_ptrs is None or not same_addresses(locals_, table.data_ptrs)
             or list(map(_numel, locals_)) != geometry[0]
             or list(map(_dtype_of, locals_)) != geometry[1]
-            or (table.fast_grads and not all(map(_is_contiguous, locals_)))
+            or (table.fast_grads and (not all(map(_is_contiguous, locals_))
+                                      or list(map(_shape_of, locals_)) != geometry[3]))
             or (not table.fast_grads and list(map(_stride, locals_)) != geometry[2])
             or (table.has_dtensor and not all(map(operator.is_, locals_, table.locals)))
             # A state tensor whose storage was swapped (state["exp_avg"].data = t) or that
             # was re-viewed at its own address (.data = .data.t()).
             or not same_addresses(table.state_tensors, table.state_ptrs)
             or list(map(_shape_of, table.state_tensors)) != table.state_geometry[0]
-            or list(map(_stride, table.state_tensors)) != table.state_geometry[1]):
+            or list(map(_stride, table.state_tensors)) != table.state_geometry[1]
+            or list(map(_dtype_of, table.state_tensors)) != table.state_geometry[2]):
         rebuild = True
     rebuild = rebuild or amsgrad_sig != table.amsgrad_sig
     # NOTE on ids: the table keeps the ids and addresses of last step's grads, not the
