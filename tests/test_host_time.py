@@ -3,10 +3,10 @@
 A step where nothing changed compares every param, grad and state tensor with what the rows
 were built from in one compiled call (``_watch.Watch``: ``_C.scan_table`` reading each
 tensor's address, dtype, device, sizes and strides through torch's stable C shim), or in
-Python passes where torch lacks it (with compiled address reads where only those exist). Each test runs with
-each of the three: what the cheaper pass reads must still catch every swap the README promises
-(of a param, a grad or a state tensor). No timing here: bench/bench_step.py's host case times
-it.
+Python passes where torch lacks it (with compiled address reads where only those exist).
+Each test runs with each of the three: what the cheaper pass reads must still catch every swap
+the README promises (of a param, a grad or a state tensor). No timing here:
+bench/bench_step.py's host case times it.
 """
 
 from __future__ import annotations

@@ -306,8 +306,8 @@ def _compiled_scan():
     ok = (same is not None and same[0] == grads and same[1] is True
           and fresh is not None and fresh[1] is False
           and fresh_ok
-          and bad_grad is None and negated is None and reviewed is None and moved is None and grad_reviewed is None
-          and state_reviewed is None and state_moved is None)
+          and all(x is None for x in (bad_grad, negated, reviewed, moved, grad_reviewed,
+                                      state_reviewed, state_moved)))
     return (scan, record) if ok else None
 
 
