@@ -274,7 +274,10 @@ def test_params_and_grads_at_odd_offsets(backend, device, dtype):
     gowned = torch.zeros(total, dtype=torch.bool)
     for v in carve(torch.arange(total), SIZES, 1, 2):
         gowned[v] = True
-    for step in range(20):
+    # Triton's interpreter takes ~2 s a step here (CI's slowest test at 20): 10 steps still
+    # walk every phase and size; tests/test_triton.py holds its body and edges at odd phases
+    # to the CPU loop (test_grid_body_and_edges_at_odd_phases_match_the_cpu_loop).
+    for step in range(10 if backend == "triton" else 20):
         train([(opt, ours), (ref, theirs), (ora, oracle)], 1, gen, place)
         for i, q in enumerate(theirs):  # what the step read is still there, unchanged
             assert torch.equal(gviews[i].cpu(), q.grad), f"step {step}: grad {i} was written"
