@@ -297,13 +297,13 @@ bool addresses_equal(std::uintptr_t fn, py::handle tensor_type, py::handle tenso
 // torch/csrc/autograd/python_variable.h), which it finds by probing: _C still links no
 // torch and builds without it. No Python call per tensor.
 
-struct Buffer {  // a buffer-protocol view of n items of T, released at scope exit
+struct Buffer {  // a buffer-protocol view of n items of `item` bytes, released at scope exit
   Py_buffer view{};
   Buffer(py::handle obj, Py_ssize_t n, Py_ssize_t item, bool writable, const char* name) {
     if (PyObject_GetBuffer(obj.ptr(), &view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) != 0) {
       throw py::error_already_set();
     }
-    if (n >= 0 && view.len != n * item) {
+    if (view.len != n * item) {
       PyBuffer_Release(&view);
       throw py::value_error(std::string("scan_table: ") + name + " has the wrong size");
     }
@@ -311,7 +311,6 @@ struct Buffer {  // a buffer-protocol view of n items of T, released at scope ex
   ~Buffer() { PyBuffer_Release(&view); }
   template <class T>
   T* data() const { return static_cast<T*>(view.buf); }
-  Py_ssize_t len() const { return view.len; }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
 };
